@@ -1,0 +1,26 @@
+r"""ReLU MLP 64-128-128-10 on scikit-learn's 8x8 digits (embedded, offline), Adam, flips every step.
+
+COMMAND:
+  python -m regime_jax.main --config experiments/mlp_digits.py --workdir runs/mlp_digits
+  (smoke test: --config experiments/mlp_digits.py:quick)
+
+EXPECTED (2 CPU cores): TBD
+"""
+
+from regime_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.dataset.name = "digits"
+    c.dataset.seed = 0
+    c.probe.size = 256
+    c.model.hidden = (128, 128)
+    c.optimizer.name, c.optimizer.learning_rate = "adam", 1e-3
+    c.batch_size = 64
+    c.num_steps = 2000
+    if arg == "quick":
+        c.num_steps, c.log_every_steps, c.eval_every_steps = 40, 10, 20
+        c.record.snapshot_every_steps = 20
+        c.probe.size = 64
+    return c

@@ -1,0 +1,161 @@
+"""Dataset registry, the fixed probe set and deterministic batching.
+
+Embedded, offline datasets (no network, ever):
+  * ``mnist1d``: MNIST-1D generated locally by ``mnist1d.data.make_dataset`` (never its
+    download path); x ``[N, 40]`` float32 standardized with train statistics.
+  * ``digits``: scikit-learn's bundled 8x8 handwritten digits; x ``[N, 8, 8, 1]`` in [0, 1],
+    split 80/20 by a fixed permutation.
+Through tensorflow-datasets ``tfds.data_source`` (array_record; no TensorFlow import):
+  * ``mnist``, ``fashion_mnist`` (x ``[N, 28, 28, 1]``), ``cifar10`` (x ``[N, 32, 32, 3]``),
+    scaled to [0, 1]; the ``test`` split is the validation split. If tfds cannot find or
+    download a dataset, :class:`DatasetUnavailableError` says how to get it. There is no
+    fallback to other data.
+
+The probe set is ``size`` validation examples chosen once by ``seed`` (sorted indices, same
+order at every record). Batches are a pure function of (seed, step): epoch ``e`` uses the
+permutation ``default_rng([seed, e])``, drop-remainder, so a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A tfds dataset could not be found or downloaded; regime_jax never substitutes data."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """In-memory splits as numpy arrays; labels int32 in ``[0, num_classes)``."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _standardize(x_train: np.ndarray, x_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = x_train.mean(), x_train.std()
+    return ((x_train - mean) / std).astype(np.float32), ((x_val - mean) / std).astype(np.float32)
+
+
+@functools.cache
+def _mnist1d(num_samples: int, seed: int) -> Dataset:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = num_samples, seed
+    raw = make_dataset(args)  # generated locally from templates; no download
+    x_train, x_val = _standardize(raw["x"], raw["x_test"])
+    return Dataset(
+        "mnist1d", x_train, raw["y"].astype(np.int32), x_val, raw["y_test"].astype(np.int32), 10
+    )
+
+
+@functools.cache
+def _digits(seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()  # bundled with scikit-learn; no download
+    x = (bunch.images / 16.0).astype(np.float32)[..., None]
+    y = bunch.target.astype(np.int32)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_val = len(y) // 5
+    val, train = order[:n_val], order[n_val:]
+    return Dataset("digits", x[train], y[train], x[val], y[val], 10)
+
+
+def _tfds_split(name: str, split: str, data_dir: str | None, download: bool) -> Any:
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+    except Exception as err:  # tfds raises many types; all mean "not available here"
+        raise DatasetUnavailableError(
+            f"tfds dataset {name!r} (split {split!r}) is not available "
+            f"(dataset.data_dir={data_dir!r}, dataset.download={download}): "
+            f"{type(err).__name__}: {err}\n"
+            f"To get it, on a machine with network access run once:\n"
+            f"  tfds build {name} --file_format=array_record   (pip install tensorflow may be "
+            f"needed to prepare it)\n"
+            f"then point --config.dataset.data_dir at that data directory. regime_jax does not "
+            f"fall back to other data; for an offline run use dataset.name='mnist1d' or 'digits'."
+        ) from err
+
+
+def _to_arrays(source: Any) -> tuple[np.ndarray, np.ndarray]:
+    rows = [source[i] for i in range(len(source))]
+    x = np.stack([np.asarray(r["image"]) for r in rows]).astype(np.float32) / 255.0
+    return x, np.asarray([r["label"] for r in rows], np.int32)
+
+
+def _tfds(name: str, num_classes: int) -> Callable[..., Dataset]:
+    def load(data_dir: str | None = None, download: bool = True) -> Dataset:
+        x_train, y_train = _to_arrays(_tfds_split(name, "train", data_dir, download))
+        x_val, y_val = _to_arrays(_tfds_split(name, "test", data_dir, download))
+        return Dataset(name, x_train, y_train, x_val, y_val, num_classes)
+
+    return load
+
+
+EMBEDDED = ("digits", "mnist1d")
+TFDS = ("cifar10", "fashion_mnist", "mnist")
+DATASETS = EMBEDDED + TFDS
+
+
+def load_dataset(cfg: Mapping[str, Any]) -> Dataset:
+    """Loads ``cfg["name"]`` (see module docstring); unknown names raise naming the choices."""
+    name = cfg.get("name")
+    if name == "mnist1d":
+        return _mnist1d(int(cfg.get("num_samples", 5000)), int(cfg.get("seed", 42)))
+    if name == "digits":
+        return _digits(int(cfg.get("seed", 0)))
+    if name in TFDS:
+        loader = _tfds(name, 10)
+        return loader(cfg.get("data_dir"), bool(cfg.get("download", True)))
+    raise ValueError(f"dataset.name={name!r} is unknown; allowed values: {sorted(DATASETS)}")
+
+
+def probe_indices(num_val: int, size: int, seed: int) -> np.ndarray:
+    """``size`` distinct validation indices chosen once by ``seed``, sorted."""
+    if not 0 < size <= num_val:
+        raise ValueError(
+            f"probe.size={size} must be in [1, {num_val}] (the validation split's size)"
+        )
+    return np.sort(np.random.default_rng(seed).choice(num_val, size, replace=False))
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(num_train: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_train)
+
+
+def batch_indices(num_train: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the training batch consumed at ``step`` (0-based): pure in its arguments."""
+    epoch, i = divmod(step, num_train // batch_size)
+    return _permutation(num_train, seed, epoch)[i * batch_size : (i + 1) * batch_size]
+
+
+def batches(ds: Dataset, batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict]:
+    """Yields ``{"x", "y"}`` numpy batches for steps ``start_step, start_step + 1, ...``."""
+    if not 0 < batch_size <= len(ds.y_train):
+        raise ValueError(
+            f"batch_size={batch_size} must be in [1, {len(ds.y_train)}] (training split size)"
+        )
+    step = start_step
+    while True:
+        idx = batch_indices(len(ds.y_train), batch_size, seed, step)
+        yield {"x": ds.x_train[idx], "y": ds.y_train[idx]}
+        step += 1

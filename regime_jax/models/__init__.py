@@ -1,0 +1,126 @@
+"""Model registry: ``create_model(config.model, num_classes)`` -> a Flax linen module.
+
+Every model routes each ReLU through :func:`regime_jax.models.record.relu`, so the training
+step, analyzer and stability probe work on all of them the same way.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from regime_jax.models.cnn import CNN
+from regime_jax.models.mlp import MLP
+from regime_jax.models.record import (
+    PREACTS,
+    check_activation,
+    flatten_layers,
+    patterns_of,
+    preacts_of,
+    relu,
+)
+from regime_jax.models.transformer import Transformer
+
+
+def _positive_ints(value: Any, field: str) -> tuple[int, ...]:
+    widths = tuple(int(w) for w in value)
+    if not widths or any(w <= 0 for w in widths):
+        raise ValueError(f"{field} must be a non-empty list of positive ints, got {value!r}")
+    return widths
+
+
+_REQUIRED = object()
+
+
+def _get(cfg: Mapping[str, Any], field: str, default: Any) -> Any:
+    value = cfg.get(field, default)
+    if value is _REQUIRED:
+        raise ValueError(f"model.{field} is required")
+    return value
+
+
+def _positive(cfg: Mapping[str, Any], field: str, default: Any = _REQUIRED) -> int:
+    value = _get(cfg, field, default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"model.{field} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _choice(cfg: Mapping[str, Any], field: str, allowed: tuple, default: Any = _REQUIRED) -> Any:
+    value = _get(cfg, field, default)
+    if value not in allowed:
+        raise ValueError(f"model.{field}={value!r} is unknown; allowed values: {sorted(allowed)}")
+    return value
+
+
+def _mlp(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+    check_activation(cfg.get("activation", "relu"), "model.activation")
+    return MLP(hidden=_positive_ints(cfg["hidden"], "model.hidden"), num_classes=num_classes)
+
+
+def _cnn(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+    check_activation(cfg.get("activation", "relu"), "model.activation")
+    dense = tuple(cfg.get("dense", (128,)))  # may be empty: head right after the convs
+    return CNN(
+        dims=_choice(cfg, "dims", (1, 2)),
+        channels=_positive_ints(_get(cfg, "channels", _REQUIRED), "model.channels"),
+        num_classes=num_classes,
+        kernel_size=_positive(cfg, "kernel_size", 3),
+        strides=_positive(cfg, "strides", 1),
+        pool=_choice(cfg, "pool", ("avg", "max", "none"), "max"),
+        pool_size=_positive(cfg, "pool_size", 2),
+        dense=_positive_ints(dense, "model.dense") if dense else (),
+        norm=_choice(cfg, "norm", ("layer", "none"), "none"),
+    )
+
+
+def _transformer(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+    check_activation(cfg.get("activation", "relu"), "model.activation")
+    dim, num_heads = _positive(cfg, "dim"), _positive(cfg, "num_heads")
+    if dim % num_heads:
+        raise ValueError(f"model.dim={dim} must be divisible by model.num_heads={num_heads}")
+    return Transformer(
+        num_layers=_positive(cfg, "num_layers"),
+        num_heads=num_heads,
+        dim=dim,
+        mlp_dim=_positive(cfg, "mlp_dim"),
+        num_classes=num_classes,
+        embed=_choice(cfg, "embed", ("patch", "scalar")),
+        patch_size=_positive(cfg, "patch_size", 4),
+        positions=_choice(cfg, "positions", ("learned", "sinusoidal"), "learned"),
+        pool=_choice(cfg, "pool", ("cls", "mean"), "mean"),
+        activation=cfg.get("activation", "relu"),
+    )
+
+
+MODELS: dict[str, Callable[[Mapping[str, Any], int], nn.Module]] = {
+    "mlp": _mlp,
+    "cnn": _cnn,
+    "transformer": _transformer,
+}
+
+
+def create_model(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """Builds the model named ``cfg["name"]``; unknown names raise naming the allowed ones."""
+    name = cfg.get("name")
+    if name not in MODELS:
+        raise ValueError(f"model.name={name!r} is unknown; allowed values: {sorted(MODELS)}")
+    return MODELS[name](cfg, num_classes)
+
+
+__all__ = [
+    "CNN",
+    "MLP",
+    "MODELS",
+    "PREACTS",
+    "Transformer",
+    "check_activation",
+    "create_model",
+    "flatten_layers",
+    "patterns_of",
+    "preacts_of",
+    "relu",
+]

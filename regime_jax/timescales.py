@@ -1,0 +1,352 @@
+"""Decay times of recorded training series and the flip/step lag ratio.
+
+Host-side (pure numpy) analysis of per-step series such as the activation-pattern
+flip rate ``h_t`` and the weight step size ``s_t = ||theta_t - theta_{t-1}||``.
+The claim under test (arXiv 2602.08333) is that ``h`` settles about 3x earlier
+than ``s``; the lag ratio is ``T_s / T_h``.
+
+Smoothing (:func:`smooth`): a centered moving average of odd width
+``w = 2*h + 1`` with ``h = (min(window, n) - 1) // 2`` (even windows lose one
+point to stay centered). In the interior ``y_i = mean(x_{i-h} .. x_{i+h})``.
+Within ``h`` points of either end the straight line least-squares fitted to the
+first (last) ``w`` points is evaluated at ``i`` (Savitzky-Golay order 1, which
+equals the moving average in the interior), so the ends are not biased by
+linear trends and are still averaged over ``w`` points.
+
+Decay rules (``y`` = smoothed series, ``n`` points, index ``i`` -> ``steps[i]``):
+
+* ``settle``: ``m = ceil(final_fraction * n)``; final level ``L = mean(y[n-m:])``;
+  range ``R = max(y) - min(y)``. ``T = steps[k]`` with ``k`` the smallest index
+  such that ``|y_j - L| <= delta * R`` for every ``j >= k``. Reported as
+  ``never_settles`` if ``k >= n - m`` (it only enters the band inside the segment
+  that defines ``L``) or if the level still drifts:
+  ``|L - L_prev| > delta * R / 2`` with ``L_prev = mean(y[n-2m:n-m])`` (a linear
+  ramp would otherwise "settle" at 85% of its length).
+* ``cumsum``: ``c_k = sum_{j<=k} max(y_j, 0)``; ``T = steps[k]`` for the first ``k``
+  with ``c_k >= cumsum_fraction * c_{n-1}``. ``c_{n-1} <= 0`` gives ``flat``.
+  It depends on the series length and on any floor: a noisy tail around zero
+  still adds positive mass after clipping and pushes ``T`` later.
+* ``threshold``: initial level ``I = y[0]`` (the smoothed value at the first step,
+  i.e. the edge line fitted over the first ``w`` points); ``T = steps[k]`` for the
+  first ``k`` with ``y_k <= threshold_fraction * I``. The final level is NOT used.
+  Never reached, or ``I <= 0``, gives ``never_settles``.
+
+For ``x_t = exp(-t / tau)`` on a long series all three default rules give
+``T ~= tau * ln(10)``. Every rule is invariant under ``x -> c * x`` for ``c > 0``;
+adding a constant changes ``cumsum`` and ``threshold`` (they measure decay towards
+zero) but not ``settle``.
+
+Config ranges: ``window >= 1``, ``min_points >= 2``, ``delta``, ``cumsum_fraction``,
+``threshold_fraction`` in (0, 1), ``final_fraction`` in (0, 0.5] (the drift check
+needs ``2m <= n``).
+
+Statuses, checked in this order: ``nonfinite`` (any NaN/inf value), ``too_short``
+(``n < min_points``), ``flat`` (``R <= 1e-12 * max|y|``, scale-free), then the rule's
+own ``never_settles`` / ``ok``.
+
+Lag ratio: times are converted to elapsed durations ``T - steps[0]`` and
+``ratio = (T_s - steps[0]) / (T_h - steps[0])``; a zero flip duration gives
+status ``undefined`` (no inf).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+RULES: tuple[str, ...] = ("settle", "cumsum", "threshold")
+STATUSES: tuple[str, ...] = ("ok", "never_settles", "flat", "too_short", "nonfinite")
+_FLAT_RTOL = 1e-12
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer, int)) and not isinstance(obj, bool):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        return float(obj)
+    return obj
+
+
+class _DictMixin:
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable dict (None stays None; NaN stays float NaN)."""
+        return _to_jsonable(self)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"DecayConfig.{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_open(name: str, value: Any, low: float, high: float, closed_high: bool = False) -> None:
+    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
+    ok = ok and low < value and (value <= high if closed_high else value < high)
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        raise ValueError(
+            f"DecayConfig.{name} must be a number in ({low}, {high}{bracket}, got {value!r}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DecayConfig(_DictMixin):
+    """Parameters of the decay-time rules (see module docstring for formulas)."""
+
+    rule: str = "settle"
+    window: int = 25
+    delta: float = 0.1
+    final_fraction: float = 0.1
+    cumsum_fraction: float = 0.9
+    threshold_fraction: float = 0.1
+    min_points: int = 20
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"DecayConfig.rule must be one of {sorted(RULES)}, got {self.rule!r}")
+        _check_int("window", self.window, 1)
+        _check_int("min_points", self.min_points, 2)
+        _check_open("delta", self.delta, 0.0, 1.0)
+        _check_open("final_fraction", self.final_fraction, 0.0, 0.5, closed_high=True)
+        _check_open("cumsum_fraction", self.cumsum_fraction, 0.0, 1.0)
+        _check_open("threshold_fraction", self.threshold_fraction, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecayResult(_DictMixin):
+    """Decay time (a value from ``steps``, not an index; None unless status is "ok")."""
+
+    time: float | None
+    status: str
+    rule: str
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LagResult(_DictMixin):
+    """Lag ratio ``(T_s - steps[0]) / (T_h - steps[0])`` with both decay results."""
+
+    ratio: float | None
+    t_step: DecayResult
+    t_flip: DecayResult
+    status: str
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedStats(_DictMixin):
+    """Summary of a per-seed quantity with a bootstrap CI of the mean."""
+
+    values: tuple[float, ...]
+    n: int
+    n_dropped: int
+    mean: float
+    median: float
+    ci_low: float
+    ci_high: float
+    method: str
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centered moving average with linear-fit edges; same length as the input.
+
+    Args:
+      values: 1-D array.
+      window: smoothing width in steps (reduced to an odd number <= len(values)).
+
+    Returns:
+      Float array of the same length.
+
+    >>> np.round(smooth(np.arange(5.0), 3), 12).tolist()
+    [0.0, 1.0, 2.0, 3.0, 4.0]
+    """
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1:
+        raise ValueError(f"values must be 1-D, got shape {x.shape}")
+    n = x.size
+    h = (min(int(window), n) - 1) // 2
+    if h <= 0:
+        return x.copy()
+    w = 2 * h + 1
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    y = np.empty(n)
+    y[h : n - h] = (c[w:] - c[:-w]) / w
+    u = np.arange(w) - h  # centered abscissa of the edge fit
+    for seg, out, pos in ((x[:w], slice(0, h), u[:h]), (x[n - w :], slice(n - h, n), u[w - h :])):
+        slope = float(np.dot(u, seg)) / float(np.dot(u, u))
+        y[out] = np.mean(seg) + slope * pos
+    return y
+
+
+def _validate(steps: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(steps, dtype=float)
+    v = np.asarray(values, dtype=float)
+    if s.ndim != 1 or v.ndim != 1:
+        raise ValueError(f"steps and values must be 1-D, got shapes {s.shape} and {v.shape}")
+    if s.size != v.size:
+        raise ValueError(f"steps has length {s.size} but values has length {v.size}")
+    if not np.all(np.isfinite(s)) or np.any(np.diff(s) <= 0):
+        raise ValueError("steps must be finite and strictly increasing")
+    return s, v
+
+
+def _settle(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig, rng: float) -> DecayResult:
+    n = y.size
+    m = max(1, math.ceil(cfg.final_fraction * n))
+    level = float(np.mean(y[n - m :]))
+    prev = float(np.mean(y[n - 2 * m : n - m]))
+    outside = np.nonzero(np.abs(y - level) > cfg.delta * rng)[0]
+    k = int(outside[-1]) + 1 if outside.size else 0
+    if k >= n - m:
+        msg = f"enters the +/-{cfg.delta}*range band only in the final {m} points"
+        return DecayResult(None, "never_settles", "settle", msg)
+    if abs(level - prev) > cfg.delta * rng / 2:
+        msg = f"final level still drifting: |L - L_prev| = {abs(level - prev):.3g} > delta*R/2"
+        return DecayResult(None, "never_settles", "settle", msg)
+    return DecayResult(float(steps[k]), "ok", "settle")
+
+
+def _cumsum(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig) -> DecayResult:
+    c = np.cumsum(np.clip(y, 0.0, None))
+    if c[-1] <= 0:
+        return DecayResult(None, "flat", "cumsum", "clipped series sums to 0")
+    k = int(np.argmax(c >= cfg.cumsum_fraction * c[-1]))
+    return DecayResult(float(steps[k]), "ok", "cumsum")
+
+
+def _threshold(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig) -> DecayResult:
+    initial = float(y[0])
+    if initial <= 0:
+        msg = f"initial level {initial:.3g} <= 0; threshold rule needs a positive start"
+        return DecayResult(None, "never_settles", "threshold", msg)
+    below = y <= cfg.threshold_fraction * initial
+    if not below.any():
+        msg = f"never falls below {cfg.threshold_fraction} x initial level {initial:.3g}"
+        return DecayResult(None, "never_settles", "threshold", msg)
+    return DecayResult(float(steps[int(np.argmax(below))]), "ok", "threshold")
+
+
+def decay_time(steps: Any, values: Any, config: DecayConfig = DecayConfig()) -> DecayResult:
+    """Decay time of one series under ``config.rule``.
+
+    Args:
+      steps: 1-D strictly increasing step values.
+      values: 1-D series of the same length.
+      config: rule and parameters.
+
+    Returns:
+      DecayResult; ``time`` is a value from ``steps`` when status is "ok", else None.
+
+    >>> t = np.arange(3000)
+    >>> round(decay_time(t, np.exp(-t / 100.0)).time / 100, 1)
+    2.3
+    """
+    s, v = _validate(steps, values)
+    rule, n = config.rule, v.size
+    if not np.all(np.isfinite(v)):
+        bad = int(np.sum(~np.isfinite(v)))
+        return DecayResult(None, "nonfinite", rule, f"{bad} of {n} values are NaN or inf")
+    if n < config.min_points:
+        msg = f"series of {n} points is shorter than min_points={config.min_points}; too short"
+        return DecayResult(None, "too_short", rule, msg + " to judge")
+    y = smooth(v, config.window)
+    rng = float(np.max(y) - np.min(y))
+    if rng <= _FLAT_RTOL * float(np.max(np.abs(y))):
+        return DecayResult(None, "flat", rule, "smoothed series is constant (range ~ 0)")
+    if rule == "settle":
+        return _settle(s, y, config, rng)
+    if rule == "cumsum":
+        return _cumsum(s, y, config)
+    return _threshold(s, y, config)
+
+
+def decay_times_all_rules(
+    steps: Any, values: Any, config: DecayConfig = DecayConfig()
+) -> dict[str, DecayResult]:
+    """Decay time under every rule (other parameters taken from ``config``)."""
+    return {r: decay_time(steps, values, dataclasses.replace(config, rule=r)) for r in RULES}
+
+
+def analyze_series(
+    steps: Any, series: Mapping[str, Any], config: DecayConfig = DecayConfig()
+) -> dict[str, DecayResult]:
+    """Decay time of each named series, e.g. ``{"flip_rate": h, "step_size": s}``."""
+    return {name: decay_time(steps, vals, config) for name, vals in series.items()}
+
+
+def lag_ratio(
+    steps: Any, step_size: Any, flip_rate: Any, config: DecayConfig = DecayConfig()
+) -> LagResult:
+    """Lag ratio of elapsed decay durations, ``(T_s - steps[0]) / (T_h - steps[0])``.
+
+    Args:
+      steps: 1-D strictly increasing step values.
+      step_size: weight step-size series ``s_t``.
+      flip_rate: activation-pattern flip-rate series ``h_t``.
+      config: decay rule and parameters (same for both series).
+
+    Returns:
+      LagResult; ``ratio`` is None unless status is "ok". A failed series gives
+      status like "flip_rate: never_settles"; a zero flip duration gives "undefined".
+
+    >>> t = np.arange(3000)
+    >>> round(lag_ratio(t, np.exp(-t / 300.0), np.exp(-t / 100.0)).ratio, 1)
+    3.0
+    """
+    t_s = decay_time(steps, step_size, config)
+    t_h = decay_time(steps, flip_rate, config)
+    named = (("step_size", t_s), ("flip_rate", t_h))
+    bad = [(name, r) for name, r in named if r.status != "ok"]
+    if bad:
+        status = "; ".join(f"{name}: {r.status}" for name, r in bad)
+        message = "; ".join(f"{name}: {r.message}" for name, r in bad)
+        return LagResult(None, t_s, t_h, status, message)
+    first = float(np.asarray(steps, dtype=float)[0])
+    d_s, d_h = t_s.time - first, t_h.time - first
+    if d_h <= 0:
+        msg = f"flip decay time is 0 (settles at the first step {first:g}); ratio undefined"
+        return LagResult(None, t_s, t_h, "undefined", msg)
+    return LagResult(d_s / d_h, t_s, t_h, "ok")
+
+
+def seed_stats(
+    values: Iterable[float | None],
+    confidence: float = 0.95,
+    num_bootstrap: int = 2000,
+    seed: int = 0,
+) -> SeedStats:
+    """Mean, median and percentile-bootstrap CI of the mean over seeds.
+
+    None and non-finite entries are dropped and counted in ``n_dropped``. The
+    bootstrap uses ``np.random.default_rng(seed)`` so results are deterministic.
+    n == 1 gives a (nan, nan) CI with method "none"; n == 0 gives all-nan stats.
+
+    >>> s = seed_stats([1.0, 2.0, None, 3.0])
+    >>> (s.n, s.n_dropped, s.mean, s.median)
+    (3, 1, 2.0, 2.0)
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if num_bootstrap < 1:
+        raise ValueError(f"num_bootstrap must be >= 1, got {num_bootstrap!r}")
+    items = list(values)
+    kept = [float(v) for v in items if v is not None and math.isfinite(float(v))]
+    n, dropped, nan = len(kept), len(items) - len(kept), float("nan")
+    if n == 0:
+        return SeedStats((), 0, dropped, nan, nan, nan, nan, "none")
+    arr = np.asarray(kept)
+    mean, median = float(np.mean(arr)), float(np.median(arr))
+    if n == 1:
+        return SeedStats(tuple(kept), 1, dropped, mean, median, nan, nan, "none")
+    idx = np.random.default_rng(seed).integers(0, n, size=(num_bootstrap, n))
+    boot = arr[idx].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
+    return SeedStats(tuple(kept), n, dropped, mean, median, float(lo), float(hi), "bootstrap")

@@ -1,0 +1,250 @@
+"""Instrumented training: a pure step that also measures patterns, and the host loop.
+
+``train_step(state, batch, probe)`` is a pure function: one optimizer update, then (record
+variant) the probe set's packed patterns under the *post-update* parameters, flip rates
+against the previous patterns carried in the state, dead / always-on fractions, and step
+sizes from the optimizer's updates. Two variants (record or not) are each jitted once with
+the state donated. The loop keeps every metric on device and fetches on the log cadence, one
+step late (after dispatching step t it fetches up to t - 1), under a device-to-host transfer
+guard so an accidental per-step sync fails loudly.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from regime_jax import analyzer, data, models, records
+from regime_jax.bitmask import Packed
+from regime_jax.config import validate_config
+
+Patterns = dict[str, Packed]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; ``masks`` are the patterns at the last record."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    masks: Patterns
+
+
+def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
+    """SGD (momentum) or Adam with a constant or cosine learning rate (optional warmup)."""
+    lr, warmup = float(cfg["learning_rate"]), int(cfg.get("warmup_steps", 0))
+    if cfg["schedule"] == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, num_steps)
+    elif warmup:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+        )
+    else:
+        schedule = optax.constant_schedule(lr)
+    if cfg["name"] == "sgd":
+        return optax.sgd(schedule, momentum=float(cfg.get("momentum", 0.0)) or None)
+    return optax.adam(schedule)
+
+
+def probe_patterns(model: nn.Module, params: Any, probe_x: jax.Array) -> Patterns:
+    """Packed ``z > 0`` of every recorded layer on the probe inputs."""
+    return analyzer.patterns_from_preacts(models.preacts_of(model, params, probe_x))
+
+
+def create_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, probe_x: jax.Array
+) -> TrainState:
+    """Initial state; its masks are the probe patterns of the initial parameters (step 0)."""
+    params = model.init(key, probe_x[:1])["params"]
+    return TrainState(
+        jnp.zeros((), jnp.int32), params, tx.init(params), probe_patterns(model, params, probe_x)
+    )
+
+
+def _loss_fn(params: Any, batch: Mapping[str, jax.Array], model: nn.Module):
+    logits_BxK = model.apply({"params": params}, batch["x"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, batch["y"]).mean()
+    return loss, logits_BxK
+
+
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    probe: Mapping[str, jax.Array],
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    record: bool,
+) -> tuple[TrainState, dict[str, jax.Array], Patterns | None]:
+    """One update; with ``record`` also the post-update probe patterns and their metrics."""
+    (loss, logits_BxK), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
+        state.params, batch, model
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "train/loss": loss,
+        "train/acc": jnp.mean(jnp.argmax(logits_BxK, -1) == batch["y"]),
+        **analyzer.step_sizes(updates, state.params),
+    }
+    masks = state.masks
+    if record:
+        masks = probe_patterns(model, params, probe["x"])
+        metrics.update(analyzer.pattern_metrics(state.masks, masks))
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, masks=masks)
+    return state, metrics, (masks if record else None)
+
+
+def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: nn.Module):
+    """Summed loss and correct count over a padded batch (``w`` masks the padding)."""
+    logits_BxK = model.apply({"params": params}, batch["x"])
+    losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, batch["y"])
+    correct_B = jnp.argmax(logits_BxK, -1) == batch["y"]
+    return {"loss": jnp.sum(losses_B * batch["w"]), "correct": jnp.sum(correct_B * batch["w"])}
+
+
+def make_step_fns(model: nn.Module, tx: optax.GradientTransformation) -> dict[bool, Any]:
+    """The two jitted step variants, keyed by ``record``; each traces once."""
+    return {
+        record: jax.jit(
+            functools.partial(train_step, model=model, tx=tx, record=record),
+            donate_argnames="state",
+        )
+        for record in (False, True)
+    }
+
+
+def _eval_batches(ds: data.Dataset, batch_size: int) -> list[dict[str, jax.Array]]:
+    """The validation split as equal, zero-padded device batches (one compile)."""
+    n = len(ds.y_val)
+    size = min(batch_size, n)
+    out = []
+    for start in range(0, n, size):
+        idx = np.arange(start, start + size)
+        w = (idx < n).astype(np.float32)
+        idx = np.minimum(idx, n - 1)
+        out.append(jax.device_put({"x": ds.x_val[idx], "y": ds.y_val[idx], "w": w}))
+    return out
+
+
+def evaluate(eval_fn, params: Any, batches: list[dict[str, jax.Array]], n: int):
+    """Device-side ``eval/loss`` and ``eval/acc`` over the whole validation split."""
+    sums = [eval_fn(params, b) for b in batches]
+    loss = sum(s["loss"] for s in sums) / n
+    return {"eval/loss": loss, "eval/acc": sum(s["correct"] for s in sums) / n}
+
+
+def itstime(step: int, every: int, last: int) -> bool:
+    """True on multiples of ``every`` and at the final step."""
+    return step == last or (every > 0 and step % every == 0)
+
+
+class _Fetcher:
+    """Holds device metrics until the log cadence, then writes rows and mask snapshots."""
+
+    def __init__(self, workdir: Path, writer: records.MetricsWriter):
+        self.workdir, self.writer, self.pending = workdir, writer, []
+        self.last_row: dict[str, Any] = {}
+
+    def add(self, step: int, metrics: dict, masks: Patterns | None) -> None:
+        self.pending.append((step, metrics, masks))
+
+    def flush(self, keep_last: bool) -> list[dict[str, Any]]:
+        ready = self.pending[:-1] if keep_last else self.pending
+        self.pending = self.pending[len(ready) :]
+        rows = []
+        for step, metrics, masks in jax.device_get(ready):
+            rows.append({"step": step, **metrics})
+            if masks is not None:
+                records.write_masks(self.workdir, step, masks)
+        self.writer.write(rows)
+        self.last_row = rows[-1] if rows else self.last_row
+        for row in rows:
+            bad = [
+                k for k in ("train/loss", "step/abs/all") if k in row and not np.isfinite(row[k])
+            ]
+            if bad:
+                raise FloatingPointError(f"non-finite {bad} at step {row['step']}; stopping")
+        return rows
+
+
+def _progress(rows: list[dict[str, Any]], num_steps: int, rate: float) -> str:
+    """One line: the newest row's metrics plus the newest eval among the fetched rows."""
+    row = rows[-1]
+    evals = [r for r in rows if "eval/acc" in r]
+    parts = [f"step {row['step']:>6d}/{num_steps}"]
+    for key, fmt in (
+        ("train/loss", ".4f"),
+        ("train/acc", ".3f"),
+        ("flip/all", ".2e"),
+        ("step/abs/all", ".2e"),
+    ):
+        if key in row:
+            parts.append(f"{key} {row[key]:{fmt}}")
+    if evals:
+        parts.append(f"eval/acc {evals[-1]['eval/acc']:.3f} (step {evals[-1]['step']})")
+    return " | ".join(parts) + f" | {rate:.1f} steps/s"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains per ``config`` into ``workdir``; returns the last logged row (host floats)."""
+    validate_config(config)
+    ds = data.load_dataset(config.dataset)
+    probe_idx = data.probe_indices(len(ds.y_val), config.probe.size, config.probe.seed)
+    model = models.create_model(config.model, ds.num_classes)
+    tx = make_optimizer(config.optimizer, config.num_steps)
+    workdir = records.prepare_workdir(workdir, overwrite=config.overwrite)
+    records.write_config(workdir, config.to_dict())
+
+    probe = jax.device_put({"x": ds.x_val[probe_idx], "y": ds.y_val[probe_idx]})
+    init_fn = jax.jit(functools.partial(create_train_state, model, tx))
+    state = init_fn(jax.random.key(config.seed), probe["x"])
+    step_fns = make_step_fns(model, tx)
+    eval_fn = jax.jit(functools.partial(eval_step, model=model))
+    eval_batches = _eval_batches(ds, config.eval_batch_size)
+    batch_iter = data.batches(ds, config.batch_size, config.seed)
+    n_steps, rec = config.num_steps, config.record
+
+    writer = records.MetricsWriter(workdir)
+    fetcher = _Fetcher(workdir, writer)
+    init_metrics = {
+        **analyzer.pattern_metrics(None, state.masks),
+        **evaluate(eval_fn, state.params, eval_batches, len(ds.y_val)),
+    }
+    fetcher.add(0, init_metrics, state.masks)
+    fetcher.flush(keep_last=False)
+    tic, tic_step = time.perf_counter(), 0
+    try:
+        with jax.transfer_guard_device_to_host("disallow"):
+            for step in range(1, n_steps + 1):
+                record = itstime(step, rec.every_steps, n_steps)
+                state, metrics, masks = step_fns[record](state, next(batch_iter), probe)
+                if itstime(step, config.eval_every_steps, n_steps):
+                    metrics = {
+                        **metrics,
+                        **evaluate(eval_fn, state.params, eval_batches, len(ds.y_val)),
+                    }
+                if record or "eval/acc" in metrics:
+                    snap = masks if itstime(step, rec.snapshot_every_steps, n_steps) else None
+                    fetcher.add(step, metrics, snap)
+                if itstime(step, config.log_every_steps, n_steps):
+                    rows = fetcher.flush(keep_last=step < n_steps)
+                    if rows:
+                        rate = (rows[-1]["step"] - tic_step) / (time.perf_counter() - tic)
+                        tic, tic_step = time.perf_counter(), rows[-1]["step"]
+                        print(_progress(rows, n_steps, rate), flush=True)
+    finally:
+        writer.close()
+    return fetcher.last_row

@@ -1,0 +1,116 @@
+"""The instrumented step and loop: traces once, correct masks, flips consistent with records."""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from regime_jax import data, models, records, train
+
+
+def _setup(config):
+    ds = data.load_dataset(config.dataset)
+    model = models.create_model(config.model, ds.num_classes)
+    tx = train.make_optimizer(config.optimizer, config.num_steps)
+    idx = data.probe_indices(len(ds.y_val), config.probe.size, config.probe.seed)
+    probe = {"x": ds.x_val[idx], "y": ds.y_val[idx]}
+    state = train.create_train_state(model, tx, jax.random.key(config.seed), probe["x"])
+    return ds, model, tx, probe, state
+
+
+def test_each_step_variant_traces_once(tmp_path, monkeypatch):
+    traces = collections.Counter()
+    real_step = train.train_step
+
+    def counting_step(*args, record, **kwargs):
+        traces[record] += 1  # runs only while tracing
+        return real_step(*args, record=record, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", counting_step)
+    config = tiny_config(
+        num_steps=30, **{"record.every_steps": 3, "record.snapshot_every_steps": 15}
+    )
+    train.train_and_evaluate(config, tmp_path)
+    assert traces == {True: 1, False: 1}
+
+
+def test_jitted_masks_equal_eager_recompute():
+    config = tiny_config()
+    ds, model, tx, probe, state = _setup(config)
+    step_fn = train.make_step_fns(model, tx)[True]
+    for step, batch in zip(range(4), data.batches(ds, config.batch_size, 0), strict=False):
+        state, _metrics, masks = step_fn(state, batch, probe)
+        with jax.disable_jit():
+            eager = train.probe_patterns(model, state.params, probe["x"])
+        assert set(masks) == {"fc1", "fc2"}
+        for layer in masks:
+            np.testing.assert_array_equal(masks[layer].bits, eager[layer].bits, err_msg=f"{step}")
+            np.testing.assert_array_equal(masks[layer].bits, state.masks[layer].bits)
+        assert int(state.step) == step + 1
+
+
+def test_flip_rates_in_jsonl_equal_flips_between_snapshots(tmp_path):
+    train.train_and_evaluate(tiny_config(), tmp_path)
+    run = records.load_run(tmp_path)
+    assert run.mask_steps == list(range(13))
+    rows = {r["step"]: r for r in run.rows}
+    assert sorted(rows) == list(range(13))
+    checked = 0
+    for step in run.mask_steps[1:]:
+        prev, cur = run.masks(step - 1), run.masks(step)
+        total_flips = total_bits = 0
+        for layer in cur:
+            a, b = prev[layer].unpack(), cur[layer].unpack()
+            np.testing.assert_allclose(rows[step][f"flip/{layer}"], np.mean(a != b), rtol=1e-6)
+            total_flips, total_bits = total_flips + np.sum(a != b), total_bits + a.size
+            checked += 1
+        np.testing.assert_allclose(rows[step]["flip/all"], total_flips / total_bits, rtol=1e-6)
+    assert checked == 24
+    assert any(rows[s]["flip/all"] > 0 for s in range(1, 13)), "no flips at all: nothing tested"
+
+
+def test_metrics_have_the_documented_keys(tmp_path):
+    train.train_and_evaluate(tiny_config(), tmp_path)
+    run = records.load_run(tmp_path)
+    keys = set(run.keys())
+    for layer in ("fc1", "fc2"):
+        assert {f"flip/{layer}", f"dead/{layer}", f"always_on/{layer}"} <= keys
+    for part in ("fc1", "fc2", "head", "all"):
+        assert {f"step/abs/{part}", f"step/rel/{part}"} <= keys
+    assert {"train/loss", "train/acc", "eval/loss", "eval/acc", "flip/all"} <= keys
+    eval_steps = [r["step"] for r in run.rows if "eval/acc" in r]
+    assert eval_steps == [0, 6, 12]
+    assert run.config["model"]["hidden"] == [16, 12]
+
+
+# Golden one-step metrics: a change to the model, init, data order, loss or metrics moves them.
+GOLDEN = {
+    "train/loss": 2.458831548690796,
+    "train/acc": 0.15625,
+    "flip/all": 0.0074404762126505375,
+    "step/abs/all": 0.04629763588309288,
+    "step/rel/all": 0.007440750487148762,
+}
+
+
+def test_golden_one_step_metrics():
+    config = tiny_config()
+    ds, model, tx, probe, state = _setup(config)
+    batch = next(data.batches(ds, config.batch_size, config.seed))
+    _, metrics, _ = train.make_step_fns(model, tx)[True](state, batch, probe)
+    got = {k: float(metrics[k]) for k in GOLDEN}
+    assert got == pytest.approx(GOLDEN, rel=1e-4, abs=1e-7)
+
+
+def test_existing_run_is_not_silently_appended(tmp_path):
+    train.train_and_evaluate(tiny_config(num_steps=6), tmp_path)
+    with pytest.raises(FileExistsError, match=r"overwrite=True"):
+        train.train_and_evaluate(tiny_config(num_steps=6), tmp_path)
+    train.train_and_evaluate(tiny_config(num_steps=7, overwrite=True), tmp_path)
+    run = records.load_run(tmp_path)
+    assert [r["step"] for r in run.rows] == list(range(8))
+    assert run.mask_steps == list(range(8))
