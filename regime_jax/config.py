@@ -7,11 +7,12 @@ is loaded or any array is computed; every error names the field and the allowed 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
 
-from regime_jax import data, models
+from regime_jax import data, models, timescales
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -38,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 100
     c.eval_batch_size = 1000
     c.overwrite = False  # start afresh in a workdir that already holds a run
+    # every_steps=0: save only at the end (and on Ctrl-C); keep: how many to keep.
+    c.checkpoint = dict(every_steps=500, keep=3)
+    # Decay-time analysis of the recorded series (fields of timescales.DecayConfig).
+    c.timescales = dataclasses.asdict(timescales.DecayConfig())
     return c
 
 
@@ -89,6 +94,14 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         "eval_every_steps",
     ):
         _cadence(field, _get(c, field), c.num_steps)
+    ck = c.checkpoint
+    if not isinstance(ck.every_steps, int) or ck.every_steps < 0:
+        raise ConfigError(f"checkpoint.every_steps={ck.every_steps!r} must be an int >= 0")
+    _positive("checkpoint.keep", ck.keep)
+    try:
+        timescales.DecayConfig(**c.timescales)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"timescales: {err}") from err
     if c.record.snapshot_every_steps % c.record.every_steps:
         raise ConfigError(
             f"record.snapshot_every_steps={c.record.snapshot_every_steps} must be a multiple of "

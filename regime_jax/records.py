@@ -32,6 +32,7 @@ from regime_jax.bitmask import Packed
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 MASKS_DIR = "masks"
+SUMMARY = "summary.json"
 
 
 def _jsonable(value: Any) -> Any:
@@ -57,8 +58,8 @@ class MetricsWriter:
         self._file.close()
 
 
-def prepare_workdir(workdir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Creates ``workdir``; refuses one that already holds a run unless ``overwrite``."""
+def ensure_writable(workdir: str | os.PathLike) -> Path:
+    """Creates ``workdir`` and checks that a file can be written there."""
     workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -67,15 +68,61 @@ def prepare_workdir(workdir: str | os.PathLike, overwrite: bool = False) -> Path
         probe.unlink()
     except OSError as err:
         raise PermissionError(f"workdir={str(workdir)!r} cannot be written: {err}") from err
-    if (workdir / METRICS).exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"workdir={str(workdir)!r} already holds a run ({METRICS}); choose another "
-                f"workdir or pass --config.overwrite=True to start afresh"
-            )
-        (workdir / METRICS).unlink()
-        shutil.rmtree(workdir / MASKS_DIR, ignore_errors=True)
     return workdir
+
+
+def has_run(workdir: str | os.PathLike) -> bool:
+    return (Path(workdir) / METRICS).exists()
+
+
+def reset(workdir: str | os.PathLike) -> None:
+    """Removes a previous run's metrics, mask snapshots and summary."""
+    workdir = Path(workdir)
+    for name in (METRICS, SUMMARY):
+        (workdir / name).unlink(missing_ok=True)
+    shutil.rmtree(workdir / MASKS_DIR, ignore_errors=True)
+
+
+def truncate_after(workdir: str | os.PathLike, step: int) -> None:
+    """Drops metric rows and mask snapshots after ``step`` (the resume point)."""
+    workdir = Path(workdir)
+    path = workdir / METRICS
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                break  # a torn last line from a killed writer: drop it and what follows
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    for snap in (workdir / MASKS_DIR).glob("step_*.npz"):
+        stem = snap.name.removeprefix("step_").split(".")[0]
+        if not stem.isdigit() or int(stem) > step or ".tmp" in snap.name:
+            snap.unlink()
+    (workdir / SUMMARY).unlink(missing_ok=True)
+
+
+def config_diff(
+    stored: Mapping[str, Any], requested: Mapping[str, Any], ignore: Iterable[str] = ()
+) -> list[str]:
+    """Dotted names of the fields whose values differ (nested dicts are compared per field)."""
+    ignore = set(ignore)
+    out = []
+    for key in sorted(set(stored) | set(requested)):
+        if key in ignore:
+            continue
+        a, b = stored.get(key), requested.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            nested = {i.split(".", 1)[1] for i in ignore if i.startswith(f"{key}.")}
+            out += [f"{key}.{k}" for k in config_diff(a, b, nested)]
+        elif json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
+            out.append(key)
+    return out
 
 
 def mask_path(workdir: str | os.PathLike, step: int) -> Path:

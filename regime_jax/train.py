@@ -12,6 +12,9 @@ guard so an accidental per-step sync fails loudly.
 from __future__ import annotations
 
 import functools
+import json
+import signal
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,9 +28,9 @@ import numpy as np
 import optax
 from flax import struct
 
-from regime_jax import analyzer, data, models, records
+from regime_jax import analyzer, checkpoint, data, models, records
 from regime_jax.bitmask import Packed
-from regime_jax.config import validate_config
+from regime_jax.config import ConfigError, validate_config
 
 Patterns = dict[str, Packed]
 
@@ -198,53 +201,127 @@ def _progress(rows: list[dict[str, Any]], num_steps: int, rate: float) -> str:
     return " | ".join(parts) + f" | {rate:.1f} steps/s"
 
 
+# Fields that do not change a run's results: a resumed run may differ in these.
+RESUME_IGNORES = ("overwrite", "log_every_steps", "checkpoint")
+
+
+class _StopFlag:
+    """SIGINT sets a flag the loop checks after each step (never mid-update)."""
+
+    def __init__(self):
+        self.set, self._previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: metrics were flushed and a checkpoint saved at ``step``."""
+
+    def __init__(self, step: int):
+        super().__init__(
+            f"interrupted at step {step}; metrics flushed and a checkpoint saved; "
+            f"run the same command again to resume"
+        )
+        self.step = step
+
+
+def _open_workdir(config: ml_collections.ConfigDict, workdir: Path) -> bool:
+    """Prepares ``workdir``; True if an earlier run there should be resumed."""
+    records.ensure_writable(workdir)
+    existing = records.has_run(workdir) or (workdir / checkpoint.CHECKPOINTS).exists()
+    if existing and config.overwrite:
+        records.reset(workdir)
+        checkpoint.remove(workdir)
+        existing = False
+    if existing:
+        stored = json.loads((workdir / records.CONFIG).read_text())
+        diff = records.config_diff(stored, config.to_dict(), RESUME_IGNORES)
+        if diff:
+            raise ConfigError(
+                f"workdir={str(workdir)!r} holds a run whose config differs in {diff}; "
+                f"refusing to resume. Use another workdir or --config.overwrite=True."
+            )
+    records.write_config(workdir, config.to_dict())
+    return existing
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains per ``config`` into ``workdir``; returns the last logged row (host floats)."""
+    """Trains per ``config`` into ``workdir`` (resuming a run found there); returns the last row.
+
+    Raises:
+      ConfigError: a bad field, or a workdir holding a run with a different config.
+      FloatingPointError: a non-finite loss or step; metrics so far are kept.
+      Interrupted: SIGINT; metrics were flushed and a checkpoint saved.
+    """
     validate_config(config)
     ds = data.load_dataset(config.dataset)
     probe_idx = data.probe_indices(len(ds.y_val), config.probe.size, config.probe.seed)
     model = models.create_model(config.model, ds.num_classes)
     tx = make_optimizer(config.optimizer, config.num_steps)
-    workdir = records.prepare_workdir(workdir, overwrite=config.overwrite)
-    records.write_config(workdir, config.to_dict())
+    workdir = Path(workdir)
+    resume = _open_workdir(config, workdir)
 
     probe = jax.device_put({"x": ds.x_val[probe_idx], "y": ds.y_val[probe_idx]})
     init_fn = jax.jit(functools.partial(create_train_state, model, tx))
     state = init_fn(jax.random.key(config.seed), probe["x"])
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
+    start = 0
+    if resume:
+        restored = ckpt.restore_latest(state)
+        start, state = restored if restored else (0, state)
+        records.truncate_after(workdir, start if restored else -1)
+        print(f"resuming {workdir} from step {start}", flush=True)
+
     step_fns = make_step_fns(model, tx)
     eval_fn = jax.jit(functools.partial(eval_step, model=model))
     eval_batches = _eval_batches(ds, config.eval_batch_size)
-    batch_iter = data.batches(ds, config.batch_size, config.seed)
+    evaluate_now = lambda params: evaluate(eval_fn, params, eval_batches, len(ds.y_val))
+    batch_iter = data.batches(ds, config.batch_size, config.seed, start_step=start)
     n_steps, rec = config.num_steps, config.record
 
     writer = records.MetricsWriter(workdir)
     fetcher = _Fetcher(workdir, writer)
-    init_metrics = {
-        **analyzer.pattern_metrics(None, state.masks),
-        **evaluate(eval_fn, state.params, eval_batches, len(ds.y_val)),
-    }
-    fetcher.add(0, init_metrics, state.masks)
-    fetcher.flush(keep_last=False)
-    tic, tic_step = time.perf_counter(), 0
     try:
-        with jax.transfer_guard_device_to_host("disallow"):
-            for step in range(1, n_steps + 1):
+        if start == 0:
+            fetcher.add(
+                0,
+                {**analyzer.pattern_metrics(None, state.masks), **evaluate_now(state.params)},
+                state.masks,
+            )
+            fetcher.flush(keep_last=False)
+        tic, tic_step = time.perf_counter(), start
+        with _StopFlag() as stop, jax.transfer_guard_device_to_host("disallow"):
+            for step in range(start + 1, n_steps + 1):
                 record = itstime(step, rec.every_steps, n_steps)
                 state, metrics, masks = step_fns[record](state, next(batch_iter), probe)
                 if itstime(step, config.eval_every_steps, n_steps):
-                    metrics = {
-                        **metrics,
-                        **evaluate(eval_fn, state.params, eval_batches, len(ds.y_val)),
-                    }
+                    metrics = {**metrics, **evaluate_now(state.params)}
                 if record or "eval/acc" in metrics:
                     snap = masks if itstime(step, rec.snapshot_every_steps, n_steps) else None
                     fetcher.add(step, metrics, snap)
-                if itstime(step, config.log_every_steps, n_steps):
-                    rows = fetcher.flush(keep_last=step < n_steps)
+                stopping = stop.set  # read once: a signal may land during the flush
+                save = itstime(step, config.checkpoint.every_steps, n_steps) or stopping
+                if save or itstime(step, config.log_every_steps, n_steps):
+                    rows = fetcher.flush(keep_last=not save)
                     if rows:
                         rate = (rows[-1]["step"] - tic_step) / (time.perf_counter() - tic)
                         tic, tic_step = time.perf_counter(), rows[-1]["step"]
                         print(_progress(rows, n_steps, rate), flush=True)
+                if save:
+                    ckpt.save(step, state)
+                if stopping:
+                    raise Interrupted(step)
     finally:
         writer.close()
+        ckpt.close()
     return fetcher.last_row

@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_config
 
 from regime_jax import data, models, records, train
+from regime_jax.config import ConfigError
 
 
 def _setup(config):
@@ -106,10 +107,12 @@ def test_golden_one_step_metrics():
     assert got == pytest.approx(GOLDEN, rel=1e-4, abs=1e-7)
 
 
-def test_existing_run_is_not_silently_appended(tmp_path):
+def test_rerun_with_a_different_config_is_refused_naming_fields(tmp_path):
     train.train_and_evaluate(tiny_config(num_steps=6), tmp_path)
-    with pytest.raises(FileExistsError, match=r"overwrite=True"):
-        train.train_and_evaluate(tiny_config(num_steps=6), tmp_path)
+    with pytest.raises(ConfigError, match=r"\['num_steps', 'optimizer.learning_rate'\]"):
+        train.train_and_evaluate(
+            tiny_config(num_steps=7, **{"optimizer.learning_rate": 0.2}), tmp_path
+        )
     train.train_and_evaluate(tiny_config(num_steps=7, overwrite=True), tmp_path)
     run = records.load_run(tmp_path)
     assert [r["step"] for r in run.rows] == list(range(8))
