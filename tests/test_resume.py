@@ -185,7 +185,7 @@ def _key():
 def test_unwritable_workdir_is_refused_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(PermissionError, match="workdir=.*cannot be written"):
+    with pytest.raises(PermissionError, match=r"workdir=.*cannot be written"):
         train.train_and_evaluate(tiny_config(), blocker / "run")
 
 
