@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from regime_jax import data, models, timescales
+from regime_jax import data, models, stability, timescales
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -41,6 +41,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.overwrite = False  # start afresh in a workdir that already holds a run
     # every_steps=0: save only at the end (and on Ctrl-C); keep: how many to keep.
     c.checkpoint = dict(every_steps=500, keep=3)
+    # Finite-difference stability probe during training (regime_jax.stability): at step 0,
+    # the last step and num_points log-spaced steps between; 0 disables it. The other fields
+    # are stability.ProbeConfig's; probe_size <= probe.size takes the first examples of the
+    # probe set (0: all of it).
+    c.stability = dict(
+        num_points=0, probe_size=0, seed=0, **dataclasses.asdict(stability.ProbeConfig())
+    )
     # Decay-time analysis of the recorded series (fields of timescales.DecayConfig).
     c.timescales = dataclasses.asdict(timescales.DecayConfig())
     return c
@@ -98,6 +105,18 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if not isinstance(ck.every_steps, int) or ck.every_steps < 0:
         raise ConfigError(f"checkpoint.every_steps={ck.every_steps!r} must be an int >= 0")
     _positive("checkpoint.keep", ck.keep)
+    st = c.stability
+    if not isinstance(st.num_points, int) or st.num_points < 0:
+        raise ConfigError(f"stability.num_points={st.num_points!r} must be an int >= 0")
+    if not isinstance(st.probe_size, int) or not 0 <= st.probe_size <= c.probe.size:
+        raise ConfigError(
+            f"stability.probe_size={st.probe_size!r}; allowed values: 0..{c.probe.size} "
+            f"(probe.size; 0 means the whole probe set)"
+        )
+    try:
+        probe_config(c)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"stability: {err}") from err
     try:
         timescales.DecayConfig(**c.timescales)
     except (TypeError, ValueError) as err:
@@ -107,3 +126,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             f"record.snapshot_every_steps={c.record.snapshot_every_steps} must be a multiple of "
             f"record.every_steps={c.record.every_steps} (snapshots are taken at record steps)"
         )
+
+
+def probe_config(c: ml_collections.ConfigDict) -> stability.ProbeConfig:
+    """The stability probe's static settings from ``config.stability``."""
+    extra = ("num_points", "probe_size", "seed")
+    return stability.ProbeConfig(**{k: v for k, v in c.stability.items() if k not in extra})

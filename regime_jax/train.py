@@ -28,9 +28,9 @@ import numpy as np
 import optax
 from flax import struct
 
-from regime_jax import analyzer, checkpoint, data, models, records
+from regime_jax import analyzer, checkpoint, data, models, records, stability
 from regime_jax.bitmask import Packed
-from regime_jax.config import ConfigError, validate_config
+from regime_jax.config import ConfigError, probe_config, validate_config
 
 Patterns = dict[str, Packed]
 
@@ -147,6 +147,14 @@ def evaluate(eval_fn, params: Any, batches: list[dict[str, jax.Array]], n: int):
     sums = [eval_fn(params, b) for b in batches]
     loss = sum(s["loss"] for s in sums) / n
     return {"eval/loss": loss, "eval/acc": sum(s["correct"] for s in sums) / n}
+
+
+def log_spaced_steps(num_steps: int, num_points: int) -> frozenset[int]:
+    """Step 0, ``num_steps`` and ``num_points`` log-spaced steps between (none if 0 points)."""
+    if num_points <= 0:
+        return frozenset()
+    inner = np.geomspace(1, num_steps, num_points).round().astype(int)
+    return frozenset({0, num_steps, *inner.tolist()})
 
 
 def itstime(step: int, every: int, last: int) -> bool:
@@ -286,27 +294,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     eval_fn = jax.jit(functools.partial(eval_step, model=model))
     eval_batches = _eval_batches(ds, config.eval_batch_size)
     evaluate_now = lambda params: evaluate(eval_fn, params, eval_batches, len(ds.y_val))
+    stab_steps = log_spaced_steps(n_steps := config.num_steps, config.stability.num_points)
+    stab_fn = jax.jit(
+        functools.partial(stability.probe_metrics, model, config=probe_config(config))
+    )
+    stab_x = probe["x"][: config.stability.probe_size or None]
+    stab_key = jax.random.key(config.stability.seed)
+    probe_now = lambda step, params: (
+        stab_fn(params, stab_x, jax.random.fold_in(stab_key, step)) if step in stab_steps else {}
+    )
     batch_iter = data.batches(ds, config.batch_size, config.seed, start_step=start)
-    n_steps, rec = config.num_steps, config.record
+    rec = config.record
 
     writer = records.MetricsWriter(workdir)
     fetcher = _Fetcher(workdir, writer)
     try:
         if start == 0:
-            fetcher.add(
-                0,
-                {**analyzer.pattern_metrics(None, state.masks), **evaluate_now(state.params)},
-                state.masks,
-            )
+            init_metrics = {
+                **analyzer.pattern_metrics(None, state.masks),
+                **evaluate_now(state.params),
+                **probe_now(0, state.params),
+            }
+            fetcher.add(0, init_metrics, state.masks)
             fetcher.flush(keep_last=False)
         tic, tic_step = time.perf_counter(), start
         with _StopFlag() as stop, jax.transfer_guard_device_to_host("disallow"):
             for step in range(start + 1, n_steps + 1):
                 record = itstime(step, rec.every_steps, n_steps)
                 state, metrics, masks = step_fns[record](state, next(batch_iter), probe)
+                extra = probe_now(step, state.params)
                 if itstime(step, config.eval_every_steps, n_steps):
-                    metrics = {**metrics, **evaluate_now(state.params)}
-                if record or "eval/acc" in metrics:
+                    extra = {**extra, **evaluate_now(state.params)}
+                if record or extra:
+                    metrics = {**metrics, **extra}
                     snap = masks if itstime(step, rec.snapshot_every_steps, n_steps) else None
                     fetcher.add(step, metrics, snap)
                 stopping = stop.set  # read once: a signal may land during the flush

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import data, models, records, train
-from regime_jax.config import ConfigError
+from regime_jax import data, models, records, stability, train
+from regime_jax.config import ConfigError, probe_config
 
 
 def _setup(config):
@@ -117,3 +117,30 @@ def test_rerun_with_a_different_config_is_refused_naming_fields(tmp_path):
     run = records.load_run(tmp_path)
     assert [r["step"] for r in run.rows] == list(range(8))
     assert run.mask_steps == list(range(8))
+
+
+def test_stability_probe_runs_at_log_spaced_steps_and_matches_a_direct_call(tmp_path):
+    overrides = {
+        "stability.num_points": 3,
+        "stability.probe_size": 8,
+        "stability.num_directions": 2,
+        "stability.num_radii": 4,
+    }
+    config = tiny_config(**overrides)
+    train.train_and_evaluate(config, tmp_path)
+    run = records.load_run(tmp_path)
+    probed = [r["step"] for r in run.rows if "probe/radius_q50" in r]
+    assert probed == sorted(train.log_spaced_steps(12, 3)) == [0, 1, 3, 12]
+    _, model, _, probe, state = _setup(config)
+    direct = stability.probe_metrics(
+        model,
+        state.params,
+        probe["x"][:8],
+        jax.random.fold_in(jax.random.key(0), 0),
+        probe_config(config),
+    )
+    row0 = run.rows[0]
+    for key, value in direct.items():
+        np.testing.assert_allclose(float(row0[key]), float(value), rtol=1e-5, err_msg=key)
+    kept = [row0[k] for k in sorted(k for k in row0 if k.startswith("probe/kept@"))]
+    assert len(kept) == 4 and kept != [kept[0]] * 4  # the radii span stable and broken

@@ -1,0 +1,33 @@
+r"""The local-stability probe during training: MLP 40-256-256-10 on MNIST-1D.
+
+At step 0, the last step and 12 log-spaced steps between, parameters are perturbed along 16
+random unit directions at 12 log-spaced radii (1e-6 .. 1); ``probe/kept@<r>`` is the fraction
+of (direction, example) pairs whose whole pattern is unchanged, ``probe/radius_q50`` the
+median empirical stability radius, ``probe/first_order_q50`` the analytic one.
+
+COMMAND:
+  python -m regime_jax.main --config experiments/stability_mlp_mnist1d.py \
+    --workdir runs/stability_mlp_mnist1d
+  python -m regime_jax.report --stability runs/stability_mlp_mnist1d   # figures
+  (smoke test: --config experiments/stability_mlp_mnist1d.py:quick)
+
+EXPECTED (2 CPU cores): TBD
+"""
+
+from regime_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.dataset.name = "mnist1d"
+    c.model.hidden = (256, 256)
+    c.num_steps = 3000
+    c.stability.num_points = 12
+    c.stability.probe_size = 256
+    c.stability.refine = 2  # finer breaking radii for the first-order cross-check
+    if arg == "quick":
+        c.num_steps, c.log_every_steps, c.eval_every_steps = 40, 10, 20
+        c.record.snapshot_every_steps = 20
+        c.probe.size, c.stability.probe_size, c.stability.num_points = 64, 32, 3
+        c.stability.num_directions, c.stability.num_radii, c.stability.refine = 4, 6, 0
+    return c
