@@ -90,10 +90,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _positive("optimizer.learning_rate", c.optimizer.learning_rate, float)
     if not 0 <= c.optimizer.get("momentum", 0.0) < 1:
         raise ConfigError(f"optimizer.momentum={c.optimizer.momentum!r} must be in [0, 1)")
-    if c.optimizer.get("warmup_steps", 0) < 0:
-        raise ConfigError(f"optimizer.warmup_steps={c.optimizer.warmup_steps!r} must be >= 0")
     for field in ("batch_size", "num_steps", "probe.size", "eval_batch_size"):
         _positive(field, _get(c, field))
+    if not 0 <= c.optimizer.get("warmup_steps", 0) < c.num_steps:
+        raise ConfigError(
+            f"optimizer.warmup_steps={c.optimizer.warmup_steps!r}; allowed values: "
+            f"0..{c.num_steps - 1} (below num_steps)"
+        )
     for field in (
         "record.every_steps",
         "record.snapshot_every_steps",

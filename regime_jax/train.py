@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from regime_jax import analyzer, checkpoint, data, models, records, stability
+from regime_jax import analyzer, checkpoint, data, models, records, report, stability
 from regime_jax.bitmask import Packed
 from regime_jax.config import ConfigError, probe_config, validate_config
 
@@ -344,4 +344,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     finally:
         writer.close()
         ckpt.close()
+    report.write_run_summary(workdir)
     return fetcher.last_row

@@ -80,3 +80,9 @@ def test_tfds_loader_under_mock_data():
         ds = data.load_dataset({"name": "cifar10"})
     assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_val.shape == (20, 32, 32, 3)
     assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+
+
+def test_warmup_not_below_num_steps_is_refused(tmp_path, no_training):
+    config = tiny_config(**{"optimizer.warmup_steps": 12, "optimizer.schedule": "cosine"})
+    with pytest.raises(ConfigError, match=r"optimizer\.warmup_steps=12; allowed values: 0\.\.11"):
+        train.train_and_evaluate(config, tmp_path)

@@ -1,0 +1,250 @@
+"""Runs a grid of settings x optimizers x seeds, then the report.
+
+``python -m regime_jax.sweep --config experiments/reproduce.py[:arg] --workdir runs/reproduce``
+
+The sweep config (a ConfigDict, see ``experiments/reproduce.py``) has
+
+* ``settings``: list of ``{name, experiment, arg, overrides}``; ``experiment`` is a path to an
+  experiment module with ``get_config(arg)``, ``overrides`` maps config fields (dotted keys or
+  nested dicts) to values. Optional ``optimizers``: ``{optimizer name: {field: value}}`` applied
+  after the sweep-wide optimizer fields (e.g. a per-setting learning rate).
+* ``optimizers``: ``{name: {field: value}}`` of ``optimizer.*`` fields.
+* ``seeds``: list of ints; only ``config.seed`` changes (probe and dataset seeds stay fixed).
+* ``overrides``: fields applied to every run.
+
+Composition order, later wins: experiment's ``get_config(arg)`` < sweep ``overrides`` <
+setting ``overrides`` < ``optimizers[name]`` < setting ``optimizers[name]`` < seed. An
+override must name an existing field. The whole grid is validated (``validate_config``) before
+any run starts. Run ``k`` goes to ``<workdir>/<setting>/<optimizer>/seed_<k>/``; a run with
+``summary.json`` is finished and skipped, any other run (re)starts afresh (``overwrite``).
+``<workdir>/sweep.json`` holds the resolved grid. A run that raises is reported and the
+sweep goes on; :func:`run_sweep` returns the failures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from regime_jax import report, train
+from regime_jax.config import ConfigError, validate_config
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _is_map(value: Any) -> bool:
+    return isinstance(value, (Mapping, ml_collections.ConfigDict))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid: where it goes and its resolved config."""
+
+    setting: str
+    optimizer: str
+    seed: int
+    config: ml_collections.ConfigDict
+
+    @property
+    def path(self) -> str:
+        return f"{self.setting}/{self.optimizer}/seed_{self.seed}"
+
+
+def load_experiment(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of the experiment module at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def flatten(overrides: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """Nested and/or dotted override mappings as ``{"a.b.c": value}``.
+
+    >>> flatten({"record": {"every_steps": 1}, "optimizer.name": "adam"})
+    {'record.every_steps': 1, 'optimizer.name': 'adam'}
+    """
+    out = {}
+    for key, value in (overrides or {}).items():
+        if _is_map(value):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping, where: str) -> None:
+    """Sets each dotted field in place; an unknown field or a bad type raises ConfigError."""
+    for field, value in flatten(overrides).items():
+        *parents, leaf = field.split(".")
+        target = config
+        for part in parents:
+            target = target.get(part) if _is_map(target) else None
+        if not _is_map(target) or leaf not in target:
+            raise ConfigError(f"{where}: override {field!r} is not a field of the config")
+        if isinstance(target[leaf], tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
+            target[leaf] = value
+        except TypeError as err:
+            raise ConfigError(f"{where}: override {field}={value!r}: {err}") from err
+
+
+def _check_names(sweep: ml_collections.ConfigDict) -> None:
+    names = [s["name"] for s in sweep.settings] + list(sweep.optimizers)
+    bad = [n for n in names if not isinstance(n, str) or not _NAME.match(n)]
+    if not sweep.settings or not sweep.optimizers or not sweep.seeds:
+        raise ConfigError("sweep needs non-empty settings, optimizers and seeds")
+    if bad or len({s["name"] for s in sweep.settings}) < len(sweep.settings):
+        raise ConfigError(f"setting/optimizer names must be unique path-safe words, got {bad}")
+    if any(isinstance(k, bool) or not isinstance(k, int) for k in sweep.seeds):
+        raise ConfigError(f"seeds must be ints, got {list(sweep.seeds)}")
+
+
+def _compose(sweep, setting: Mapping, opt: str, seed: int) -> ml_collections.ConfigDict:
+    where = f"setting {setting['name']!r} (optimizer {opt!r}, seed {seed})"
+    try:
+        config = load_experiment(setting["experiment"], setting.get("arg"))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from err
+    apply_overrides(config, sweep.get("overrides"), f"{where}, sweep overrides")
+    apply_overrides(config, setting.get("overrides"), f"{where}, setting overrides")
+    apply_overrides(config.optimizer, sweep.optimizers[opt], f"{where}, optimizer {opt!r}")
+    per_setting = (setting.get("optimizers") or {}).get(opt)
+    apply_overrides(config.optimizer, per_setting, f"{where}, setting optimizer {opt!r}")
+    config.seed, config.overwrite = int(seed), True
+    return config
+
+
+def expand_grid(sweep: ml_collections.ConfigDict) -> list[RunSpec]:
+    """Every (setting, optimizer, seed) with its composed config, validated before returning.
+
+    Raises:
+      ConfigError naming the setting, optimizer, seed and field of the first bad run.
+    """
+    _check_names(sweep)
+    specs = []
+    for setting in sweep.settings:
+        for opt in sweep.optimizers:
+            for seed in sweep.seeds:
+                config = _compose(sweep, setting, opt, seed)
+                try:
+                    validate_config(config)
+                except ConfigError as err:
+                    where = f"setting {setting['name']!r} (optimizer {opt!r}, seed {seed})"
+                    raise ConfigError(f"{where}: {err}") from err
+                specs.append(RunSpec(setting["name"], opt, int(seed), config))
+    return specs
+
+
+def _write_grid(workdir: Path, sweep, specs: list[RunSpec]) -> None:
+    grid = {
+        "sweep": sweep.to_dict(),
+        "runs": [
+            {"path": s.path, "setting": s.setting, "optimizer": s.optimizer, "seed": s.seed}
+            | {"config": s.config.to_dict()}
+            for s in specs
+        ],
+    }
+    (workdir / "sweep.json").write_text(json.dumps(grid, indent=1, default=str) + "\n")
+
+
+def _run_one(spec: RunSpec, rundir: Path) -> str:
+    """Trains one run, writes its summary if train.py did not, and returns a progress line."""
+    tic = time.perf_counter()
+    train.train_and_evaluate(spec.config, rundir)
+    if not (rundir / report.SUMMARY).exists():
+        report.write_run_summary(rundir)
+    summary = json.loads((rundir / report.SUMMARY).read_text())
+    acc, ratio = summary["final"]["eval/acc"], report.main_ratio(summary)
+    status = summary["lag"]["abs"][summary["main_rule"]]["status"]
+    acc_text = "–" if acc is None else f"{acc:.3f}"
+    lag_text = f"{ratio:.2f}" if ratio is not None else status
+    return f"{time.perf_counter() - tic:.1f} s | eval/acc {acc_text} | lag ratio (abs) {lag_text}"
+
+
+def run_sweep(
+    sweep: ml_collections.ConfigDict,
+    workdir: str | Path,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Validates the grid, runs every unfinished run in order, then builds the report.
+
+    Returns:
+      ``{"ran": [paths], "skipped": [paths], "failed": {path: error}, "report": build_report}``.
+    """
+    specs = expand_grid(sweep)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_grid(workdir, sweep, specs)
+    ran, skipped, failed = [], [], {}
+    for i, spec in enumerate(specs, start=1):
+        rundir = workdir / spec.path
+        head = f"[{i}/{len(specs)}] {rundir}"
+        if (rundir / report.SUMMARY).exists():
+            skipped.append(spec.path)
+            log(f"{head} | finished before, skipped")
+            continue
+        try:
+            log(f"{head} | {_run_one(spec, rundir)}")
+            ran.append(spec.path)
+        except Exception as err:  # one failed run must not lose the rest of the grid
+            failed[spec.path] = f"{type(err).__name__}: {err}"
+            log(f"{head} | FAILED {failed[spec.path]}")
+    result = report.build_report(workdir)
+    log(result["table"])
+    log(f"report: {result['report']}")
+    return {"ran": ran, "skipped": skipped, "failed": failed, "report": result}
+
+
+def enable_compilation_cache(directory: str | Path) -> None:
+    """JAX persistent compilation cache: seeds of one setting share their compiled steps.
+
+    Every run re-jits its step functions; with the cache, runs that differ only in the seed
+    load the executables from disk instead of compiling again. An already configured cache
+    (``JAX_COMPILATION_CACHE_DIR``) is kept.
+    """
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep one line per run readable
+    if flags.FLAGS.compilation_cache:
+        enable_compilation_cache(Path(flags.FLAGS.workdir) / ".jax_cache")
+    result = run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)
+    if result["failed"]:
+        raise SystemExit(f"{len(result['failed'])} run(s) failed: {sorted(result['failed'])}")
+
+
+def _define_flags() -> None:
+    """Flags exist only when run as a script (regime_jax.main defines the same names)."""
+    help_text = "Sweep config file, e.g. experiments/reproduce.py[:quick]."
+    config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for the runs, summary and report.")
+    flags.DEFINE_bool("compilation_cache", True, "Cache compiled steps in <workdir>/.jax_cache.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
