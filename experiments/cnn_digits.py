@@ -1,0 +1,43 @@
+r"""ReLU CNN (conv16-conv32, max pool 2, dense 64) on scikit-learn's 8x8 digits, Adam.
+
+COMMAND:
+  python -m regime_jax.main --config experiments/cnn_digits.py --workdir runs/cnn_digits
+  (smoke test: --config experiments/cnn_digits.py:quick)
+
+EXPECTED (2 CPU cores): measured 23 s wall at load average ~2.5, 42 s at ~4 (the machine
+  is shared; 2000 steps, every step recorded, probe 256); final eval/acc 0.989 (0.975 by
+  step 300). Flip rates decay: mean flip/all 2.7e-03 over the first 10% of steps vs 1.3e-04
+  over the last 10% (21x); step/abs/all falls 4.9e-02 -> 2.7e-03 (18x) over the same windows.
+"""
+
+import ml_collections
+
+from regime_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.dataset.name = "digits"
+    c.dataset.seed = 0
+    c.probe.size = 256
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name="cnn",
+            dims=2,
+            channels=(16, 32),
+            kernel_size=3,
+            pool="max",
+            pool_size=2,
+            dense=(64,),
+            activation="relu",
+        )
+    )
+    c.optimizer.name, c.optimizer.learning_rate = "adam", 1e-3
+    c.batch_size = 64
+    c.num_steps = 2000
+    if arg == "quick":
+        c.num_steps, c.log_every_steps, c.eval_every_steps = 40, 10, 20
+        c.record.snapshot_every_steps = 20
+        c.probe.size = 64
+        c.model.channels, c.model.dense = (4, 8), (16,)
+    return c
