@@ -4,7 +4,8 @@ COMMAND:
   python -m regime_jax.main --config experiments/mlp_digits.py --workdir runs/mlp_digits
   (smoke test: --config experiments/mlp_digits.py:quick)
 
-EXPECTED (2 CPU cores): TBD
+EXPECTED (2 CPU cores): 19 s wall (2000 steps, every step recorded, probe 256); final
+  eval/acc 0.986; flip/all ~3e-4 per step at the end.
 """
 
 from regime_jax.config import base_config

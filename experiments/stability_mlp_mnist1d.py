@@ -11,7 +11,11 @@ COMMAND:
   python -m regime_jax.report --stability runs/stability_mlp_mnist1d   # figures
   (smoke test: --config experiments/stability_mlp_mnist1d.py:quick)
 
-EXPECTED (2 CPU cores): TBD
+EXPECTED (2 CPU cores): 49 s wall. At init every pattern is kept up to eps ~4e-5 along
+  random unit directions (kept@1e-06..4e-05 = 1.0), 0.82 at 2e-02, 0.13 at 0.3; after
+  training 0.91 at 2e-02, 0.32 at 0.3: the median stability radius grows from 0.023 to 0.053.
+  The first-order radius |z|/|Ju| lies inside the empirical bracket for ~99% of
+  (direction, example) pairs.
 """
 
 from regime_jax.config import base_config
