@@ -8,7 +8,7 @@ median empirical stability radius, ``probe/first_order_q50`` the analytic one.
 COMMAND:
   python -m regime_jax.main --config experiments/stability_mlp_mnist1d.py \
     --workdir runs/stability_mlp_mnist1d
-  python -m regime_jax.report --stability runs/stability_mlp_mnist1d   # figures
+  python -m regime_jax.report --run runs/stability_mlp_mnist1d   # figures in <run>/figures
   (smoke test: --config experiments/stability_mlp_mnist1d.py:quick)
 
 EXPECTED (2 CPU cores): 49 s wall. At init every pattern is kept up to eps ~4e-5 along

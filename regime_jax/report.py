@@ -435,10 +435,39 @@ def write_figures(fig_dir: Path, groups: dict[tuple[str, str], list]) -> list[Pa
     return [p for p in paths if p is not None]
 
 
+def write_run_figures(workdir: str | Path) -> list[Path]:
+    """One run's figures (time scales, layer flips, raster; stability if probed) as PNGs."""
+    from regime_jax import plots
+
+    run = records.load_run(workdir)
+    makers = {
+        "timescales": plots.timescales_figure,
+        "layer_flips": plots.layer_flips_figure,
+        "raster": plots.mask_raster_figure,
+    }
+    if run.keys("probe/"):
+        makers |= {
+            "stability_kept": plots.stability_kept_figure,
+            "stability_radius": plots.stability_radius_figure,
+        }
+    (run.workdir / "figures").mkdir(exist_ok=True)
+    paths = [run.workdir / "figures" / f"{name}.png" for name in makers]
+    for path, make in zip(paths, makers.values(), strict=True):
+        make(run).savefig(path, dpi=110)
+    return paths
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="sweep directory (runs/reproduce)")
-    report = build_report(parser.parse_args(argv).workdir)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--workdir", help="sweep directory (runs/reproduce): report.md, figures")
+    where.add_argument("--run", help="one run's workdir: its figures under <run>/figures")
+    args = parser.parse_args(argv)
+    if args.run:
+        for path in write_run_figures(args.run):
+            print(path)
+        return
+    report = build_report(args.workdir)
     print(report["table"])
     print(f"report: {report['report']}")
 

@@ -1,0 +1,292 @@
+"""Single-run figures and the sweep table, for notebooks; the analysis is the library's.
+
+Each figure function takes a :class:`regime_jax.records.Run` (or its workdir), a summary or
+probe outputs, and returns a bare matplotlib ``Figure`` (Agg; no pyplot, nothing accumulates in
+pyplot's figure list). A notebook shows it as PNG when it is a cell's value (``_repr_png_``, no
+``%matplotlib`` needed); a script calls ``fig.savefig("x.png")``.
+
+>>> run = records.load_run("runs/mlp_mnist1d")              # doctest: +SKIP
+>>> timescales_figure(run).savefig("timescales.png")       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from regime_jax import records, report, timescales
+
+# (key, color, line style) of the three overall series of timescales_figure.
+_SERIES = (
+    ("flip/all", "tab:red", "-"),
+    ("step/abs/all", "tab:blue", "-"),
+    ("step/rel/all", "tab:purple", "--"),
+)
+_CI = ("ci_low", "ci_high")
+RunLike = records.Run | str | os.PathLike  # a loaded run or its workdir
+SummaryLike = Mapping[str, Any] | str | os.PathLike  # a sweep summary, its file or its folder
+# (key, label, style) of stability_radius_figure: outer quantiles thin, the median thick.
+_BLUE = "tab:blue"
+_RADIUS_LINES = (
+    ("probe/radius_q10", "radius q10", dict(color=_BLUE, lw=1, ls=":")),
+    ("probe/radius_q25", "radius q25", dict(color=_BLUE, lw=1, ls="--")),
+    ("probe/radius_q50", "radius q50", dict(color=_BLUE, lw=2.2)),
+    ("probe/radius_q75", "radius q75", dict(color=_BLUE, lw=1, ls="--")),
+    ("probe/radius_q90", "radius q90", dict(color=_BLUE, lw=1, ls=":")),
+    ("probe/first_order_q50", "first-order q50", dict(color="tab:orange", ls="-.")),
+)
+
+
+@functools.cache
+def _figure_class() -> type:
+    from matplotlib.figure import Figure
+
+    class NotebookFigure(Figure):
+        """A bare (Agg) figure that IPython shows as PNG without pyplot or a backend."""
+
+        def _repr_png_(self) -> bytes:
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", dpi=100)
+            return buf.getvalue()
+
+    return NotebookFigure
+
+
+def _axes(figsize: tuple[float, float] = (7.5, 4.2)):
+    fig = _figure_class()(figsize=figsize, layout="constrained")
+    return fig, fig.subplots()
+
+
+def _as_run(run: RunLike) -> records.Run:
+    return run if isinstance(run, records.Run) else records.load_run(run)
+
+
+def _empty(fig, ax, message: str):
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    return fig
+
+
+def _lag_title(summary: Mapping[str, Any]) -> str:
+    rule, parts = summary["main_rule"], []
+    for kind in report.KINDS:
+        lag = summary["lag"][kind][rule]
+        ratio = lag.get("ratio")
+        parts.append(f"{ratio:.2f} ({kind})" if ratio is not None else f"{kind}: {lag['status']}")
+    return f"lag ratio T_step / T_flip [{rule}]: " + ", ".join(parts)
+
+
+def timescales_figure(run: RunLike, summary: Mapping[str, Any] | None = None):
+    """``flip/all``, ``step/abs/all``, ``step/rel/all`` (smoothed, min-max) and decay times.
+
+    One axes: the three curves, a vertical line at each decay time under the main rule (where
+    there is one) and at the max-validation-accuracy step, the lag ratios in the title.
+    ``summary``: :func:`report.summarize_run` of the run (computed if None).
+    """
+    run = _as_run(run)
+    summary = summary or report.summarize_run(run.workdir)
+    rule, window = summary["main_rule"], summary["decay_config"]["window"]
+    fig, ax = _axes()
+    for key, color, ls in _SERIES:
+        steps, curves = report.normalized_curves([run], key, window)
+        if curves.shape[0]:
+            ax.plot(steps, curves[0], color=color, ls=ls, label=key)
+        t = summary["decay"].get(key, {}).get(rule, {}).get("time")
+        if t is not None:
+            ax.axvline(t, color=color, ls=":", lw=1.5, label=f"T {key} = {t:g}")
+    mva = summary["reference"].get("mva_step")
+    if mva is not None:
+        ax.axvline(mva, color="k", ls="-.", lw=1, label=f"max val. acc. (step {mva})")
+    ax.set(xlabel="step", ylabel=f"smoothed (window {window}), min-max normalized")
+    ax.set_title(_lag_title(summary), fontsize=10)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def mask_raster_figure(run: RunLike, layer: str | None = None, max_units: int = 128):
+    """Per-unit flips between consecutive mask snapshots (:func:`report.flip_raster`).
+
+    Each cell spans the snapshot interval it was measured over; colour is the fraction of
+    probe sites (examples x positions) of that unit whose bit changed. First layer by default.
+    """
+    from matplotlib.colors import PowerNorm
+
+    run = _as_run(run)
+    fig, ax = _axes((8, 4.5))
+    raster = report.flip_raster(run, layer, max_units)
+    if raster is None:
+        return _empty(fig, ax, "needs >= 2 mask snapshots (record.snapshot_every_steps)")
+    layer, _, frac = raster
+    x_edges, y_edges = np.asarray(run.mask_steps), np.arange(frac.shape[0] + 1) - 0.5
+    mesh = ax.pcolormesh(
+        x_edges, y_edges, frac, cmap="magma", norm=PowerNorm(0.5, 0, frac.max() or 1)
+    )
+    fig.colorbar(mesh, ax=ax, label="fraction of probe sites flipped")
+    ax.invert_yaxis()
+    ax.set(xlabel="step (snapshot intervals)", ylabel=f"unit of {layer} (first {frac.shape[0]})")
+    ax.set_title(f"{layer}: per-unit pattern flips between snapshots", fontsize=10)
+    return fig
+
+
+def layer_flips_figure(run: RunLike):
+    """Smoothed flip rate of every recorded layer and ``flip/all`` (log y; zeros not drawn)."""
+    run = _as_run(run)
+    window, (fig, ax) = report.decay_config_of(run.config)[0].window, _axes()
+    for key in run.keys("flip/"):
+        steps, v = run.series(key)
+        y = timescales.smooth(v, window) if v.size else v
+        style = dict(color="k", lw=2) if key == "flip/all" else dict(lw=1.2)
+        ax.plot(steps, np.where(y > 0, y, np.nan), label=key, **style)
+    ax.set(xlabel="step", ylabel=f"flip rate (smoothed, window {window})", yscale="log")
+    ax.set_title("pattern flip rate per layer", fontsize=10)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _kept_curve(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``(radii, kept)`` from a row's ``probe/kept@<radius>`` keys, sorted by radius."""
+    pairs = sorted(
+        (float(k.split("@")[1]), float(v)) for k, v in row.items() if k.startswith("probe/kept@")
+    )
+    return np.asarray([r for r, _ in pairs]), np.asarray([v for _, v in pairs])
+
+
+def stability_kept_figure(run: RunLike):
+    """Fraction of (direction, example) pairs whose pattern survives ``theta + eps u``, vs eps.
+
+    One curve per probed step (``stability.num_points > 0``): step 0 black, the last step red,
+    the ones between coloured by step (colour bar, symmetric-log scale).
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import SymLogNorm
+
+    run = _as_run(run)
+    fig, ax = _axes()
+    rows = [r for r in run.rows if any(k.startswith("probe/kept@") for k in r)]
+    if not rows:
+        return _empty(fig, ax, "no probe/kept@<r> metrics: set stability.num_points > 0")
+    norm = SymLogNorm(1, vmin=0, vmax=max(rows[-1]["step"], 1))
+    cmap = colormaps["viridis"]
+    for i, row in enumerate(rows):
+        last, step = i == len(rows) - 1, row["step"]
+        style = dict(color=cmap(norm(step)), lw=1, alpha=0.8)
+        if i == 0 or last:
+            label = f"{'final' if last else 'init'} (step {step})"
+            style = dict(color="tab:red" if last else "k", lw=2.2, label=label, zorder=3)
+        ax.plot(*_kept_curve(row), marker="o", ms=3, **style)
+    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label="probed step")
+    return _kept_axes(fig, ax, "local stability of activation patterns along training")
+
+
+def _kept_axes(fig, ax, title: str):
+    ax.set(xscale="log", xlabel="perturbation radius eps = ||delta||_2", ylim=(-0.02, 1.02))
+    ax.set(ylabel="kept fraction (whole pattern unchanged)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def stability_radius_figure(run: RunLike):
+    """Radius quantiles ``probe/radius_q10..q90`` and ``probe/first_order_q50`` vs step.
+
+    Log y, symmetric-log x (so step 0 shows); ``inf`` (unbroken within the tested radii) and
+    non-positive values cannot sit on a log axis and are dropped. A dotted line marks the
+    largest tested radius.
+    """
+    run = _as_run(run)
+    fig, ax = _axes()
+    for key, label, style in _RADIUS_LINES:
+        steps, v = run.series(key)
+        ok = np.isfinite(v) & (v > 0)
+        ax.plot(steps[ok], v[ok], marker="o", ms=3, label=label, **style)
+    max_radius = run.config.get("stability", {}).get("max_radius")
+    if max_radius:
+        ax.axhline(max_radius, color="gray", ls=":", lw=1, label="largest tested radius")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0)
+    ax.set(yscale="log", xlabel="step", ylabel="stability radius (||delta||_2)")
+    ax.set_title("per-example stability radius: quantiles over the probe set", fontsize=10)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def kept_vs_eps_figure(results: Mapping[str, Mapping[str, Any]]):
+    """Kept fraction vs radius of direct :func:`regime_jax.stability.fd_probe` outputs.
+
+    ``results``: ``{label: fd_probe output}`` (its ``"radii"`` and ``"kept/all"``), e.g.
+    ``{"init": out0, "trained": out1}``; one curve each.
+    """
+    fig, ax = _axes()
+    for label, out in results.items():
+        ax.plot(np.asarray(out["radii"]), np.asarray(out["kept/all"]), marker="o", label=label)
+    return _kept_axes(fig, ax, "finite-difference stability probe")
+
+
+def _sweep_summary(summary: SummaryLike) -> Mapping[str, Any]:
+    if isinstance(summary, Mapping):
+        return summary
+    path = Path(summary)
+    return json.loads((path / report.SUMMARY if path.is_dir() else path).read_text())
+
+
+def table_rows(summary: SummaryLike) -> list[dict[str, Any]]:
+    """The sweep's lag ratio (abs step, main rule) per (setting, optimizer), beside 3.85x.
+
+    ``summary``: a sweep's ``summary.json`` (path, its folder, or loaded), or what
+    :func:`report.build_report` returns. One dict per group: ``setting, optimizer, seeds``
+    (valid lag ratios), ``lag mean`` (None if none), ``CI`` (95% bootstrap, text), ``paper``
+    (3.85), ``verdict``.
+    """
+    rows = []
+    for name, agg in sorted(_sweep_summary(summary)["groups"].items()):
+        setting, optimizer = name.split("/", 1)
+        stats = agg["lag"]["abs"][agg["main_rule"]]
+        lo, hi = stats["ci_low"], stats["ci_high"]
+        ci = "–" if lo is None or hi is None else f"[{lo:.2f}, {hi:.2f}]"
+        row = {"setting": setting, "optimizer": optimizer, "seeds": stats["n"]}
+        row |= {"lag mean": stats["mean"], "CI": ci, "paper": report.PAPER_RATIO}
+        rows.append(row | {"verdict": report.verdict(stats)})
+    return rows
+
+
+def table_frame(summary: SummaryLike):
+    """:func:`table_rows` as a pandas DataFrame if pandas is importable, else the list."""
+    try:
+        import pandas as pd
+    except ImportError:
+        return table_rows(summary)
+    return pd.DataFrame(table_rows(summary))
+
+
+def lag_summary_figure(summary: SummaryLike):
+    """Lag ratio (abs step) per (setting, optimizer) and decay rule, beside the paper's 3.85x.
+
+    Seeds as dots, the mean with its 95% CI as marker and bars; takes what :func:`table_rows` does.
+    """
+    groups = sorted(_sweep_summary(summary)["groups"].items())
+    fig, ax = _axes((max(6.5, 1.6 * len(groups) + 2.5), 4.2))
+    for j, rule in enumerate(timescales.RULES):
+        for i, (_, agg) in enumerate(groups):
+            x, stats = i + 0.2 * (j - 1), agg["lag"]["abs"][rule]
+            seeds = [v for v in stats["per_seed"] if v is not None]
+            ax.plot([x] * len(seeds), seeds, ".", color=f"C{j}", label=None if i else rule)
+            if stats["mean"] is not None:
+                lo, hi = (stats[k] if stats[k] is not None else stats["mean"] for k in _CI)
+                yerr = [[stats["mean"] - lo], [hi - stats["mean"]]]
+                ax.errorbar(x, stats["mean"], yerr, fmt="o", color=f"C{j}", ms=8, capsize=4)
+    ax.axhline(report.PAPER_RATIO, color="tab:red", ls="--", label=f"paper {report.PAPER_RATIO}x")
+    ax.axhline(1.0, color="k", ls=":", lw=1, label="no lag (1x)")
+    ax.set_xticks(range(len(groups)), [name.replace("/", "\n") for name, _ in groups])
+    ax.set(ylabel="lag ratio T_step / T_flip (abs step)", xlim=(-0.6, len(groups) - 0.4))
+    main = ", ".join(sorted({agg["main_rule"] for _, agg in groups}))
+    ax.set_title(f"per rule: seeds (dots), mean and 95% CI; main rule {main}", fontsize=10)
+    ax.legend(fontsize=7)
+    return fig
