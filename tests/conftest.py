@@ -9,6 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest
 
 from regime_jax.config import base_config
+from regime_jax.sweep import apply_overrides
 
 
 def tiny_config(**overrides):
@@ -18,12 +19,7 @@ def tiny_config(**overrides):
     c.batch_size, c.num_steps, c.probe.size = 32, 12, 24
     c.record.every_steps, c.record.snapshot_every_steps = 1, 1
     c.log_every_steps, c.eval_every_steps, c.eval_batch_size = 5, 6, 256
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    apply_overrides(c, overrides, "tiny_config")
     return c
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import checkpoint, records, train
+from regime_jax import checkpoint, records, sweep, train
 from regime_jax.config import ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -33,16 +32,8 @@ OVERRIDES = {
 
 
 def _config(**extra):
-    spec = importlib.util.spec_from_file_location("exp", EXPERIMENT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("quick")
-    for key, value in {**OVERRIDES, **extra}.items():
-        *parents, leaf = key.split(".")
-        target = config
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    config = sweep.load_experiment(EXPERIMENT, "quick")
+    sweep.apply_overrides(config, {**OVERRIDES, **extra}, "test_resume")
     return config
 
 
