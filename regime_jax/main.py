@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from regime_jax import checkpoint, data, train
@@ -37,6 +37,8 @@ _USER_ERRORS = (
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # library INFO lines would bury the progress
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except FloatingPointError as err:
