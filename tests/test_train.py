@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import data, models, records, stability, train
+from regime_jax import data, models, records, stability, sweep, train
 from regime_jax.config import ConfigError, probe_config
 
 
@@ -23,7 +24,26 @@ def _setup(config):
     return ds, model, tx, probe, state
 
 
-def test_each_step_variant_traces_once(tmp_path, monkeypatch):
+EXPERIMENTS = Path(__file__).parent.parent / "experiments"
+FAMILIES = {  # model family -> the experiment whose :quick model and dataset it uses
+    "mlp": None,
+    "cnn": EXPERIMENTS / "cnn_digits.py",
+    "transformer": EXPERIMENTS / "transformer_mnist1d.py",
+}
+LAYERS = {"mlp": {"fc1", "fc2"}, "cnn": {"conv1", "conv2", "fc1"}, "transformer": {"block0/ffn"}}
+
+
+def family_config(family, **overrides):
+    """tiny_config with the model and dataset of a family's quick experiment."""
+    config = tiny_config(**overrides)
+    if FAMILIES[family] is not None:
+        quick = sweep.load_experiment(FAMILIES[family], "quick")
+        config.model, config.dataset = quick.model, quick.dataset
+    return config
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_step_variant_traces_once(family, tmp_path, monkeypatch):
     traces = collections.Counter()
     real_step = train.train_step
 
@@ -32,22 +52,24 @@ def test_each_step_variant_traces_once(tmp_path, monkeypatch):
         return real_step(*args, record=record, **kwargs)
 
     monkeypatch.setattr(train, "train_step", counting_step)
-    config = tiny_config(
-        num_steps=30, **{"record.every_steps": 3, "record.snapshot_every_steps": 15}
+    config = family_config(
+        family, num_steps=30, **{"record.every_steps": 3, "record.snapshot_every_steps": 15}
     )
     train.train_and_evaluate(config, tmp_path)
     assert traces == {True: 1, False: 1}
+    assert set(records.load_run(tmp_path).masks(30)) == LAYERS[family]
 
 
-def test_jitted_masks_equal_eager_recompute():
-    config = tiny_config()
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_jitted_masks_equal_eager_recompute(family):
+    config = family_config(family)
     ds, model, tx, probe, state = _setup(config)
     step_fn = train.make_step_fns(model, tx)[True]
     for step, batch in zip(range(4), data.batches(ds, config.batch_size, 0), strict=False):
         state, _metrics, masks = step_fn(state, batch, probe)
         with jax.disable_jit():
             eager = train.probe_patterns(model, state.params, probe["x"])
-        assert set(masks) == {"fc1", "fc2"}
+        assert set(masks) == LAYERS[family]
         for layer in masks:
             np.testing.assert_array_equal(masks[layer].bits, eager[layer].bits, err_msg=f"{step}")
             np.testing.assert_array_equal(masks[layer].bits, state.masks[layer].bits)
