@@ -169,6 +169,7 @@ def test_table_rows_and_frame(sweep_dir, monkeypatch):
 
 def test_table_frame_is_a_dataframe_where_pandas_is_installed(sweep_dir):
     import pandas as pd  # a test extra, so this path is always exercised in CI
+
     frame = plots.table_frame(sweep_dir)
     assert isinstance(frame, pd.DataFrame) and list(frame["setting"]) == ["tiny"]
 
