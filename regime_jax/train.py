@@ -11,6 +11,7 @@ guard so an accidental per-step sync fails loudly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import signal
@@ -263,6 +264,45 @@ def _open_workdir(config: ml_collections.ConfigDict, workdir: Path) -> bool:
     return existing
 
 
+def _build(config: ml_collections.ConfigDict):
+    """Validated config -> (dataset, probe indices, model, optimizer); no arrays computed."""
+    validate_config(config)
+    ds = data.load_dataset(config.dataset)
+    probe_idx = data.probe_indices(len(ds.y_val), config.probe.size, config.probe.seed)
+    model = models.create_model(config.model, ds.num_classes)
+    return ds, probe_idx, model, make_optimizer(config.optimizer, config.num_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A run read back for analysis: its model, probe inputs and two train states."""
+
+    model: nn.Module
+    probe_x: np.ndarray
+    initial: TrainState
+    latest: TrainState
+    step: int
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str | Path) -> Restored:
+    """The initial state (rebuilt from ``config.seed``) and newest checkpoint of a run.
+
+    >>> r = restore(config, "runs/mlp_mnist1d")  # doctest: +SKIP
+    >>> analyzer.flip_rates(r.initial.masks, r.latest.masks)["all"]  # doctest: +SKIP
+    """
+    ds, probe_idx, model, tx = _build(config)
+    probe_x = ds.x_val[probe_idx]
+    initial = create_train_state(model, tx, jax.random.key(config.seed), probe_x)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
+    try:
+        restored = ckpt.restore_latest(initial)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise checkpoint.CheckpointError(f"workdir={str(workdir)!r} holds no checkpoint")
+    return Restored(model, probe_x, initial, restored[1], restored[0])
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains per ``config`` into ``workdir`` (resuming a run found there); returns the last row.
 
@@ -271,11 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       FloatingPointError: a non-finite loss or step; metrics so far are kept.
       Interrupted: SIGINT; metrics were flushed and a checkpoint saved.
     """
-    validate_config(config)
-    ds = data.load_dataset(config.dataset)
-    probe_idx = data.probe_indices(len(ds.y_val), config.probe.size, config.probe.seed)
-    model = models.create_model(config.model, ds.num_classes)
-    tx = make_optimizer(config.optimizer, config.num_steps)
+    ds, probe_idx, model, tx = _build(config)
     workdir = Path(workdir)
     resume = _open_workdir(config, workdir)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import data, models, records, stability, sweep, train
+from regime_jax import checkpoint, data, models, records, stability, sweep, train
 from regime_jax.config import ConfigError, probe_config
 
 
@@ -166,3 +166,17 @@ def test_stability_probe_runs_at_log_spaced_steps_and_matches_a_direct_call(tmp_
         np.testing.assert_allclose(float(row0[key]), float(value), rtol=1e-5, err_msg=key)
     kept = [row0[k] for k in sorted(k for k in row0 if k.startswith("probe/kept@"))]
     assert len(kept) == 4 and kept != [kept[0]] * 4  # the radii span stable and broken
+
+
+def test_restore_returns_the_initial_and_newest_checkpointed_states(tmp_path):
+    config = tiny_config(**{"checkpoint.every_steps": 5})
+    train.train_and_evaluate(config, tmp_path)
+    restored = train.restore(config, tmp_path)
+    run = records.load_run(tmp_path)
+    assert restored.step == 12 and int(restored.latest.step) == 12
+    for layer, packed in run.masks(12).items():
+        np.testing.assert_array_equal(restored.latest.masks[layer].bits, packed.bits)
+    for layer, packed in run.masks(0).items():
+        np.testing.assert_array_equal(restored.initial.masks[layer].bits, packed.bits)
+    with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint"):
+        train.restore(config, tmp_path / "empty")
