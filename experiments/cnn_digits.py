@@ -12,7 +12,7 @@ EXPECTED (2 CPU cores): measured 23 s wall at load average ~2.5, 42 s at ~4 (the
 
 import ml_collections
 
-from regime_jax.config import base_config
+from regime_jax.config import base_config, smoke
 
 
 def get_config(arg: str | None = None):
@@ -36,8 +36,6 @@ def get_config(arg: str | None = None):
     c.batch_size = 64
     c.num_steps = 2000
     if arg == "quick":
-        c.num_steps, c.log_every_steps, c.eval_every_steps = 40, 10, 20
-        c.record.snapshot_every_steps = 20
-        c.probe.size = 64
+        smoke(c, num_steps=40, probe_size=64)
         c.model.channels, c.model.dense = (4, 8), (16,)
     return c

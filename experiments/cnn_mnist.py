@@ -11,7 +11,7 @@ EXPECTED: not measured on this machine (offline); an accelerator is recommended.
 
 import ml_collections
 
-from regime_jax.config import base_config
+from regime_jax.config import base_config, smoke
 
 
 def get_config(arg: str | None = None):
@@ -35,8 +35,6 @@ def get_config(arg: str | None = None):
     c.record.snapshot_every_steps = 250
     c.log_every_steps = c.eval_every_steps = 250
     if arg == "quick":
-        c.num_steps, c.log_every_steps, c.eval_every_steps = 20, 10, 10
-        c.record.snapshot_every_steps = 10
-        c.probe.size, c.batch_size = 32, 16
+        smoke(c, num_steps=20, probe_size=32, batch_size=16)
         c.model.channels, c.model.dense = (4, 8), (16,)
     return c

@@ -8,7 +8,7 @@ EXPECTED (2 CPU cores): 19 s wall (2000 steps, every step recorded, probe 256); 
   eval/acc 0.986; flip/all ~3e-4 per step at the end.
 """
 
-from regime_jax.config import base_config
+from regime_jax.config import base_config, smoke
 
 
 def get_config(arg: str | None = None):
@@ -21,7 +21,5 @@ def get_config(arg: str | None = None):
     c.batch_size = 64
     c.num_steps = 2000
     if arg == "quick":
-        c.num_steps, c.log_every_steps, c.eval_every_steps = 40, 10, 20
-        c.record.snapshot_every_steps = 20
-        c.probe.size = 64
+        smoke(c, num_steps=40, probe_size=64)
     return c

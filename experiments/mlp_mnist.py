@@ -9,7 +9,7 @@ COMMAND:
 EXPECTED: not measured on this machine (offline); an accelerator is recommended.
 """
 
-from regime_jax.config import base_config
+from regime_jax.config import base_config, smoke
 
 
 def get_config(arg: str | None = None):
@@ -22,7 +22,6 @@ def get_config(arg: str | None = None):
     c.record.snapshot_every_steps = 250
     c.log_every_steps = c.eval_every_steps = 250
     if arg == "quick":
-        c.num_steps, c.log_every_steps, c.eval_every_steps = 20, 10, 10
-        c.record.snapshot_every_steps = 10
-        c.probe.size, c.batch_size, c.model.hidden = 32, 16, (64, 64)
+        smoke(c, num_steps=20, probe_size=32, batch_size=16)
+        c.model.hidden = (64, 64)
     return c

@@ -9,7 +9,7 @@ EXPECTED (2 CPU cores): 23 s wall (3000 steps, every step recorded, probe 512); 
   per step over the first 300 steps to ~6e-5 at the end, step/abs/all from ~0.12 to ~2e-3.
 """
 
-from regime_jax.config import base_config
+from regime_jax.config import base_config, smoke
 
 
 def get_config(arg: str | None = None):
@@ -18,7 +18,5 @@ def get_config(arg: str | None = None):
     c.model.hidden = (256, 256)
     c.num_steps = 3000
     if arg == "quick":
-        c.num_steps, c.log_every_steps, c.eval_every_steps = 40, 10, 20
-        c.record.snapshot_every_steps = 20
-        c.probe.size = 64
+        smoke(c, num_steps=40, probe_size=64)
     return c

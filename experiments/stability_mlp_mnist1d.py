@@ -18,7 +18,7 @@ EXPECTED (2 CPU cores): 49 s wall. At init every pattern is kept up to eps ~4e-5
   (direction, example) pairs.
 """
 
-from regime_jax.config import base_config
+from regime_jax.config import base_config, smoke
 
 
 def get_config(arg: str | None = None):
@@ -30,8 +30,7 @@ def get_config(arg: str | None = None):
     c.stability.probe_size = 256
     c.stability.refine = 2  # finer breaking radii for the first-order cross-check
     if arg == "quick":
-        c.num_steps, c.log_every_steps, c.eval_every_steps = 40, 10, 20
-        c.record.snapshot_every_steps = 20
-        c.probe.size, c.stability.probe_size, c.stability.num_points = 64, 32, 3
+        smoke(c, num_steps=40, probe_size=64)
+        c.stability.probe_size, c.stability.num_points = 32, 3
         c.stability.num_directions, c.stability.num_radii, c.stability.refine = 4, 6, 0
     return c

@@ -16,7 +16,7 @@ EXPECTED (2 CPU cores): measured 4 min 11 s wall at load average ~3, 4 min 23 s 
 
 import ml_collections
 
-from regime_jax.config import base_config
+from regime_jax.config import base_config, smoke
 
 
 def get_config(arg: str | None = None):
@@ -41,9 +41,7 @@ def get_config(arg: str | None = None):
     c.batch_size = 64
     c.num_steps = 2000
     if arg == "quick":
-        c.num_steps, c.log_every_steps, c.eval_every_steps = 40, 10, 20
-        c.record.snapshot_every_steps = 20
-        c.probe.size = 64
+        smoke(c, num_steps=40, probe_size=64)
         c.optimizer.warmup_steps = 5
         c.model.num_layers, c.model.dim, c.model.num_heads, c.model.mlp_dim = 1, 16, 2, 32
     return c

@@ -53,6 +53,18 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def smoke(c: ml_collections.ConfigDict, num_steps: int, probe_size: int, batch_size=None) -> None:
+    """Shrinks ``c`` in place to an experiment's ``:quick`` smoke run (a few seconds).
+
+    Logs every 10 steps; evaluates and snapshots masks at the middle and the end.
+    """
+    c.num_steps, c.probe.size = num_steps, probe_size
+    c.log_every_steps = 10
+    c.eval_every_steps = c.record.snapshot_every_steps = num_steps // 2
+    if batch_size is not None:
+        c.batch_size = batch_size
+
+
 def _get(c: ml_collections.ConfigDict, field: str) -> Any:
     for part in field.split("."):
         c = c[part]
