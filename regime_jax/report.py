@@ -29,7 +29,7 @@ from regime_jax import records, timescales
 from regime_jax.timescales import RULES, DecayConfig, decay_times_all_rules
 
 PAPER_RATIO = 3.85
-SUMMARY = "summary.json"
+SUMMARY = records.SUMMARY
 KINDS = ("abs", "rel")
 SERIES = ("flip/all", "step/abs/all", "step/rel/all")
 

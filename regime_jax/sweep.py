@@ -163,11 +163,9 @@ def _write_grid(workdir: Path, sweep, specs: list[RunSpec]) -> None:
 
 
 def _run_one(spec: RunSpec, rundir: Path) -> str:
-    """Trains one run, writes its summary if train.py did not, and returns a progress line."""
+    """Trains one run (train writes its summary.json) and returns a progress line."""
     tic = time.perf_counter()
     train.train_and_evaluate(spec.config, rundir)
-    if not (rundir / report.SUMMARY).exists():
-        report.write_run_summary(rundir)
     summary = json.loads((rundir / report.SUMMARY).read_text())
     acc, ratio = summary["final"]["eval/acc"], report.main_ratio(summary)
     status = summary["lag"]["abs"][summary["main_rule"]]["status"]

@@ -329,6 +329,7 @@ def test_failed_run_is_reported_and_sweep_goes_on(tmp_path, monkeypatch):
         if cfg.seed == 0:
             raise FloatingPointError("non-finite loss")
         write_synthetic_run(Path(wd), n=cfg.num_steps, seed=cfg.seed)
+        report.write_run_summary(wd)  # as train.train_and_evaluate does at the end
 
     monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     out = sweep.run_sweep(
