@@ -4,12 +4,18 @@ COMMAND:
   python experiments/bench_overhead.py        # MLP 784-512-512-10, batch 128, probe 1024
   python experiments/bench_overhead.py --hidden 1024,1024 --probe 4096 --chunks 20
 
-Times per step, median over chunks of steps after compilation, in one process, interleaved:
+Times per step, median over chunks of steps after compilation, in one process, interleaved.
+Built-in step (regime_jax's linen MLP and train step):
   plain      the train step alone (loss, grads, optax update);
   +probe     the train step plus a bare forward pass of the probe set (logits reduced so XLA
              cannot drop it);
   monitored  regime_jax's recording step (update, probe pre-activations, packed masks, flip
              rates against the previous masks, dead/always-on, step sizes).
+User loop (an unmodified linen MLP with nn.relu, a plain optax step written as a user would):
+  user       the user's step alone;
+  user+probe the user's step plus a bare probe forward;
+  user+mon   the user's step plus ``monitor.update`` of ``rj.pattern_monitor(rj.capture_relus(
+             model.apply), probe_x)``.
 Prints the ratio monitored / (+probe) (of the medians, and the median of the ratios within
 each interleaved round, which cancels the VM's drift), the bytes stored per pattern, and
 each variant's XLA-counted FLOPs per step over its time next to a same-process matmul
@@ -26,21 +32,57 @@ import functools
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+import regime_jax as rj
 from regime_jax import bitmask, models, train
+from regime_jax.models.adapt import as_net
 
 
 def _plain_step(state, batch, probe, *, model, tx, forward_probe):
-    (loss, _), grads = jax.value_and_grad(train._loss_fn, has_aux=True)(state.params, batch, model)
+    net = as_net(model)
+    (loss, _), grads = jax.value_and_grad(train._loss_fn, has_aux=True)(state.params, batch, net)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     out = {"train/loss": loss}
     if forward_probe:
-        out["probe"] = jnp.sum(model.apply({"params": params}, probe["x"]))
+        out["probe"] = jnp.sum(net.apply(params, probe["x"]))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out, None
+
+
+class UserMLP(nn.Module):
+    """The user's own model: nn.relu, nothing from regime_jax."""
+
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(10)(x)
+
+
+def _user_step(state, batch, probe, *, apply_fn, tx, monitor, mode):
+    """A user's optax step; ``mode``: "plain", "probe" (+ bare forward) or "monitor"."""
+    params, opt_state, mstate = state
+
+    def loss_fn(p):
+        logits = apply_fn(p, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    out = {"train/loss": loss}
+    if mode == "probe":
+        out["probe"] = jnp.sum(apply_fn(params, probe["x"]))
+    if mode == "monitor":
+        metrics, mstate = monitor.update(mstate, params, updates, probe_x=probe["x"])
+        out.update(metrics)
+    return (params, opt_state, mstate), out, None
 
 
 def _time_chunk(fn, state, batch, probe, steps):
@@ -88,9 +130,23 @@ def main() -> None:
     }
     probe = {"x": jax.random.normal(kp, (args.probe, args.input))}
 
+    user = UserMLP(hidden)
+    user_apply = user.apply
+    monitor = rj.pattern_monitor(rj.capture_relus(user_apply), probe["x"])
+
+    def fresh_user_state():
+        params = user.init(jax.random.key(1), probe["x"][:1])
+        return params, tx.init(params), monitor.init(params)
+
     def fresh_state():
         return train.create_train_state(model, tx, jax.random.key(1), probe["x"])
 
+    def user_variant(mode):
+        step = functools.partial(_user_step, apply_fn=user_apply, tx=tx, monitor=monitor, mode=mode)
+        return jax.jit(step, donate_argnames="state")
+
+    fresh = {name: fresh_state for name in ("plain", "+probe", "monitored")}
+    fresh |= {name: fresh_user_state for name in ("user", "user+probe", "user+mon")}
     variants = {
         "plain": jax.jit(
             functools.partial(_plain_step, model=model, tx=tx, forward_probe=False),
@@ -101,9 +157,12 @@ def main() -> None:
             donate_argnames="state",
         ),
         "monitored": train.make_step_fns(model, tx)[True],
+        "user": user_variant("plain"),
+        "user+probe": user_variant("probe"),
+        "user+mon": user_variant("monitor"),
     }
-    flops = {name: _flops(fn, fresh_state(), batch, probe) for name, fn in variants.items()}
-    states = {name: fresh_state() for name in variants}
+    flops = {name: _flops(fn, fresh[name](), batch, probe) for name, fn in variants.items()}
+    states = {name: fresh[name]() for name in variants}
     for name, fn in variants.items():  # compile + warm up
         states[name], _ = _time_chunk(fn, states[name], batch, probe, 3)
     times = {name: [] for name in variants}
@@ -121,17 +180,19 @@ def main() -> None:
     for name in variants:
         rate = flops[name] / med[name]
         print(
-            f"  {name:<10} {med[name] * 1e3:8.3f} ms/step   {flops[name] / 1e9:7.3f} GFLOP/step"
+            f"  {name:<11} {med[name] * 1e3:8.3f} ms/step   {flops[name] / 1e9:7.3f} GFLOP/step"
             f"   {rate / 1e9:7.2f} GFLOP/s"
         )
-    ratio = med["monitored"] / med["+probe"]
-    paired = statistics.median(
-        m / p for m, p in zip(times["monitored"], times["+probe"], strict=True)
-    )
-    print(
-        f"  ratio monitored / (plain + bare probe) = {ratio:.3f} (medians), "
-        f"{paired:.3f} (median of per-round ratios)  (bar: <= 1.05)"
-    )
+    for label, mon, base in (
+        ("built-in", "monitored", "+probe"),
+        ("user loop", "user+mon", "user+probe"),
+    ):
+        ratio = med[mon] / med[base]
+        paired = statistics.median(m / p for m, p in zip(times[mon], times[base], strict=True))
+        print(
+            f"  {label}: ratio {mon} / {base} = {ratio:.3f} (medians), "
+            f"{paired:.3f} (median of per-round ratios)  (bar: <= 1.05)"
+        )
     print(f"  monitoring cost over plain: {med['monitored'] / med['plain']:.2f}x")
     per_example = sum(bitmask.num_bytes(u) for u in hidden)
     print(

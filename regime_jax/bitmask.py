@@ -41,6 +41,18 @@ class Packed:
         return num_bits(self.bits.shape, self.units)
 
 
+def active(z: jax.Array) -> jax.Array:
+    """A unit's bit: ``z > 0`` for its pre-activation ``z``; exact zero is *off*.
+
+    The one definition of a bit, shared by the training step, the monitor, the analyzer and
+    the stability probe.
+
+    >>> active(jnp.array([-1.0, 0.0, 2.0])).tolist()
+    [False, False, True]
+    """
+    return jnp.greater(z, 0)
+
+
 def num_bytes(units: int) -> int:
     """Bytes per packed row of ``units`` bits."""
     return (units + 7) // 8

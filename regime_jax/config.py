@@ -15,6 +15,7 @@ import ml_collections
 from regime_jax import data, models, stability, timescales
 
 OPTIMIZERS = ("adam", "sgd")
+CUSTOM_MODEL = "custom"  # model.name of a run given a model object, not a registry name
 SCHEDULES = ("constant", "cosine")
 
 
@@ -92,11 +93,12 @@ def _cadence(field: str, value: Any, num_steps: int) -> None:
 def validate_config(c: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` naming the first bad field (no data, no compute)."""
     _choice("dataset.name", c.dataset.name, data.DATASETS)
-    _choice("model.name", c.model.name, tuple(models.MODELS))
-    try:
-        models.create_model(c.model, num_classes=10)  # builds the module only; no arrays
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    if c.model.name != CUSTOM_MODEL:
+        _choice("model.name", c.model.name, (*models.MODELS, CUSTOM_MODEL))
+        try:
+            models.create_model(c.model, num_classes=10)  # builds the module only; no arrays
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     _choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
     _choice("optimizer.schedule", c.optimizer.schedule, SCHEDULES)
     _positive("optimizer.learning_rate", c.optimizer.learning_rate, float)

@@ -10,8 +10,11 @@ normalised by the global norm over all leaves; or, with ``per_layer``, supported
 top-level params subtree at a time), evaluate the model at ``theta + eps * u`` for every
 tested radius ``eps`` (``jax.vmap`` over directions and radii, radii in batches of
 ``radius_batch`` through ``jax.lax.map``: one compiled computation), and compare the patterns
-``z > 0`` (exact zero is off, as in :func:`regime_jax.models.record.patterns_of`) with those
-at ``theta``. Only ``+eps`` is tested; Gaussian directions are symmetric, so ``-u`` is as
+``z > 0`` (exact zero is off: :func:`regime_jax.bitmask.active`, the same bit the training
+step records) with those at ``theta``. The model enters as ``preacts_fn(params, x) -> (out,
+{layer: z})``: :func:`regime_jax.capture_relus` of any function, a built-in model's site
+(``models.site_preacts_fn``), or a linen / NNX module (read through ``capture_relus``).
+Only ``+eps`` is tested; Gaussian directions are symmetric, so ``-u`` is as
 likely as ``u``. Cost: ``D x len(fine_radii)`` forward passes on the probe batch plus ``D``
 JVPs; peak memory about ``radius_batch x D`` copies of the params and of the activations.
 
@@ -48,12 +51,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from regime_jax.models.record import PREACTS, flatten_layers, preacts_of
+from regime_jax import bitmask
+from regime_jax.capture import CaptureError, PreactsFn
+from regime_jax.models.adapt import as_net
 
 ALL = "all"  # key of the every-layer-together summaries
 
@@ -237,18 +241,18 @@ def _key_name(entry: Any) -> str:
 
 
 def first_order_radius(
-    model: nn.Module, params: Any, x: jax.Array, u: Any, two_sided: bool = False
+    preacts_fn: PreactsFn, params: Any, x: jax.Array, u: Any, two_sided: bool = False
 ) -> jax.Array:
     """First-order radius along ``u`` at which the first unit's bit flips, per example.
 
     ``min_i |z_i| / |J_i u|`` over the units ``i`` (all layers and positions) that move towards
     flipping for ``eps > 0`` (``z_i > 0, J_i u < 0`` or ``z_i <= 0, J_i u > 0``); ``J_i u`` is
-    the directional derivative from ``jax.jvp`` of ``params -> preacts_of(model, params, x)``.
+    the directional derivative from ``jax.jvp`` of ``params -> preacts_fn(params, x)[1]``.
     Units with ``J_i u == 0`` (or moving away from zero) are ignored; ``inf`` if none is left.
     ``two_sided=True`` keeps every unit with ``J_i u != 0`` (either sign of ``eps``).
 
     Args:
-      model: linen module whose ReLUs go through ``record.relu``.
+      preacts_fn: ``preacts_fn(params, x) -> (out, {layer: z})`` (see the module docstring).
       params: params pytree.
       x: probe inputs ``[P, ...]``.
       u: one direction, params-shaped (no leading axis).
@@ -266,7 +270,8 @@ def first_order_radius(
     >>> first_order_radius(model, params, x, u).shape
     (5,)
     """
-    z, dz = jax.jvp(lambda p: preacts_of(model, p, x), (params,), (u,))
+    preacts_fn = _as_preacts_fn(preacts_fn)
+    z, dz = jax.jvp(lambda p: _forward(preacts_fn, p, x)[1], (params,), (u,))
     out = jnp.full((x.shape[0],), jnp.inf, _dtype_of(params))
     for name in z:
         zl, dl = z[name], dz[name]
@@ -287,26 +292,36 @@ def _dtype_of(params: Any):
     return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
 
 
-def _forward(model: nn.Module, params: Any, x: jax.Array):
-    logits, state = model.apply({"params": params}, x, mutable=[PREACTS])
-    return logits, flatten_layers(state.get(PREACTS, {}))
+def _as_preacts_fn(preacts_fn: Any) -> PreactsFn:
+    """A linen / NNX module or a ``models.Net`` is read through capture_relus; a function as is."""
+    try:
+        return as_net(preacts_fn).preacts_fn
+    except TypeError:
+        return preacts_fn
 
 
-def _sweep(model, params, x, dirs, radii, radius_batch):
+def _forward(preacts_fn: PreactsFn, params: Any, x: jax.Array):
+    out, preacts = preacts_fn(params, x)
+    if not preacts:
+        raise CaptureError("the model has no ReLU pre-activation: there is no pattern to probe")
+    return out, preacts
+
+
+def _sweep(preacts_fn, params, x, dirs, radii, radius_batch):
     """Perturbed forwards for every (radius, direction): the one expensive step.
 
     Returns (changed ``{layer: [R, D, P] bool}``, flips ``{layer: [R, D] int32}``,
     output change ``[R, D, P]``, bits per layer ``{layer: int}``).
     """
-    logits0, z0 = _forward(model, params, x)
-    bits0 = {k: v > 0 for k, v in z0.items()}
+    logits0, z0 = _forward(preacts_fn, params, x)
+    bits0 = {k: bitmask.active(v) for k, v in z0.items()}
 
     def per_direction(eps, u):
         p = jax.tree.map(lambda a, b: a + eps.astype(a.dtype) * b, params, u)
-        logits, z = _forward(model, p, x)
+        logits, z = _forward(preacts_fn, p, x)
         changed, flips = {}, {}
         for name, zl in z.items():
-            diff = (zl > 0) != bits0[name]
+            diff = bitmask.active(zl) != bits0[name]
             changed[name] = jnp.any(diff.reshape(diff.shape[0], -1), axis=1)
             flips[name] = jnp.sum(diff, dtype=jnp.int32)
         sq = [
@@ -343,7 +358,7 @@ def _first_break(changed_RxDxP: jax.Array, radii: jax.Array):
 
 
 def empirical_breaking_radius(
-    model: nn.Module,
+    preacts_fn: PreactsFn,
     params: Any,
     x: jax.Array,
     u: Any,
@@ -353,7 +368,7 @@ def empirical_breaking_radius(
     """Smallest tested radius at which ``theta + eps * u`` changes each example's pattern.
 
     Args:
-      model, params: as in :func:`fd_probe`.
+      preacts_fn, params: as in :func:`fd_probe`.
       x: probe inputs ``[P, ...]``.
       u: one direction, params-shaped (no leading axis).
       radii: increasing tested radii ``[R]``.
@@ -373,25 +388,31 @@ def empirical_breaking_radius(
     """
     radii = jnp.asarray(radii, _dtype_of(params))
     dirs = jax.tree.map(lambda a: a[None], u)
-    changed, _, _, _ = _sweep(model, params, x, dirs, radii, radius_batch)
+    preacts_fn = _as_preacts_fn(preacts_fn)
+    changed, _, _, _ = _sweep(preacts_fn, params, x, dirs, radii, radius_batch)
     upper, _ = _first_break(_any_layer(changed, (radii.shape[0], 1, x.shape[0])), radii)
     return upper[0]
 
 
 def fd_probe(
-    model: nn.Module, params: Any, x: jax.Array, key: jax.Array, config: ProbeConfig = ProbeConfig()
+    preacts_fn: PreactsFn,
+    params: Any,
+    x: jax.Array,
+    key: jax.Array,
+    config: ProbeConfig = ProbeConfig(),
 ) -> dict[str, jax.Array]:
     """Finite-difference stability probe of the activation patterns of ``x`` at ``params``.
 
-    Pure; ``jax.jit(fd_probe, static_argnames=("model", "config"))`` compiles it into one
+    Pure; ``jax.jit(fd_probe, static_argnames=("preacts_fn", "config"))`` compiles it into one
     computation. ``D = num_directions`` (``L * num_directions`` with ``per_layer``), ``R`` =
     ``len(config.radii)``, ``F = len(config.fine_radii)``, ``P = x.shape[0]``; "layer" below
     is a recorded ReLU site (``fc1``, ``block0/ffn``), "param layer" a top-level params key.
 
     Args:
-      model: linen module whose ReLUs go through ``record.relu``; ``model.apply`` gives logits
-        ``[P, ...]``.
-      params: params pytree (``variables["params"]``).
+      preacts_fn: ``preacts_fn(params, x) -> (out, {layer: z})``:
+        ``regime_jax.capture_relus(apply_fn)`` for any model, or a linen / NNX module.
+        ``out`` (logits ``[P, ...]``) gives ``output_change``.
+      params: params pytree (what ``preacts_fn`` takes).
       x: probe inputs ``[P, ...]``.
       key: PRNG key for the directions.
       config: :class:`ProbeConfig` (static).
@@ -424,12 +445,13 @@ def fd_probe(
     >>> model = create_model({"name": "mlp", "hidden": [8]}, 3)
     >>> x = jax.random.normal(jax.random.key(0), (5, 4))
     >>> params = model.init(jax.random.key(1), x)["params"]
-    >>> probe = jax.jit(fd_probe, static_argnames=("model", "config"))
+    >>> probe = jax.jit(fd_probe, static_argnames=("preacts_fn", "config"))
     >>> out = probe(model, params, x, jax.random.key(2), ProbeConfig(num_directions=3))
     >>> out["kept/all"].shape, out["kept/fc1"].shape, out["first_order_radius"].shape
     ((12,), (12,), (3, 5))
     """
     dtype = _dtype_of(params)
+    preacts_fn = _as_preacts_fn(preacts_fn)
     if config.per_layer:
         dirs = random_layer_directions(key, params, config.num_directions)
     else:
@@ -437,10 +459,14 @@ def fd_probe(
     num_dirs = jax.tree.leaves(dirs)[0].shape[0]
     fine = jnp.asarray(config.fine_radii, dtype)
     coarse = slice(None, None, config.refine + 1)
-    changed, flips, out_change, bits = _sweep(model, params, x, dirs, fine, config.radius_batch)
+    changed, flips, out_change, bits = _sweep(
+        preacts_fn, params, x, dirs, fine, config.radius_batch
+    )
     shape = (fine.shape[0], num_dirs, x.shape[0])
     changed_all = _any_layer(changed, shape)
-    total_bits = max(sum(bits.values()), 1)
+    total_bits = sum(bits.values())
+    if total_bits == 0:
+        raise ValueError(f"no pattern bit to probe: x has shape {tuple(x.shape)}")
     flips_all = sum(flips.values(), jnp.zeros(shape[:2], jnp.int32))
 
     def summaries(sel, prefix: str = "") -> dict[str, jax.Array]:
@@ -461,7 +487,7 @@ def fd_probe(
             result.update(summaries(sel, f"by_param/{name}/"))
 
     upper, lower = _first_break(changed_all, fine)
-    fo = jax.vmap(lambda u: first_order_radius(model, params, x, u))(dirs).astype(dtype)
+    fo = jax.vmap(lambda u: first_order_radius(preacts_fn, params, x, u))(dirs).astype(dtype)
     ok = jnp.isfinite(upper) & jnp.isfinite(fo) & (fo > 0)
     safe_fo = jnp.where(ok, fo, 1)
     result.update(
@@ -542,7 +568,11 @@ def _radius_labels(radii: np.ndarray) -> list[str]:
 
 
 def probe_metrics(
-    model: nn.Module, params: Any, x: jax.Array, key: jax.Array, config: ProbeConfig = ProbeConfig()
+    preacts_fn: PreactsFn,
+    params: Any,
+    x: jax.Array,
+    key: jax.Array,
+    config: ProbeConfig = ProbeConfig(),
 ) -> dict[str, jax.Array]:
     """Flat scalar summary of :func:`fd_probe` for ``metrics.jsonl`` (pure, jit-able).
 
@@ -562,12 +592,12 @@ def probe_metrics(
     >>> model = create_model({"name": "mlp", "hidden": [8]}, 3)
     >>> x = jax.random.normal(jax.random.key(0), (5, 4))
     >>> params = model.init(jax.random.key(1), x)["params"]
-    >>> metrics = jax.jit(probe_metrics, static_argnames=("model", "config"))
+    >>> metrics = jax.jit(probe_metrics, static_argnames=("preacts_fn", "config"))
     >>> m = metrics(model, params, x, jax.random.key(2), ProbeConfig(num_directions=3))
     >>> float(m["probe/kept@1e-06"]), "probe/radius_q50" in m
     (1.0, True)
     """
-    out = fd_probe(model, params, x, key, config)
+    out = fd_probe(preacts_fn, params, x, key, config)
     labels = _radius_labels(config.radii)
     metrics: dict[str, jax.Array] = {}
     for name, value in out.items():

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,19 +30,25 @@ from flax import struct
 
 from regime_jax import analyzer, checkpoint, data, models, records, report, stability
 from regime_jax.bitmask import Packed
-from regime_jax.config import ConfigError, probe_config, validate_config
+from regime_jax.config import CUSTOM_MODEL, ConfigError, probe_config, validate_config
+from regime_jax.models.adapt import Net, as_net
 
 Patterns = dict[str, Packed]
 
 
 @struct.dataclass
 class TrainState:
-    """Everything a step reads and writes; ``masks`` are the patterns at the last record."""
+    """Everything a step reads and writes; ``monitor`` holds the patterns of the last record."""
 
     step: jax.Array
     params: Any
     opt_state: Any
-    masks: Patterns
+    monitor: analyzer.MonitorState
+
+    @property
+    def masks(self) -> Patterns:
+        """Packed probe patterns at the last record step."""
+        return self.monitor.masks
 
 
 def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
@@ -62,23 +67,27 @@ def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTran
     return optax.adam(schedule)
 
 
-def probe_patterns(model: nn.Module, params: Any, probe_x: jax.Array) -> Patterns:
-    """Packed ``z > 0`` of every recorded layer on the probe inputs."""
-    return analyzer.patterns_from_preacts(models.preacts_of(model, params, probe_x))
+def _monitor(net: Net, probe_x: jax.Array) -> analyzer.PatternMonitor:
+    return analyzer.pattern_monitor(net.preacts_fn, probe_x)
+
+
+def probe_patterns(model: Any, params: Any, probe_x: jax.Array) -> Patterns:
+    """Packed ``z > 0`` of every ReLU layer on the probe inputs."""
+    return analyzer.patterns_from_preacts(as_net(model).preacts_fn(params, probe_x)[1])
 
 
 def create_train_state(
-    model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, probe_x: jax.Array
+    model: Any, tx: optax.GradientTransformation, key: jax.Array, probe_x: jax.Array
 ) -> TrainState:
     """Initial state; its masks are the probe patterns of the initial parameters (step 0)."""
-    params = model.init(key, probe_x[:1])["params"]
-    return TrainState(
-        jnp.zeros((), jnp.int32), params, tx.init(params), probe_patterns(model, params, probe_x)
-    )
+    net = as_net(model)
+    params = net.init(key, probe_x[:1])
+    monitor = _monitor(net, probe_x).init(params)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), monitor)
 
 
-def _loss_fn(params: Any, batch: Mapping[str, jax.Array], model: nn.Module):
-    logits_BxK = model.apply({"params": params}, batch["x"])
+def _loss_fn(params: Any, batch: Mapping[str, jax.Array], net: Net):
+    logits_BxK = net.apply(params, batch["x"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, batch["y"]).mean()
     return loss, logits_BxK
 
@@ -88,42 +97,41 @@ def train_step(
     batch: Mapping[str, jax.Array],
     probe: Mapping[str, jax.Array],
     *,
-    model: nn.Module,
+    model: Any,
     tx: optax.GradientTransformation,
     record: bool,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns | None]:
-    """One update; with ``record`` also the post-update probe patterns and their metrics."""
-    (loss, logits_BxK), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
-        state.params, batch, model
-    )
+    """One update, then the monitor: step sizes, and with ``record`` the post-update patterns."""
+    net = as_net(model)
+    (loss, logits_BxK), grads = jax.value_and_grad(_loss_fn, has_aux=True)(state.params, batch, net)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    monitored, monitor = _monitor(net, probe["x"]).update(
+        state.monitor, params, updates, patterns=record, probe_x=probe["x"]
+    )
     metrics = {
         "train/loss": loss,
         "train/acc": jnp.mean(jnp.argmax(logits_BxK, -1) == batch["y"]),
-        **analyzer.step_sizes(updates, state.params),
+        **monitored,
     }
-    masks = state.masks
-    if record:
-        masks = probe_patterns(model, params, probe["x"])
-        metrics.update(analyzer.pattern_metrics(state.masks, masks))
-    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, masks=masks)
-    return state, metrics, (masks if record else None)
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, monitor=monitor)
+    return state, metrics, (monitor.masks if record else None)
 
 
-def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: nn.Module):
+def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: Any):
     """Summed loss and correct count over a padded batch (``w`` masks the padding)."""
-    logits_BxK = model.apply({"params": params}, batch["x"])
+    logits_BxK = as_net(model).apply(params, batch["x"])
     losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, batch["y"])
     correct_B = jnp.argmax(logits_BxK, -1) == batch["y"]
     return {"loss": jnp.sum(losses_B * batch["w"]), "correct": jnp.sum(correct_B * batch["w"])}
 
 
-def make_step_fns(model: nn.Module, tx: optax.GradientTransformation) -> dict[bool, Any]:
+def make_step_fns(model: Any, tx: optax.GradientTransformation) -> dict[bool, Any]:
     """The two jitted step variants, keyed by ``record``; each traces once."""
+    net = as_net(model)
     return {
         record: jax.jit(
-            functools.partial(train_step, model=model, tx=tx, record=record),
+            functools.partial(train_step, model=net, tx=tx, record=record),
             donate_argnames="state",
         )
         for record in (False, True)
@@ -264,33 +272,48 @@ def _open_workdir(config: ml_collections.ConfigDict, workdir: Path) -> bool:
     return existing
 
 
-def _build(config: ml_collections.ConfigDict):
-    """Validated config -> (dataset, probe indices, model, optimizer); no arrays computed."""
+def with_model(config: ml_collections.ConfigDict, model: Any) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose ``model`` names a user's model object (``name="custom"``)."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    cls = type(getattr(model, "module", None) or model)
+    out.model = {"name": CUSTOM_MODEL, "class": f"{cls.__module__}.{cls.__qualname__}"}
+    return out
+
+
+def _build(config: ml_collections.ConfigDict, model: Any = None):
+    """Validated config -> (dataset, probe indices, net, optimizer); no arrays computed."""
     validate_config(config)
+    if model is None and config.model.name == CUSTOM_MODEL:
+        raise ConfigError(
+            f"model.name={CUSTOM_MODEL!r} needs the model object: "
+            f"train_and_evaluate(config, workdir, model=...)"
+        )
     ds = data.load_dataset(config.dataset)
     probe_idx = data.probe_indices(len(ds.y_val), config.probe.size, config.probe.seed)
-    model = models.create_model(config.model, ds.num_classes)
-    return ds, probe_idx, model, make_optimizer(config.optimizer, config.num_steps)
+    if model is None:
+        model = models.create_model(config.model, ds.num_classes)
+    net = as_net(model)
+    return ds, probe_idx, net, make_optimizer(config.optimizer, config.num_steps)
 
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """A run read back for analysis: its model, probe inputs and two train states."""
 
-    model: nn.Module
+    model: Net
     probe_x: np.ndarray
     initial: TrainState
     latest: TrainState
     step: int
 
 
-def restore(config: ml_collections.ConfigDict, workdir: str | Path) -> Restored:
+def restore(config: ml_collections.ConfigDict, workdir: str | Path, model: Any = None) -> Restored:
     """The initial state (rebuilt from ``config.seed``) and newest checkpoint of a run.
 
     >>> r = restore(config, "runs/mlp_mnist1d")  # doctest: +SKIP
     >>> analyzer.flip_rates(r.initial.masks, r.latest.masks)["all"]  # doctest: +SKIP
     """
-    ds, probe_idx, model, tx = _build(config)
+    ds, probe_idx, model, tx = _build(config, model)
     probe_x = ds.x_val[probe_idx]
     initial = create_train_state(model, tx, jax.random.key(config.seed), probe_x)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
@@ -303,15 +326,23 @@ def restore(config: ml_collections.ConfigDict, workdir: str | Path) -> Restored:
     return Restored(model, probe_x, initial, restored[1], restored[0])
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, model: Any = None
+) -> dict:
     """Trains per ``config`` into ``workdir`` (resuming a run found there); returns the last row.
+
+    ``model``: a user's model object instead of ``config.model`` (a linen module, an
+    initialized NNX module, or a ``models.Net``); its ReLUs are found by ``capture_relus``,
+    and ``config.json`` records ``model.name="custom"`` with its class.
 
     Raises:
       ConfigError: a bad field, or a workdir holding a run with a different config.
       FloatingPointError: a non-finite loss or step; metrics so far are kept.
       Interrupted: SIGINT; metrics were flushed and a checkpoint saved.
     """
-    ds, probe_idx, model, tx = _build(config)
+    if model is not None:
+        config = with_model(config, model)
+    ds, probe_idx, model, tx = _build(config, model)
     workdir = Path(workdir)
     resume = _open_workdir(config, workdir)
 
@@ -332,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     evaluate_now = lambda params: evaluate(eval_fn, params, eval_batches, len(ds.y_val))
     stab_steps = log_spaced_steps(n_steps := config.num_steps, config.stability.num_points)
     stab_fn = jax.jit(
-        functools.partial(stability.probe_metrics, model, config=probe_config(config))
+        functools.partial(stability.probe_metrics, model.preacts_fn, config=probe_config(config))
     )
     stab_x = probe["x"][: config.stability.probe_size or None]
     stab_key = jax.random.key(config.stability.seed)

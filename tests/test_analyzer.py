@@ -19,7 +19,7 @@ def _random_patterns(seed, shapes):
     return {k: rng.random(s) > 0.5 for k, s in shapes.items()}
 
 
-SHAPES = {"fc1": (16, 13), "conv1": (16, 5, 4, 7), "block0/ffn": (16, 9, 20)}
+SHAPES = {"fc1": (16, 13), "conv1": (16, 5, 4, 7), "block0/ffn/fc1": (16, 9, 20)}
 
 
 class AnalyzerTest(chex.TestCase, parameterized.TestCase):

@@ -37,7 +37,7 @@ CASES = [
         "cnn2d_no_channel_axis_avg_layernorm",
         CNN(dims=2, channels=(8, 16), dense=(32,), num_classes=5, pool="avg", norm="layer"),
         (B, 8, 8),
-        {"conv1": (B, 8, 8, 8), "conv2": (B, 4, 4, 16), "fc1": (B, 32)},
+        {"norm1": (B, 8, 8, 8), "norm2": (B, 4, 4, 16), "fc1": (B, 32)},
     ),
     (
         "cnn1d",
@@ -61,19 +61,19 @@ CASES = [
         "tf_scalar_mean",
         _tf(),
         (B, 40),
-        {"block0/ffn": (B, 40, MLP_DIM), "block1/ffn": (B, 40, MLP_DIM)},
+        {"block0/ffn/fc1": (B, 40, MLP_DIM), "block1/ffn/fc1": (B, 40, MLP_DIM)},
     ),
     (
         "tf_scalar_cls_sinusoidal",
         _tf(pool="cls", positions="sinusoidal"),
         (B, 40, 1),
-        {"block0/ffn": (B, 41, MLP_DIM), "block1/ffn": (B, 41, MLP_DIM)},
+        {"block0/ffn/fc1": (B, 41, MLP_DIM), "block1/ffn/fc1": (B, 41, MLP_DIM)},
     ),
     (
         "tf_patch",
         _tf(embed="patch", patch_size=4),
         (B, 32, 32, 3),
-        {"block0/ffn": (B, 64, MLP_DIM), "block1/ffn": (B, 64, MLP_DIM)},
+        {"block0/ffn/fc1": (B, 64, MLP_DIM), "block1/ffn/fc1": (B, 64, MLP_DIM)},
     ),
 ]
 IDS = [c[0] for c in CASES]
@@ -143,7 +143,7 @@ def test_cnn_layer_norm_is_recorded_before_relu():
     _, model, shape, _ = CASES[1]
     assert model.norm == "layer"
     params, x = _init(model, shape)
-    z = np.asarray(preacts_of(model, params, x)["conv1"]) - params["norm1"]["bias"]
+    z = np.asarray(preacts_of(model, params, x)["norm1"]) - params["norm1"]["bias"]
     np.testing.assert_allclose(z.mean(-1), 0.0, atol=1e-5)  # normalized over channels
     np.testing.assert_allclose(z.var(-1), 1.0, atol=1e-2)
 
@@ -151,7 +151,7 @@ def test_cnn_layer_norm_is_recorded_before_relu():
 def test_ffn_recorded_preact_is_what_fc2_sees():
     model = _tf(pool="cls")
     params, x = _init(model, (B, 40))
-    z = preacts_of(model, params, x)["block0/ffn"]
+    z = preacts_of(model, params, x)["block0/ffn/fc1"]
     _, state = model.apply(
         {"params": params}, x, capture_intermediates=True, mutable=["intermediates"]
     )
@@ -217,7 +217,7 @@ def test_registry_builds_from_plain_dict():
     tf = create_model({**TF, "pool": "cls", "positions": "sinusoidal"}, 10)
     assert isinstance(tf, Transformer) and tf.patch_size == 4 and tf.activation == "relu"
     params, x = _init(tf, (B, 12))
-    assert _preact_shapes(tf, params, x) == {"block0/ffn": (B, 13, 8)}
+    assert _preact_shapes(tf, params, x) == {"block0/ffn/fc1": (B, 13, 8)}
     assert jax.eval_shape(tf.apply, {"params": params}, x).shape == (B, 10)
     assert create_model(TF, 10).pool == "mean" and create_model(TF, 10).positions == "learned"
 

@@ -144,7 +144,7 @@ def test_kept_vs_eps_figure(tmp_path):
     params = model.init(jax.random.key(1), x)["params"]
     moved = jax.tree.map(lambda p: 1.5 * p, params)
     config = stability.ProbeConfig(num_directions=2, num_radii=4, radius_batch=None)
-    probe = jax.jit(stability.fd_probe, static_argnames=("model", "config"))
+    probe = jax.jit(stability.fd_probe, static_argnames=("preacts_fn", "config"))
     results = {
         name: probe(model, p, x, jax.random.key(2), config)
         for name, p in (("init", params), ("moved", moved))

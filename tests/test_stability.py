@@ -19,12 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from regime_jax import stability as S
-from regime_jax.models import MODELS, create_model, preacts_of, relu
+from regime_jax.models import MODELS, create_model, preacts_of, relu, site_preacts_fn
 
-probe = jax.jit(S.fd_probe, static_argnames=("model", "config"))
-metrics_jit = jax.jit(S.probe_metrics, static_argnames=("model", "config"))
-first_order_jit = jax.jit(S.first_order_radius, static_argnames=("model", "two_sided"))
-breaking_jit = jax.jit(S.empirical_breaking_radius, static_argnames=("model", "radius_batch"))
+probe = jax.jit(S.fd_probe, static_argnames=("preacts_fn", "config"))
+metrics_jit = jax.jit(S.probe_metrics, static_argnames=("preacts_fn", "config"))
+first_order_jit = jax.jit(S.first_order_radius, static_argnames=("preacts_fn", "two_sided"))
+breaking_jit = jax.jit(S.empirical_breaking_radius, static_argnames=("preacts_fn", "radius_batch"))
 directions_jit = jax.jit(S.random_directions, static_argnums=2)
 layer_directions_jit = jax.jit(S.random_layer_directions, static_argnums=2)
 quantiles_jit = jax.jit(S.radius_quantiles, static_argnames="qs")
@@ -257,7 +257,7 @@ class JitTest(chex.TestCase):
     def test_jit_and_eager_agree_and_keys_matter(self):
         model, params, x = mlp_case([4], num=6, dim=3)
         cfg = S.ProbeConfig(num_directions=3, num_radii=4, radius_batch=2)
-        fn = self.variant(S.fd_probe, static_argnames=("model", "config"))
+        fn = self.variant(S.fd_probe, static_argnames=("preacts_fn", "config"))
         out = fn(model, params, x, jax.random.key(5), cfg)
         ref = probe(model, params, x, jax.random.key(5), cfg)
         self.assertEqual(set(out), set(ref))
@@ -320,7 +320,7 @@ OTHER_MODELS = [
             3,
         ),
         (6, 8),
-        ("block0/ffn",),
+        ("block0/ffn/fc1",),
     ),
 ]
 
@@ -336,7 +336,8 @@ def test_probe_is_generic_over_models(name, make, shape, layers):
         x = jnp.asarray(np.random.default_rng(0).normal(size=shape))
         params = random_params(model, x, seed=1)
         cfg = S.ProbeConfig(num_directions=3, min_radius=1e-9, num_radii=6, per_layer=True)
-        out = probe(model, params, x, jax.random.key(0), cfg)
+        # Through the explicit sites: TokenNet names its block by the site, not the producer.
+        out = probe(site_preacts_fn(model), params, x, jax.random.key(0), cfg)
         num_dirs = 3 * len(params)
         recorded = {k.removeprefix("kept/") for k in out if k.startswith("kept/")} - {"all"}
         assert recorded == set(layers)

@@ -132,13 +132,13 @@ def test_layer_to_part_mapping_and_skip_note(tmp_path):
     for line in lines:
         row = json.loads(line)
         if "flip/all" in row:
-            row |= {"flip/block0/ffn": row["flip/all"], "flip/conv9": row["flip/all"]}
+            row |= {"flip/block0/ffn/fc1": row["flip/all"], "flip/conv9": row["flip/all"]}
             row |= {"step/abs/block0": row["step/abs/all"], "step/rel/block0": row["step/rel/all"]}
         extra.append(json.dumps(row))
     (d / records.METRICS).write_text("\n".join(extra) + "\n")
     s = report.summarize_run(d)
-    assert s["layers"]["block0/ffn"]["part"] == "block0"
-    assert s["layers"]["block0/ffn"]["abs"]["ratio"] == pytest.approx(3.0, rel=0.06)
+    assert s["layers"]["block0/ffn/fc1"]["part"] == "block0"
+    assert s["layers"]["block0/ffn/fc1"]["abs"]["ratio"] == pytest.approx(3.0, rel=0.06)
     assert "conv9" not in s["layers"]
     assert any("conv9" in n and "skipped" in n for n in s["notes"])
 

@@ -30,7 +30,11 @@ FAMILIES = {  # model family -> the experiment whose :quick model and dataset it
     "cnn": EXPERIMENTS / "cnn_digits.py",
     "transformer": EXPERIMENTS / "transformer_mnist1d.py",
 }
-LAYERS = {"mlp": {"fc1", "fc2"}, "cnn": {"conv1", "conv2", "fc1"}, "transformer": {"block0/ffn"}}
+LAYERS = {
+    "mlp": {"fc1", "fc2"},
+    "cnn": {"conv1", "conv2", "fc1"},
+    "transformer": {"block0/ffn/fc1"},
+}
 
 
 def family_config(family, **overrides):

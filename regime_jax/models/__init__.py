@@ -1,7 +1,8 @@
 """Model registry: ``create_model(config.model, num_classes)`` -> a Flax linen module.
 
-Every model routes each ReLU through :func:`regime_jax.models.record.relu`, so the training
-step, analyzer and stability probe work on all of them the same way.
+Every model routes each ReLU through the explicit site :func:`regime_jax.models.record.relu`;
+training reads them through :func:`regime_jax.capture_relus` like any user's model, and the
+site gives the same layers and bits (tested).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from regime_jax.models.record import (
     patterns_of,
     preacts_of,
     relu,
+    site_preacts_fn,
 )
 from regime_jax.models.transformer import Transformer
 
@@ -123,4 +125,5 @@ __all__ = [
     "patterns_of",
     "preacts_of",
     "relu",
+    "site_preacts_fn",
 ]

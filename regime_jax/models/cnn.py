@@ -86,14 +86,15 @@ class CNN(nn.Module):
                 padding="SAME",
                 name=f"conv{i}",
             )
-            z_BxSxC = conv(h_BxSxC)
-            if self.norm == "layer":
-                z_BxSxC = nn.LayerNorm(name=f"norm{i}")(z_BxSxC)
+            z_BxSxC, site = conv(h_BxSxC), conv
+            if self.norm == "layer":  # z then comes from the norm: recorded as norm<i>
+                site = nn.LayerNorm(name=f"norm{i}")
+                z_BxSxC = site(z_BxSxC)
             elif self.norm != "none":
                 raise ValueError(
                     f"model.norm={self.norm!r} is unknown; allowed values: {list(NORMS)}"
                 )
-            h_BxSxC = self._pool(relu(conv, z_BxSxC))
+            h_BxSxC = self._pool(relu(site, z_BxSxC))
         h_BxD = h_BxSxC.reshape(h_BxSxC.shape[0], -1)
         for i, width in enumerate(self.dense, start=1):
             fc = nn.Dense(width, name=f"fc{i}")

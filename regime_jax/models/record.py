@@ -1,17 +1,18 @@
-"""The one recording site every ReLU in regime_jax goes through.
+"""The explicit recording site ``relu(site, z)``: the other way in, beside ``capture_relus``.
 
-A model calls ``relu(site, z)`` instead of ``nn.relu(z)``, where ``site`` is the module whose
-path names the layer: usually the Dense/Conv that produced ``z`` (MLP: ``fc1``), or the
-calling module itself (Transformer FFN: ``block0/ffn``). The site sows the pre-activation
-``z`` into the ``"preacts"`` collection at that path and returns ``relu(z)``. A unit's bit
-is ``z > 0``: exact zero is *off*. Sowing ``z`` (not only its sign) lets the stability probe
-read the margin ``|z|`` from the very same site; the bit is taken in :func:`patterns_of`
-(and, packed, in ``analyzer.patterns_from_preacts``).
+A model may call ``relu(site, z)`` instead of ``nn.relu(z)``, where ``site`` is the module
+whose path names the layer. The built-in models pass the module that produced ``z`` (MLP:
+``fc1``; Transformer FFN: ``block0/ffn/fc1``; CNN with ``norm="layer"``: ``norm1``), which is
+the name :func:`regime_jax.capture_relus` gives the same ReLU, so both paths give the same
+layers and bits (tested). The site sows the pre-activation ``z`` into the ``"preacts"``
+collection at that path and returns ``nn.relu(z)`` (which capture recognises). A unit's bit
+is ``z > 0``, :func:`regime_jax.bitmask.active`: exact zero is *off*. Sowing ``z`` (not only
+its sign) lets the stability probe read the margin ``|z|`` from the very same site.
 
 Recording is free when not asked for: ``model.apply(params, x)`` ignores the sow, so the
 outputs are identical with and without recording; ``model.apply(params, x,
 mutable=[PREACTS])`` returns the pre-activations too. Layer keys are the module path joined
-with ``/`` (``fc1``, ``conv2``, ``block0/ffn``).
+with ``/`` (``fc1``, ``conv2``, ``block0/ffn/fc1``).
 
 The site is *only* for ReLU: patterns are not defined for other activations, and
 :func:`check_activation` refuses them with a clear error.
@@ -24,7 +25,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+
+from regime_jax import bitmask
 
 PREACTS = "preacts"
 _LEAF = "z"  # the sown variable's name; flatten_layers strips it so keys are module paths
@@ -78,4 +80,25 @@ def preacts_of(model: nn.Module, params: Any, x: jax.Array) -> dict[str, jax.Arr
 
 def patterns_of(preacts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Boolean activation patterns ``z > 0`` (exact zero is off) for every layer."""
-    return {k: jnp.greater(z, 0) for k, z in preacts.items()}
+    return {k: bitmask.active(z) for k, z in preacts.items()}
+
+
+def site_preacts_fn(model: nn.Module):
+    """``preacts_fn(params, x) -> (logits, {layer: z})`` through the recording sites.
+
+    The explicit path, beside :func:`regime_jax.capture_relus` (which needs no site): both
+    give the same layers and bits on every built-in model (tested). Raises ``ValueError`` if
+    the model records nothing.
+    """
+
+    def preacts_fn(params: Any, x: jax.Array, **kwargs: Any):
+        out, state = model.apply({"params": params}, x, mutable=[PREACTS], **kwargs)
+        preacts = flatten_layers(state.get(PREACTS, {}))
+        if not preacts:
+            raise ValueError(
+                f"{type(model).__name__} records no pre-activation: call "
+                f"regime_jax.models.relu(site, z) for its ReLUs, or use capture_relus"
+            )
+        return out, preacts
+
+    return preacts_fn

@@ -1,7 +1,8 @@
 """Pre-LayerNorm encoder Transformer for classification of images or scalar sequences.
 
 Patterns are recorded only in the FFN hidden units, at every token position: block ``i``
-records ``z`` of shape ``[B, T, mlp_dim]`` under the key ``block{i}/ffn``. With
+records ``z`` of shape ``[B, T, mlp_dim]`` under the key ``block{i}/ffn/fc1`` (the path of
+the Dense that produces ``z``, as :func:`regime_jax.capture_relus` names it). With
 ``pool="cls"`` the token axis ``T`` includes the CLS token (at index 0). Attention, layer
 norms, embedding and head have no ReLU and record nothing.
 """
@@ -31,14 +32,15 @@ def sinusoidal_positions(num_tokens: int, dim: int) -> np.ndarray:
 
 
 class FFN(nn.Module):
-    """``fc1`` -> recorded ReLU (site: this module, e.g. ``block0/ffn``) -> ``fc2``."""
+    """``fc1`` -> recorded ReLU (site: ``fc1``, e.g. ``block0/ffn/fc1``) -> ``fc2``."""
 
     mlp_dim: int
     dim: int
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        h_BxTxF = relu(self, nn.Dense(self.mlp_dim, name="fc1")(x_BxTxD))
+        fc1 = nn.Dense(self.mlp_dim, name="fc1")
+        h_BxTxF = relu(fc1, fc1(x_BxTxD))
         return nn.Dense(self.dim, name="fc2")(h_BxTxF)
 
 
