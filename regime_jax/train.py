@@ -292,8 +292,18 @@ def _build(config: ml_collections.ConfigDict, model: Any = None):
     probe_idx = data.probe_indices(len(ds.y_val), config.probe.size, config.probe.seed)
     if model is None:
         model = models.create_model(config.model, ds.num_classes)
-    net = as_net(model)
-    return ds, probe_idx, net, make_optimizer(config.optimizer, config.num_steps)
+    net, tx = as_net(model), make_optimizer(config.optimizer, config.num_steps)
+    _check_model(net, tx, ds, len(probe_idx))
+    return ds, probe_idx, net, tx
+
+
+def _check_model(net: Net, tx: optax.GradientTransformation, ds: data.Dataset, size: int):
+    """Traces (no compute) the initial state: a model with no ReLU fails before any write."""
+    probe_x = jax.ShapeDtypeStruct((size, *ds.x_val.shape[1:]), ds.x_val.dtype)
+    try:
+        jax.eval_shape(functools.partial(create_train_state, net, tx), jax.random.key(0), probe_x)
+    except ValueError as err:  # CaptureError (no ReLU, refused construct) or a bad probe shape
+        raise ConfigError(f"model: {err}") from err
 
 
 @dataclasses.dataclass(frozen=True)

@@ -326,7 +326,7 @@ def test_unknown_primitive_holding_a_relu_is_refused_with_jax_version():
         rj.capture_relus(lambda p, x: act(x @ p))(jnp.ones((3, 3)), jnp.ones((2, 3)))
 
 
-def test_custom_vjp_and_nested_jit_are_seen_through():
+def test_custom_vjp_checkpoint_and_nested_jit_are_seen_through():
     @jax.custom_vjp
     def straight_through(z):
         return jnp.maximum(z, 0.0)
@@ -335,12 +335,61 @@ def test_custom_vjp_and_nested_jit_are_seen_through():
 
     def fn(p, x):
         h = jax.jit(lambda z: jax.nn.relu(z))(x @ p)
+        h = jax.checkpoint(lambda z: jnp.maximum(0.0, z @ p + 0.5))(h)
         return straight_through(h @ p - 1.0)
 
     p, x = jnp.eye(3), jnp.arange(6.0).reshape(2, 3) - 2
-    out, preacts = jax.jit(rj.capture_relus(fn))(p, x)
-    assert list(preacts) == ["relu_0", "relu_1"]
+    out, preacts = rj.capture_relus(fn)(p, x)
+    assert list(preacts) == ["relu_0", "relu_1", "relu_2"]
+    np.testing.assert_array_equal(preacts["relu_1"], jnp.maximum(x @ p, 0) @ p + 0.5)
     np.testing.assert_array_equal(out, fn(p, x))
     # the user's custom derivative rule is kept (straight-through: gradient 1 everywhere)
     g = jax.grad(lambda p: rj.capture_relus(fn)(p, x)[0].sum())(p)
     np.testing.assert_array_equal(g, jax.grad(lambda p: fn(p, x).sum())(p))
+
+
+class NNXBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.fc2(nnx.relu(self.fc1(x)))
+
+
+class NNXScanStack(nnx.Module):
+    """Layers stacked with nnx.vmap and run with nnx.scan over nnx.remat, as in the NNX docs."""
+
+    def __init__(self, rngs: nnx.Rngs, num_layers: int = 3):
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return NNXBlock(rngs)
+
+        self.blocks = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        @nnx.remat
+        def step(x, block):
+            return block(x)
+
+        return step(x, self.blocks)
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_nnx_scan_over_remat_keeps_every_iteration(mode):
+    apply_fn, params = rj.nnx_apply(NNXScanStack(nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (5, 8))
+    preacts_fn = rj.capture_relus(apply_fn)
+    out, preacts = (jax.jit(preacts_fn) if mode == "jit" else preacts_fn)(params, x)
+    assert sorted(preacts) == ["relu_0[0]", "relu_0[1]", "relu_0[2]"]
+    np.testing.assert_array_equal(
+        out, apply_fn(params, x) if mode == "eager" else jax.jit(apply_fn)(params, x)
+    )
+    h = x
+    for i in range(3):  # the same stack by hand, layer i's params sliced from the stack
+        blk = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
+        z = h @ blk["fc1"]["kernel"] + blk["fc1"]["bias"]
+        np.testing.assert_array_equal(preacts[f"relu_0[{i}]"] > 0, z > 0)
+        h = h + jnp.maximum(z, 0) @ blk["fc2"]["kernel"] + blk["fc2"]["bias"]

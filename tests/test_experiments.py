@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ EXPERIMENTS = sorted(Path(__file__).parent.parent.glob("experiments/*.py"))
 def load_config(path: Path, arg: str | None = "quick"):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (flax modules) look their module up there
     spec.loader.exec_module(module)
     return module.get_config(arg) if hasattr(module, "get_config") else None
 

@@ -188,3 +188,15 @@ def test_train_and_evaluate_takes_user_models(tmp_path):
         assert list(steps) == list(range(1, 7)) and np.all(np.isfinite(flips))
         assert set(run.masks(6)) == ({"fc1", "fc2"} if name == "linen" else {"relu_0"})
         assert np.isfinite(last["eval/acc"])
+
+
+def test_a_model_without_relu_stops_before_any_file_is_written(tmp_path):
+    class TanhMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10)(nn.tanh(nn.Dense(8)(x)))
+
+    workdir = tmp_path / "run"
+    with pytest.raises(train.ConfigError, match=r"model: no ReLU found"):
+        train.train_and_evaluate(tiny_config(), workdir, model=TanhMLP())
+    assert not workdir.exists()
