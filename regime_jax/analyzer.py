@@ -243,11 +243,21 @@ def pattern_monitor(
 
 
 def _check_probe(preacts_fn, params, probe_x, kwargs) -> None:
-    shape = getattr(probe_x, "shape", None)
-    if shape is None or len(shape) == 0 or shape[0] == 0:
+    """probe_x: an array (or a pytree of arrays, for multi-input models) with P >= 1 rows."""
+    leaves = jax.tree.leaves(probe_x)
+    shapes = [getattr(leaf, "shape", None) for leaf in leaves]
+    if not leaves or any(s is None or len(s) == 0 for s in shapes):
         raise ValueError(
-            f"probe_x has shape {shape}: it must be a non-empty array [P, ...] of probe inputs"
+            f"probe_x has shape {getattr(probe_x, 'shape', None)}: it must be a non-empty array "
+            f"[P, ...] of probe inputs (or a pytree of such arrays)"
         )
+    if len({s[0] for s in shapes}) != 1 or shapes[0][0] == 0:
+        what = f"shape {tuple(shapes[0])}" if len(shapes) == 1 else f"leading sizes {shapes}"
+        raise ValueError(
+            f"probe_x has {what}: it must be non-empty, with the same number P >= 1 of probe "
+            f"examples on axis 0 of every input"
+        )
+    shape = shapes[0] if len(shapes) == 1 else (shapes[0][0], "...")
     try:
         _, preacts = jax.eval_shape(lambda p, x: preacts_fn(p, x, **kwargs), params, probe_x)
     except CaptureError:
