@@ -366,6 +366,22 @@ def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return dynamic, static
 
 
+def _check_callable(apply_fn: Any) -> None:
+    """A module object is not ``apply_fn(params, x)``: say which function to pass instead."""
+    kind = type(apply_fn).__module__ or ""
+    if kind.startswith("flax.") or any(
+        c.__module__.startswith("flax.") for c in type(apply_fn).__mro__[1:-1]
+    ):
+        if hasattr(apply_fn, "apply"):  # linen
+            raise TypeError("capture_relus takes apply_fn(params, x): pass model.apply")
+        raise TypeError(
+            "capture_relus takes apply_fn(params, x): for an NNX module pass "
+            "rj.nnx_apply(module)[0] (with params = rj.nnx_apply(module)[1])"
+        )
+    if not callable(apply_fn):
+        raise TypeError(f"capture_relus takes a function apply_fn(params, x), got {apply_fn!r}")
+
+
 def capture_relus(apply_fn: Callable[..., Any]) -> PreactsFn:
     """Wraps ``apply_fn`` so that it also returns the pre-activation of every ReLU it applies.
 
@@ -396,6 +412,8 @@ def capture_relus(apply_fn: Callable[..., Any]) -> PreactsFn:
     >>> list(preacts), preacts["fc1"].shape
     (['fc1'], (4, 8))
     """
+
+    _check_callable(apply_fn)
 
     def preacts_fn(params: Any, x: Any, **kwargs: Any) -> tuple[Any, dict[str, jax.Array]]:
         dynamic, static = _split_kwargs(kwargs)

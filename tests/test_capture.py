@@ -393,3 +393,17 @@ def test_nnx_scan_over_remat_keeps_every_iteration(mode):
         z = h @ blk["fc1"]["kernel"] + blk["fc1"]["bias"]
         np.testing.assert_array_equal(preacts[f"relu_0[{i}]"] > 0, z > 0)
         h = h + jnp.maximum(z, 0) @ blk["fc2"]["kernel"] + blk["fc2"]["bias"]
+
+
+def test_module_objects_are_refused_with_the_function_to_pass():
+    with pytest.raises(TypeError, match=r"pass model\.apply"):
+        rj.capture_relus(LinenMLP())
+    with pytest.raises(TypeError, match=r"rj\.nnx_apply\(module\)\[0\]"):
+        rj.capture_relus(NNXCNN(nnx.Rngs(0)))
+
+
+def test_site_reader_refuses_a_model_without_sites():
+    model, x = LinenMLP(), jnp.ones((2, 5))
+    params = model.init(KEY, x)["params"]
+    with pytest.raises(ValueError, match=r"no recording site.*capture_relus"):
+        models.preacts_of(model, params, x)

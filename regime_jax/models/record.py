@@ -73,9 +73,12 @@ def flatten_layers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, jax.A
 
 
 def preacts_of(model: nn.Module, params: Any, x: jax.Array) -> dict[str, jax.Array]:
-    """Pre-activations of every recorded layer for inputs ``x`` (a pure function of params)."""
-    _, state = model.apply({"params": params}, x, mutable=[PREACTS])
-    return flatten_layers(state.get(PREACTS, {}))
+    """Pre-activations of every site-recorded layer for inputs ``x`` (a pure function of params).
+
+    Raises ``ValueError`` for a model with no ``relu(site, z)`` call: read such a model with
+    :func:`regime_jax.capture_relus` instead (it needs no site).
+    """
+    return site_preacts_fn(model)(params, x)[1]
 
 
 def patterns_of(preacts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -96,8 +99,9 @@ def site_preacts_fn(model: nn.Module):
         preacts = flatten_layers(state.get(PREACTS, {}))
         if not preacts:
             raise ValueError(
-                f"{type(model).__name__} records no pre-activation: call "
-                f"regime_jax.models.relu(site, z) for its ReLUs, or use capture_relus"
+                f"{type(model).__name__} has no recording site relu(site, z): read its ReLUs "
+                f"with regime_jax.capture_relus(lambda params, x: model.apply("
+                f"{{'params': params}}, x)) instead"
             )
         return out, preacts
 
