@@ -62,11 +62,13 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        with _quiet_storage_logs():  # it reads every step's metadata, broken ones too
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
-        self._manager.reload()
-        return sorted(self._manager.all_steps())
+        with _quiet_storage_logs():
+            self._manager.reload()
+            return sorted(self._manager.all_steps())
 
     def _step_dirs(self) -> list[int]:
         """Every numbered folder, readable or not (orbax may not list a partial one)."""
@@ -83,7 +85,8 @@ class Checkpointer:
             target = self.workdir / BROKEN / f"{step}.{k}"
         target.parent.mkdir(exist_ok=True)
         shutil.move(self.directory / str(step), target)
-        self._manager.reload()
+        with _quiet_storage_logs():
+            self._manager.reload()
         return target
 
     def save(self, step: int, state: Any) -> None:

@@ -347,7 +347,9 @@ def override(c: ml_collections.ConfigDict, field: str, text: str | None) -> None
         if kind is not bool:
             raise ConfigError(f"--config.{field} needs a value, e.g. --config.{field}=...")
         text = "true"
-    if default is None and text.lower() in ("none", "null"):
+    # ConfigDict has no public "is this a placeholder" query; _fields holds the reference.
+    nullable = isinstance(node._fields.get(key), config_dict.FieldReference)
+    if (default is None or nullable) and text.lower() in ("none", "null"):
         node[key] = None  # a placeholder (e.g. dataset.data_dir) back to its default
         return
     try:

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 
-from absl import flags, logging
-
 from regime_jax import signals
+
+if __name__ == "__main__":
+    signals.raise_on_signals()  # as early as possible: a signal during imports is a clean stop
+
+from absl import flags, logging
 
 _CONFIG = flags.DEFINE_string(
     "config", None, "Experiment config file, e.g. experiments/mlp_mnist1d.py[:quick]."
@@ -151,6 +155,8 @@ def run(argv: list[str]) -> int:
             err_line(f"error: {err}")
             return 2
     except signals.Stop as stop:
+        for sig in signals.SIGNALS:  # a second signal must not interrupt the exit
+            signal.signal(sig, signal.SIG_IGN)
         err_line(
             f"stopped by {signals.name(stop.signum)} outside the training steps (start-up, "
             f"compilation or the final summary); nothing is lost: run the same command again"

@@ -247,7 +247,10 @@ def check_record(workdir: str | os.PathLike, config: Mapping[str, Any], step: in
             f"{workdir / METRICS} is missing, but the checkpoint being resumed is at step "
             f"{step}; refusing to resume into a partial record: {fresh}"
         )
-    have = {r["step"] for r in read_rows(workdir)}
+    try:
+        have = {r["step"] for r in read_rows(workdir)}
+    except RecordError as err:
+        raise RecordError(f"{err}; refusing to resume: {fresh}") from None
     missing = [s for s in want_rows if s not in have]
     if missing:
         last = max((s for s in have if s <= step), default=None)

@@ -325,14 +325,18 @@ def _train(config, workdir: Path, ds, probe_idx, model, tx) -> dict:
     state = init_fn(jax.random.key(config.seed), probe["x"])
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
     start = 0
-    if resume:
-        restored = ckpt.restore_latest(state)
-        start, state = restored if restored else (0, state)
-        if restored:
-            records.check_record(workdir, config, start)  # never resume a partial record
-        records.truncate_after(workdir, start if restored else -1)
-        print(f"resuming {workdir} from step {start}", flush=True)
-    records.write_config(workdir, config.to_dict())
+    try:
+        if resume:
+            restored = ckpt.restore_latest(state)
+            start, state = restored if restored else (0, state)
+            if restored:
+                records.check_record(workdir, config, start)  # never resume a partial record
+            records.truncate_after(workdir, start if restored else -1)
+            print(f"resuming {workdir} from step {start}", flush=True)
+        records.write_config(workdir, config.to_dict())
+    except BaseException:
+        ckpt.close()
+        raise
 
     step_fns = make_step_fns(model, tx)
     eval_fn = jax.jit(functools.partial(eval_step, model=model))
