@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
 
 from regime_jax import signals
 
 if __name__ == "__main__":
-    signals.raise_on_signals()  # as early as possible: a signal during imports is a clean stop
+    signals.exit_on_signals()  # as early as possible: a signal during imports is a clean stop
 
 from absl import flags, logging
 
@@ -121,47 +120,38 @@ def parse(argv: list[str]):
 
 def run(argv: list[str]) -> int:
     """Parses ``argv``, trains, and returns the exit code; every outcome is one stderr line."""
-    signals.raise_on_signals()  # until the loop takes over: a signal means "stop now"
+    signals.exit_on_signals()  # until the loop takes over: a signal means "stop now"
     err_line = lambda text: print(f"{PROG}: {text}", file=sys.stderr, flush=True)
-    try:
-        if any(a in _HELP for a in argv[1:]):
-            print(_help(argv[1:]))
-            return 0
-        from regime_jax import checkpoint, data, records, rundir, train
-        from regime_jax.config import ConfigError
+    if any(a in _HELP for a in argv[1:]):
+        print(_help(argv[1:]))
+        return 0
+    from regime_jax import checkpoint, data, records, rundir, train
+    from regime_jax.config import ConfigError
 
-        user_errors = (
-            UsageError,
-            ConfigError,
-            data.DatasetUnavailableError,
-            checkpoint.CheckpointError,
-            records.RecordError,
-            rundir.WorkdirBusy,
-            PermissionError,
-            ValueError,
-        )
-        try:
-            config, workdir = parse(argv)
-            if not flags.FLAGS["verbosity"].present:
-                logging.set_verbosity(logging.WARNING)  # library INFO lines would bury progress
-            train.train_and_evaluate(config, workdir)
-        except train.NonFinite as err:
-            err_line(f"stopped: {err}")
-            return 1
-        except train.Interrupted as err:
-            err_line(str(err))
-            return err.exit_code
-        except user_errors as err:
-            err_line(f"error: {err}")
-            return 2
-    except signals.Stop as stop:
-        for sig in signals.SIGNALS:  # a second signal must not interrupt the exit
-            signal.signal(sig, signal.SIG_IGN)
-        err_line(
-            f"stopped by {signals.name(stop.signum)} outside the training steps (start-up, "
-            f"compilation or the final summary); nothing is lost: run the same command again"
-        )
-        return signals.exit_code(stop.signum)
+    user_errors = (
+        UsageError,
+        ConfigError,
+        data.DatasetUnavailableError,
+        checkpoint.CheckpointError,
+        records.RecordError,
+        rundir.WorkdirBusy,
+        PermissionError,
+        ValueError,
+    )
+    try:
+        config, workdir = parse(argv)
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # library INFO lines would bury progress
+        train.train_and_evaluate(config, workdir)
+    except train.NonFinite as err:
+        err_line(f"stopped: {err}")
+        return 1
+    except train.Interrupted as err:
+        err_line(str(err))
+        return err.exit_code
+    except user_errors as err:
+        err_line(f"error: {err}")
+        return 2
     return 0
 
 

@@ -3,13 +3,14 @@
 Cloud TPU / GPU VMs announce preemption with SIGTERM, a terminal sends SIGINT. Inside the
 training loop both set a flag (:class:`StopFlag`) that the loop reads after each step: it
 finishes the step, flushes metrics, saves a checkpoint at that step and stops. Outside the loop
-(start-up, data loading, compilation, the final summary) :func:`raise_on_signals` turns either
-signal into :class:`Stop`, which ``main`` reports in one line. Exit codes: 128 + the signal's
-number, i.e. 130 for SIGINT and 143 for SIGTERM.
+(start-up, data loading, compilation, the final summary) :func:`exit_on_signals` makes either
+signal print one line and exit at once. Exit codes: 128 + the signal's number, i.e. 130 for
+SIGINT and 143 for SIGTERM.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -25,23 +26,24 @@ def name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-class Stop(KeyboardInterrupt):
-    """A signal arrived outside the training loop: nothing half-done to save."""
+def _exit_now(signum, frame):
+    # Outside the loop there is nothing half-done: records and configs are written atomically
+    # or flushed before a checkpoint, and the kernel drops the workdir lock. Exiting here, not
+    # raising, matters: libraries catch an exception raised mid-import or mid-compile and turn
+    # it into tracebacks of their own.
+    line = (
+        f"regime_jax: stopped by {name(signum)} outside the training steps (start-up, "
+        f"compilation or the final summary); nothing is lost: run the same command again\n"
+    )
+    os.write(2, line.encode())
+    os._exit(exit_code(signum))
 
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {name(signum)}")
-        self.signum = signum
 
-
-def _raise(signum, frame):
-    raise Stop(signum)
-
-
-def raise_on_signals() -> None:
-    """Makes SIGINT and SIGTERM raise :class:`Stop` (main thread only; for the CLI)."""
+def exit_on_signals() -> None:
+    """Makes SIGINT and SIGTERM print one line and exit 130 / 143 (main thread; the CLI only)."""
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
-            signal.signal(sig, _raise)
+            signal.signal(sig, _exit_now)
 
 
 class StopFlag:
