@@ -12,10 +12,11 @@ EXPECTED (2 CPU cores): measured 23 s wall at load average ~2.5, 42 s at ~4 (the
 
 import ml_collections
 
-from regime_jax.config import base_config, smoke
+from regime_jax.config import base_config, smoke, variant
 
 
 def get_config(arg: str | None = None):
+    arg = variant(arg)
     c = base_config()
     c.dataset.name = "digits"
     c.dataset.seed = 0

@@ -8,10 +8,11 @@ EXPECTED (2 CPU cores): 19 s wall (2000 steps, every step recorded, probe 256); 
   eval/acc 0.986; flip/all ~3e-4 per step at the end.
 """
 
-from regime_jax.config import base_config, smoke
+from regime_jax.config import base_config, smoke, variant
 
 
 def get_config(arg: str | None = None):
+    arg = variant(arg)
     c = base_config()
     c.dataset.name = "digits"
     c.dataset.seed = 0

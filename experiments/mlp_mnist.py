@@ -9,10 +9,11 @@ COMMAND:
 EXPECTED: not measured on this machine (offline); an accelerator is recommended.
 """
 
-from regime_jax.config import base_config, smoke
+from regime_jax.config import base_config, smoke, variant
 
 
 def get_config(arg: str | None = None):
+    arg = variant(arg)
     c = base_config()
     c.dataset.name = "mnist"
     c.probe.size = 1024

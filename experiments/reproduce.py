@@ -22,6 +22,8 @@ from pathlib import Path
 
 import ml_collections
 
+from regime_jax.config import variant
+
 HERE = Path(__file__).resolve().parent
 
 # Shared by every offline run: flips every step, a 256-example probe, sparse host logging,
@@ -75,6 +77,7 @@ def _full_settings() -> list[dict]:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = variant(arg, ("quick", "full"))
     c = ml_collections.ConfigDict()
     c.optimizers = {
         "sgd": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9},
@@ -89,6 +92,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.settings = _full_settings()
         c.overrides = {"record": {"every_steps": 1}}
         c.optimizers.sgd.learning_rate = 0.02
-    elif arg is not None:
-        raise ValueError(f"unknown variant {arg!r}; allowed: None, 'quick', 'full'")
     return c

@@ -21,6 +21,8 @@ EXPECTED (2 CPU cores): 2 min 29 s wall (while another job shared the cores); fi
 import importlib.util
 from pathlib import Path
 
+from regime_jax.config import variant
+
 
 def _cnn_digits(arg):
     path = Path(__file__).with_name("cnn_digits.py")
@@ -31,6 +33,7 @@ def _cnn_digits(arg):
 
 
 def get_config(arg: str | None = None):
+    arg = variant(arg)
     c = _cnn_digits(arg)
     c.stability.num_points = 12
     c.stability.probe_size = min(256, c.probe.size)

@@ -18,10 +18,11 @@ EXPECTED (2 CPU cores): 49 s wall. At init every pattern is kept up to eps ~4e-5
   (direction, example) pairs.
 """
 
-from regime_jax.config import base_config, smoke
+from regime_jax.config import base_config, smoke, variant
 
 
 def get_config(arg: str | None = None):
+    arg = variant(arg)
     c = base_config()
     c.dataset.name = "mnist1d"
     c.model.hidden = (256, 256)

@@ -16,10 +16,11 @@ EXPECTED (2 CPU cores): measured 4 min 11 s wall at load average ~3, 4 min 23 s 
 
 import ml_collections
 
-from regime_jax.config import base_config, smoke
+from regime_jax.config import base_config, smoke, variant
 
 
 def get_config(arg: str | None = None):
+    arg = variant(arg)
     c = base_config()
     c.dataset.name = "mnist1d"
     c.probe.size = 256

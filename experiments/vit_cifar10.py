@@ -11,10 +11,11 @@ EXPECTED: not measured on this machine (offline); an accelerator is recommended.
 
 import ml_collections
 
-from regime_jax.config import base_config, smoke
+from regime_jax.config import base_config, smoke, variant
 
 
 def get_config(arg: str | None = None):
+    arg = variant(arg)
     c = base_config()
     c.dataset.name = "cifar10"
     c.probe.size = 512

@@ -10,11 +10,15 @@ the newest checkpoint; on resume rows after ``t`` are dropped and rewritten.
 
 Saves are synchronous (small states; a donated state cannot race a background write) and
 atomic (orbax commits a step directory only when complete). A checkpoint that fails to
-restore is skipped with a warning and the previous one is tried.
+restore (a truncated file, a missing item folder) is skipped; once an older one restores, every
+newer unreadable one is moved to ``workdir/broken_checkpoints/`` with a warning naming it, so
+the run can save those steps again and finish. If none restores, nothing is moved and the
+error lists each checkpoint in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -24,54 +28,111 @@ import jax
 import orbax.checkpoint as ocp
 
 CHECKPOINTS = "checkpoints"
+BROKEN = "broken_checkpoints"
+ITEM = "default"  # the item folder CheckpointManager writes for a single StandardSave
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint although some exist."""
 
 
+@contextlib.contextmanager
+def _quiet_storage_logs():
+    """orbax logs whole file contents at ERROR for a bad file; our warning says it in a line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _one_line(err: BaseException) -> str:
+    text = (str(err).splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text[:160]}"
+
+
 class Checkpointer:
     """Keeps the last ``keep`` checkpoints of a run under ``workdir/checkpoints``."""
 
     def __init__(self, workdir: str | Path, keep: int):
-        self.directory = Path(workdir).absolute() / CHECKPOINTS
+        self.workdir = Path(workdir).absolute()
+        self.directory = self.workdir / CHECKPOINTS
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        with _quiet_storage_logs():  # it reads every step's metadata, broken ones too
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
-        self._manager.reload()
-        return sorted(self._manager.all_steps())
+        with _quiet_storage_logs():
+            self._manager.reload()
+            return sorted(self._manager.all_steps())
+
+    def _step_dirs(self) -> list[int]:
+        """Every numbered folder, readable or not (orbax may not list a partial one)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
+    def set_aside(self, step: int) -> Path:
+        """Moves ``checkpoints/<step>`` to ``broken_checkpoints/<step>[.k]`` and returns it."""
+        target = self.workdir / BROKEN / str(step)
+        k = 0
+        while target.exists():
+            k += 1
+            target = self.workdir / BROKEN / f"{step}.{k}"
+        target.parent.mkdir(exist_ok=True)
+        shutil.move(self.directory / str(step), target)
+        with _quiet_storage_logs():
+            self._manager.reload()
+        return target
 
     def save(self, step: int, state: Any) -> None:
+        if (self.directory / str(step)).exists():  # a leftover nothing restored from
+            moved = self.set_aside(step)
+            logging.warning(
+                "checkpoint folder for step %d was in the way; moved to %s", step, moved
+            )
         self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def restore_latest(self, like: Any) -> tuple[int, Any] | None:
         """The newest checkpoint that restores into ``like``'s structure, or None if none exist.
 
-        A broken one (truncated file, partial write) is reported and skipped; if every one is
-        broken, :class:`CheckpointError` lists them.
+        Each step is restored from its own folder, so a partial newer one never hides an
+        intact older one; unreadable newer ones are then set aside (see the module doc). If
+        every one is unreadable, :class:`CheckpointError` lists them, one line each.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         failures = []
-        for step in reversed(self.steps()):
-            try:
-                state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-            except Exception as err:  # orbax/tensorstore raise many types for a bad file
-                failures.append(f"step {step}: {type(err).__name__}: {str(err)[:200]}")
-                logging.warning(
-                    "checkpoint at step %d is unreadable (%s); trying an older one",
-                    step,
-                    type(err).__name__,
-                )
-                continue
-            return step, state
+        reader = ocp.StandardCheckpointer()
+        try:
+            for step in reversed(self._step_dirs()):
+                try:
+                    with _quiet_storage_logs():
+                        state = reader.restore(self.directory / str(step) / ITEM, abstract)
+                except Exception as err:  # orbax/tensorstore raise many types for a bad file
+                    failures.append((step, _one_line(err)))
+                    continue
+                for bad, why in failures:
+                    moved = self.set_aside(bad)
+                    logging.warning(
+                        "checkpoint at step %d is unreadable (%s); moved to %s; resuming from "
+                        "step %d",
+                        bad,
+                        why,
+                        moved,
+                        step,
+                    )
+                return step, state
+        finally:
+            reader.close()
         if failures:
             raise CheckpointError(
-                f"no checkpoint under {self.directory} could be restored:\n  "
-                + "\n  ".join(failures)
-                + "\nDelete the directory or pass --config.overwrite=True to start afresh."
+                f"no checkpoint under {self.directory} could be restored:\n"
+                + "".join(f"  step {step}: {why}\n" for step, why in failures)
+                + "Pass --config.overwrite=True to start afresh (or move the folder away)."
             )
         return None
 
@@ -81,3 +142,4 @@ class Checkpointer:
 
 def remove(workdir: str | Path) -> None:
     shutil.rmtree(Path(workdir) / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(Path(workdir) / BROKEN, ignore_errors=True)

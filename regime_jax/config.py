@@ -7,10 +7,18 @@ is loaded or any array is computed; every error names the field and the allowed 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import importlib.util
+import math
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from regime_jax import data, models, stability, timescales
 
@@ -27,7 +35,14 @@ def base_config() -> ml_collections.ConfigDict:
     """Defaults for every field (an MLP on MNIST-1D with SGD + momentum)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.dataset = dict(name="mnist1d", num_samples=5000, seed=42, data_dir=None, download=True)
+    # data_dir is a typed placeholder: None by default, settable from the command line.
+    c.dataset = dict(
+        name="mnist1d",
+        num_samples=5000,
+        seed=42,
+        data_dir=config_dict.placeholder(str),
+        download=True,
+    )
     c.probe = dict(size=512, seed=0)
     c.model = dict(name="mlp", hidden=(256, 256), activation="relu")
     c.optimizer = dict(
@@ -78,8 +93,23 @@ def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(field: str, value: Any, kind: type = int) -> None:
-    if not isinstance(value, kind | int) or isinstance(value, bool) or not value > 0:
-        raise ConfigError(f"{field}={value!r} must be a positive {kind.__name__}")
+    ok = isinstance(value, kind | int) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or not value > 0:
+        finite = ", finite" if kind is float else ""
+        raise ConfigError(f"{field}={value!r} must be a positive{finite} {kind.__name__}")
+
+
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding (mnist1d) takes 32-bit seeds
+
+
+def _seed(field: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{field}={value!r} must be an int in 0..{SEED_MAX}")
+
+
+def _bool(field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field}={value!r} must be True or False")
 
 
 def _cadence(field: str, value: Any, num_steps: int) -> None:
@@ -92,7 +122,21 @@ def _cadence(field: str, value: Any, num_steps: int) -> None:
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` naming the first bad field (no data, no compute)."""
+    for field in ("seed", "dataset.seed", "probe.seed", "stability.seed"):
+        _seed(field, _get(c, field))
     _choice("dataset.name", c.dataset.name, data.DATASETS)
+    _positive("dataset.num_samples", c.dataset.num_samples)
+    if c.dataset.name == "mnist1d" and c.dataset.num_samples < data.MNIST1D_MIN_SAMPLES:
+        raise ConfigError(
+            f"dataset.num_samples={c.dataset.num_samples} is too small for mnist1d; allowed "
+            f"values: >= {data.MNIST1D_MIN_SAMPLES}"
+        )
+    if c.dataset.data_dir is not None and not (
+        isinstance(c.dataset.data_dir, str) and c.dataset.data_dir
+    ):
+        raise ConfigError(f"dataset.data_dir={c.dataset.data_dir!r} must be a path or None")
+    _bool("dataset.download", c.dataset.download)
+    _bool("overwrite", c.overwrite)
     if c.model.name != CUSTOM_MODEL:
         _choice("model.name", c.model.name, (*models.MODELS, CUSTOM_MODEL))
         try:
@@ -102,11 +146,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
     _choice("optimizer.schedule", c.optimizer.schedule, SCHEDULES)
     _positive("optimizer.learning_rate", c.optimizer.learning_rate, float)
-    if not 0 <= c.optimizer.get("momentum", 0.0) < 1:
-        raise ConfigError(f"optimizer.momentum={c.optimizer.momentum!r} must be in [0, 1)")
+    momentum = c.optimizer.get("momentum", 0.0)
+    if isinstance(momentum, bool) or not isinstance(momentum, float | int) or not 0 <= momentum < 1:
+        raise ConfigError(f"optimizer.momentum={momentum!r} must be a number in [0, 1)")
     for field in ("batch_size", "num_steps", "probe.size", "eval_batch_size"):
         _positive(field, _get(c, field))
-    if not 0 <= c.optimizer.get("warmup_steps", 0) < c.num_steps:
+    warmup = c.optimizer.get("warmup_steps", 0)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < c.num_steps:
         raise ConfigError(
             f"optimizer.warmup_steps={c.optimizer.warmup_steps!r}; allowed values: "
             f"0..{c.num_steps - 1} (below num_steps)"
@@ -149,3 +195,194 @@ def probe_config(c: ml_collections.ConfigDict) -> stability.ProbeConfig:
     """The stability probe's static settings from ``config.stability``."""
     extra = ("num_points", "probe_size", "seed")
     return stability.ProbeConfig(**{k: v for k, v in c.stability.items() if k not in extra})
+
+
+# ----------------------------------------------------------------- config files and overrides
+
+VARIANTS = ("quick",)
+
+
+def variant(arg: str | None, allowed: tuple[str, ...] = VARIANTS) -> str | None:
+    """An experiment's ``:arg``: None (the full run) or one of ``allowed``, else ConfigError."""
+    if arg is None or arg in allowed:
+        return arg
+    names = ", ".join(f"':{a}'" for a in allowed)
+    raise ConfigError(f"unknown config variant ':{arg}'; allowed: none (the full run), {names}")
+
+
+def _where(path: Path, err: BaseException) -> str:
+    """`` (file:line)`` of the innermost frame of ``err`` inside ``path``, if any."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
+    return f" ({path}:{frames[-1].lineno})" if frames else ""
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of the experiment file in ``spec`` (``path[:arg]``).
+
+    Every failure is a one-line :class:`ConfigError`: a missing file, a file that does not
+    import, no ``get_config``, an unknown ``:arg``.
+    """
+    path_text, sep, arg = spec.partition(":")
+    path = Path(path_text).absolute()
+    if not path_text or not path.is_file():
+        raise ConfigError(f"config file {path_text!r} does not exist (expected a .py file)")
+    module_spec = importlib.util.spec_from_file_location(f"_regime_config_{path.stem}", path)
+    if module_spec is None:
+        raise ConfigError(f"config file {path_text!r} is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            raise ConfigError(f"config file {path_text!r} defines no get_config(arg=None)")
+        config = module.get_config(arg if sep else None)
+    except ConfigError as err:
+        raise ConfigError(f"{path_text}: {err}") from None
+    except Exception as err:  # a user's file: say where, in one line
+        first = (str(err).splitlines() or [""])[0]
+        raise ConfigError(
+            f"config file {path_text!r} failed: {type(err).__name__}: {first}{_where(path, err)}"
+        ) from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"config file {path_text!r}: get_config returned {type(config).__name__}, "
+            f"not an ml_collections.ConfigDict"
+        )
+    return config
+
+
+def fields(c: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted name, value)`` of every leaf field, in definition order."""
+    for key, value in c.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from fields(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def field_type(c: ml_collections.ConfigDict, key: str) -> type:
+    """The type a field accepts (a placeholder's declared type when its value is None)."""
+    value = c[key]
+    if value is None:
+        try:
+            return c.get_ref(key).get_type()  # placeholders are references already
+        except Exception:  # a plain None field: no declared type
+            return type(None)
+    return type(value)
+
+
+_TRUE, _FALSE = ("true", "t", "yes", "y", "1", "on"), ("false", "f", "no", "n", "0", "off")
+
+
+def _parse_scalar(text: str, kind: type) -> Any:
+    if kind is bool:
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError("expected true or false")
+    if kind is int:
+        return int(text)
+    if kind is float:
+        return float(text)
+    if kind is str:
+        return text
+    raise ValueError(f"fields of type {kind.__name__} cannot be set from the command line")
+
+
+def _parse_tuple(text: str, default: tuple) -> tuple:
+    """``(8, 8)``, ``[8, 8]``, ``8,8`` or ``8``; elements typed like the default's."""
+    kind = type(default[0]) if default else None
+    stripped = text.strip()
+    if stripped[:1] in "([":
+        value = ast.literal_eval(stripped)
+        items = list(value) if isinstance(value, list | tuple) else [value]
+    else:
+        items = [_parse_scalar(t.strip(), kind or str) for t in stripped.split(",") if t.strip()]
+    if kind is float:
+        items = [float(i) if type(i) is int else i for i in items]
+    if kind is not None and not all(type(i) is kind for i in items):
+        raise ValueError(f"expected a tuple of {kind.__name__}")
+    return tuple(items)
+
+
+def _example(kind: type, default: Any) -> str:
+    if kind is tuple:
+        return "'(" + ", ".join(map(str, default or (8, 8))) + ")'"
+    if kind is bool:
+        return str(default).lower() if isinstance(default, bool) else "true"
+    if isinstance(default, kind):
+        return str(default)
+    return {int: "1", float: "0.1", str: "text"}.get(kind, "?")
+
+
+def _resolve(c: ml_collections.ConfigDict, field: str) -> tuple[ml_collections.ConfigDict, str]:
+    """The ConfigDict holding ``field`` and its last key; a did-you-mean ConfigError if absent."""
+    parts, node = field.split("."), c
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            prefix = ".".join(parts[:i])
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ConfigError(f"--config.{field}: {prefix!r} is a value, not a group of fields")
+            keys = sorted(node.keys())
+            close = difflib.get_close_matches(part, keys, n=1, cutoff=0.6)
+            hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+            where = f"config.{prefix}" if prefix else "the config"
+            raise ConfigError(
+                f"--config.{field}: {where} has no field {part!r}; "
+                + (hint or f"its fields: {', '.join(keys)}")
+            )
+        if i < len(parts) - 1:
+            node = node[part]
+    if isinstance(node[parts[-1]], ml_collections.ConfigDict):
+        sub = ", ".join(sorted(node[parts[-1]].keys()))
+        raise ConfigError(f"--config.{field} is a group of fields; set one of them: {sub}")
+    return node, parts[-1]
+
+
+def override(c: ml_collections.ConfigDict, field: str, text: str | None) -> None:
+    """Sets ``field`` (dotted) from its command-line text, parsed by the field's type.
+
+    ``text=None`` means a bare ``--config.<field>`` (true for a bool field). Raises a one-line
+    :class:`ConfigError`: an unknown field (with a did-you-mean), a value of the wrong type.
+    """
+    node, key = _resolve(c, field)
+    kind, default = field_type(node, key), node[key]
+    if text is None:
+        if kind is not bool:
+            raise ConfigError(f"--config.{field} needs a value, e.g. --config.{field}=...")
+        text = "true"
+    # ConfigDict has no public "is this a placeholder" query; _fields holds the reference.
+    nullable = isinstance(node._fields.get(key), config_dict.FieldReference)
+    if (default is None or nullable) and text.lower() in ("none", "null"):
+        node[key] = None  # a placeholder (e.g. dataset.data_dir) back to its default
+        return
+    try:
+        value = _parse_tuple(text, default) if kind is tuple else _parse_scalar(text, kind)
+    except (ValueError, SyntaxError, TypeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else "malformed"
+        if kind in (int, float, bool):
+            reason = f"expected {'an' if kind is int else 'a'} {kind.__name__}"
+        elif kind is tuple:
+            elem = type(default[0]).__name__ if default else "value"
+            reason = f"expected a tuple of {elem}"
+        raise ConfigError(
+            f"--config.{field}={text}: {reason}, e.g. --config.{field}={_example(kind, default)}"
+        ) from None
+    try:
+        node[key] = value
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--config.{field}={text}: {str(err).splitlines()[0]}") from None
+
+
+def describe(c: ml_collections.ConfigDict) -> str:
+    """Every field as ``--config.<name>=<default>``, one per line (for ``--help``)."""
+    lines = []
+    for name, value in fields(c):
+        if value is None:
+            parent, _, key = name.rpartition(".")
+            kind = field_type(_get(c, parent) if parent else c, key).__name__
+            shown = f"None   ({kind} or None)"
+        elif isinstance(value, tuple | str):
+            shown = f"'{value}'" if isinstance(value, str) else f"'{value}'".replace(",)", ")")
+        else:
+            shown = value
+        lines.append(f"  --config.{name}={shown}")
+    return "\n".join(lines)

@@ -9,7 +9,9 @@ Through tensorflow-datasets ``tfds.data_source`` (array_record; no TensorFlow im
   * ``mnist``, ``fashion_mnist`` (x ``[N, 28, 28, 1]``), ``cifar10`` (x ``[N, 32, 32, 3]``),
     scaled to [0, 1]; the ``test`` split is the validation split. If tfds cannot find or
     download a dataset, :class:`DatasetUnavailableError` says how to get it. There is no
-    fallback to other data.
+    fallback to other data. Before a download the source host is probed (at most
+    ``PROBE_TIMEOUT_S``), so without network the run fails in seconds; a download that fails
+    midway has its partial files removed.
 
 The probe set is ``size`` validation examples chosen once by ``seed`` (sorted indices, same
 order at every record). Batches are a pure function of (seed, step): epoch ``e`` uses the
@@ -20,7 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import shutil
+import socket
+import threading
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,22 +84,83 @@ def _digits(seed: int) -> Dataset:
     return Dataset("digits", x[train], y[train], x[val], y[val], 10)
 
 
+# Where tfds downloads each dataset from (its builder's URLs): probed before a download so that
+# a machine without network fails in seconds, not after minutes of retries.
+DOWNLOAD_HOSTS = {
+    "mnist": ("storage.googleapis.com", 443),
+    "fashion_mnist": ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80),
+    "cifar10": ("www.cs.toronto.edu", 443),
+}
+PROBE_TIMEOUT_S = 10.0
+
+
+def _unreachable(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why ``host:port`` cannot be reached within ``timeout`` seconds (None if it can)."""
+    result: list[str | None] = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as err:
+            result.append(f"{type(err).__name__}: {err}")
+
+    worker = threading.Thread(target=connect, daemon=True)  # DNS has no timeout of its own
+    worker.start()
+    worker.join(timeout)
+    return result[0] if result else f"no answer within {timeout:.0f} s"
+
+
+def _tree(root: Path) -> set[Path]:
+    return set(root.rglob("*")) | {root} if root.exists() else set()
+
+
+def _remove_new(root: Path, before: set[Path]) -> None:
+    """Deletes what a failed download created under ``root`` (never what was there before)."""
+    for path in sorted(_tree(root) - before, key=lambda p: len(p.parts)):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
+def _unavailable(name: str, split: str, data_dir, download: bool, why: str):
+    return DatasetUnavailableError(
+        f"tfds dataset {name!r} (split {split!r}) is not available "
+        f"(dataset.data_dir={data_dir!r}, dataset.download={download}): {why}\n"
+        f"To get it, on a machine with network access run once:\n"
+        f"  tfds build {name} --file_format=array_record   (pip install tensorflow may be "
+        f"needed to prepare it)\n"
+        f"then pass --config.dataset.data_dir=<that data directory>. regime_jax does not "
+        f"fall back to other data; for an offline run use dataset.name='mnist1d' or 'digits'."
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+
+
 def _tfds_split(name: str, split: str, data_dir: str | None, download: bool) -> Any:
+    """The prepared split; else a download (fast-failing, cleaned up) if ``download``."""
     import tensorflow_datasets as tfds
 
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
-    except Exception as err:  # tfds raises many types; all mean "not available here"
-        raise DatasetUnavailableError(
-            f"tfds dataset {name!r} (split {split!r}) is not available "
-            f"(dataset.data_dir={data_dir!r}, dataset.download={download}): "
-            f"{type(err).__name__}: {err}\n"
-            f"To get it, on a machine with network access run once:\n"
-            f"  tfds build {name} --file_format=array_record   (pip install tensorflow may be "
-            f"needed to prepare it)\n"
-            f"then point --config.dataset.data_dir at that data directory. regime_jax does not "
-            f"fall back to other data; for an offline run use dataset.name='mnist1d' or 'digits'."
-        ) from err
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as err:  # tfds raises many types; all mean "not prepared here"
+        if not download:
+            raise _unavailable(name, split, data_dir, download, _one_line(err)) from None
+    host, port = DOWNLOAD_HOSTS.get(name, ("storage.googleapis.com", 443))
+    why = _unreachable(host, port)
+    if why:
+        reason = f"not prepared, and its download host {host} cannot be reached ({why})"
+        raise _unavailable(name, split, data_dir, download, reason) from None
+    root = Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+    before = _tree(root)
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=True)
+    except Exception as err:  # a failed download leaves partial files: remove them
+        _remove_new(root, before)
+        raise _unavailable(name, split, data_dir, download, _one_line(err)) from None
 
 
 def _to_arrays(source: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -113,6 +181,7 @@ def _tfds(name: str, num_classes: int) -> Callable[..., Dataset]:
 EMBEDDED = ("digits", "mnist1d")
 TFDS = ("cifar10", "fashion_mnist", "mnist")
 DATASETS = EMBEDDED + TFDS
+MNIST1D_MIN_SAMPLES = 10  # one example per class; make_dataset returns nothing below
 
 
 def load_dataset(cfg: Mapping[str, Any]) -> Dataset:
@@ -148,13 +217,24 @@ def batch_indices(num_train: int, batch_size: int, seed: int, step: int) -> np.n
     return _permutation(num_train, seed, epoch)[i * batch_size : (i + 1) * batch_size]
 
 
-def batches(ds: Dataset, batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict]:
-    """Yields ``{"x", "y"}`` numpy batches for steps ``start_step, start_step + 1, ...``."""
+def check_batch_size(ds: Dataset, batch_size: int) -> None:
+    """Raises ValueError unless ``batch_size`` fits in the training split."""
     if not 0 < batch_size <= len(ds.y_train):
         raise ValueError(
             f"batch_size={batch_size} must be in [1, {len(ds.y_train)}] (training split size)"
         )
-    step = start_step
+
+
+def batches(ds: Dataset, batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict]:
+    """``{"x", "y"}`` numpy batches for steps ``start_step, start_step + 1, ...``.
+
+    The batch size is checked here, at the call, not at the first ``next``.
+    """
+    check_batch_size(ds, batch_size)
+    return _batches(ds, batch_size, seed, start_step)
+
+
+def _batches(ds: Dataset, batch_size: int, seed: int, step: int) -> Iterator[dict]:
     while True:
         idx = batch_indices(len(ds.y_train), batch_size, seed, step)
         yield {"x": ds.x_train[idx], "y": ds.y_train[idx]}

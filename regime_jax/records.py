@@ -35,6 +35,25 @@ MASKS_DIR = "masks"
 SUMMARY = "summary.json"
 
 
+class RecordError(ValueError):
+    """The files in a workdir do not form a complete record up to the step being resumed."""
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``.
+
+    A kill at any instant leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def _jsonable(value: Any) -> Any:
     value = np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
     if isinstance(value, float) and not math.isfinite(value):
@@ -148,7 +167,111 @@ def read_masks(path: str | os.PathLike) -> dict[str, Packed]:
 
 
 def write_config(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:
-    (Path(workdir) / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_atomic(Path(workdir) / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------- which rows a run must have
+
+
+def _itstime(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)  # = train.itstime
+
+
+def _log_spaced(num_steps: int, num_points: int) -> set[int]:
+    if num_points <= 0:  # = train.log_spaced_steps
+        return set()
+    return {0, num_steps, *np.geomspace(1, num_steps, num_points).round().astype(int).tolist()}
+
+
+def expected_steps(config: Mapping[str, Any], upto: int | None = None) -> tuple[list, list]:
+    """``(row steps, snapshot steps)`` a run of ``config`` writes in ``0..upto``.
+
+    Step 0 always; then record steps (``record.every_steps`` and the last step), eval steps
+    and stability-probe steps have a row; snapshot steps have a mask file. ``upto`` defaults
+    to ``num_steps`` (the whole run).
+    """
+    n = int(config["num_steps"])
+    rec = config["record"]
+    every, snap, evals = rec["every_steps"], rec["snapshot_every_steps"], config["eval_every_steps"]
+    stab = _log_spaced(n, int(config.get("stability", {}).get("num_points", 0)))
+    rows, snaps = [0], [0]
+    for step in range(1, min(n, n if upto is None else upto) + 1):
+        record = _itstime(step, every, n)
+        if record or step in stab or _itstime(step, evals, n):
+            rows.append(step)
+        if record and _itstime(step, snap, n):
+            snaps.append(step)
+    return rows, snaps
+
+
+def read_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """``metrics.jsonl``'s rows; a torn last line (a killed writer) is dropped.
+
+    Raises :class:`RecordError` for a bad line that is not the last one, or steps that do not
+    increase (two writers, or an edited file).
+    """
+    path = Path(workdir) / METRICS
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            step = row["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                break  # torn by a kill mid-write; the rows before it are whole
+            raise RecordError(
+                f"{path}: line {i + 1} is not a metrics row (file corrupted)"
+            ) from None
+        if rows and step <= rows[-1]["step"]:
+            raise RecordError(
+                f"{path}: step {step} follows step {rows[-1]['step']} (line {i + 1}); the file "
+                f"was written by two processes or edited"
+            )
+        rows.append(row)
+    return rows
+
+
+def check_record(workdir: str | os.PathLike, config: Mapping[str, Any], step: int) -> None:
+    """Raises :class:`RecordError` unless every row and snapshot up to ``step`` is present.
+
+    Called before resuming from a checkpoint at ``step``: a resumed run must never continue a
+    partial record (missing ``metrics.jsonl``, one that ends early, lost mask snapshots).
+    """
+    workdir = Path(workdir)
+    fresh = "pass --config.overwrite=True to delete the run and start afresh"
+    want_rows, want_snaps = expected_steps(config, step)
+    if not (workdir / METRICS).exists():
+        raise RecordError(
+            f"{workdir / METRICS} is missing, but the checkpoint being resumed is at step "
+            f"{step}; refusing to resume into a partial record: {fresh}"
+        )
+    try:
+        have = {r["step"] for r in read_rows(workdir)}
+    except RecordError as err:
+        raise RecordError(f"{err}; refusing to resume: {fresh}") from None
+    missing = [s for s in want_rows if s not in have]
+    if missing:
+        last = max((s for s in have if s <= step), default=None)
+        raise RecordError(
+            f"{workdir / METRICS} lacks {len(missing)} row(s) up to step {step} (first missing: "
+            f"step {missing[0]}; its last row is step {last}), but the checkpoint being "
+            f"resumed is at step {step}; refusing to resume into a partial record: {fresh}"
+        )
+    lost = [s for s in want_snaps if not mask_path(workdir, s).exists()]
+    if lost:
+        raise RecordError(
+            f"{mask_path(workdir, lost[0])} is missing ({len(lost)} mask snapshot(s) up to step "
+            f"{step} in all), but the checkpoint being resumed is at step {step}; refusing to "
+            f"resume into a partial record: {fresh}"
+        )
+
+
+def is_complete(config: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> bool:
+    """True if every row a whole run of ``config`` writes (steps 0..num_steps) is present."""
+    have = {r["step"] for r in rows}
+    return all(s in have for s in expected_steps(config)[0])
 
 
 @dataclasses.dataclass

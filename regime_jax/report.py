@@ -117,6 +117,15 @@ def reference_points(run: records.Run, cfg: DecayConfig) -> dict[str, Any]:
     return out
 
 
+def _complete(run: records.Run) -> bool:
+    """Every row the run's config writes over steps 0..num_steps is in ``metrics.jsonl``."""
+    try:
+        return records.is_complete(run.config, run.rows)
+    except (KeyError, TypeError):  # a config.json from before these fields: last step only
+        last = run.rows[-1]["step"] if run.rows else None
+        return last is not None and last == run.config.get("num_steps")
+
+
 def summarize_run(workdir: str | Path) -> dict[str, Any]:
     """Decay times, lag ratios (overall, per layer, every rule) and reference points of a run.
 
@@ -142,7 +151,7 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
         "seed": run.config.get("seed"),
         "num_steps": run.config.get("num_steps"),
         "last_step": last_step,
-        "complete": last_step is not None and last_step == run.config.get("num_steps"),
+        "complete": _complete(run),
         "final": {k: v[0] if v else None for k, v in final.items()},
         "main_rule": cfg.rule,
         "decay_config": cfg.to_dict(),
@@ -157,9 +166,9 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
 
 def write_run_summary(workdir: str | Path) -> Path:
     """Writes :func:`summarize_run` to ``workdir/summary.json`` and returns its path."""
-    path = Path(workdir) / SUMMARY
-    path.write_text(json.dumps(summarize_run(workdir), indent=1) + "\n")
-    return path
+    return records.write_atomic(
+        Path(workdir) / SUMMARY, json.dumps(summarize_run(workdir), indent=1) + "\n"
+    )
 
 
 def main_ratio(summary: dict[str, Any], kind: str = "abs", rule: str | None = None):
@@ -188,7 +197,7 @@ def load_or_summarize(rundir: Path) -> tuple[dict[str, Any] | None, str]:
         return None, "not started (no metrics.jsonl)"
     run = records.load_run(rundir)
     last = run.rows[-1]["step"] if run.rows else None
-    if last != run.config.get("num_steps"):
+    if not _complete(run):
         return None, f"incomplete: last logged step {last} of {run.config.get('num_steps')}"
     write_run_summary(rundir)
     return json.loads((rundir / SUMMARY).read_text()), ""
@@ -309,7 +318,7 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
     figures = write_figures(root / "figures", groups)
     (root / "report.md").write_text(_markdown(table, aggs, notes, figures))
     out = {"runs": runs, "groups": {f"{s}/{o}": a for (s, o), a in aggs.items()}, "notes": notes}
-    (root / SUMMARY).write_text(json.dumps(_clean(out), indent=1) + "\n")
+    records.write_atomic(root / SUMMARY, json.dumps(_clean(out), indent=1) + "\n")
     paths = {"report": str(root / "report.md"), "figures": [str(f) for f in figures]}
     return out | {"table": table} | paths
 
@@ -463,13 +472,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     where.add_argument("--workdir", help="sweep directory (runs/reproduce): report.md, figures")
     where.add_argument("--run", help="one run's workdir: its figures under <run>/figures")
     args = parser.parse_args(argv)
-    if args.run:
-        for path in write_run_figures(args.run):
-            print(path)
-        return
-    report = build_report(args.workdir)
+    try:
+        if args.run:
+            _require(Path(args.run), records.CONFIG, records.METRICS)
+            for path in write_run_figures(args.run):
+                print(path)
+            return
+        _require(Path(args.workdir))
+        if not find_runs(args.workdir):
+            raise ValueError(f"{args.workdir} holds no runs (<setting>/<optimizer>/seed_<k>/)")
+        report = build_report(args.workdir)
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        parser.exit(2, f"regime_jax.report: error: {_one_line(err)}\n")
     print(report["table"])
     print(f"report: {report['report']}")
+
+
+def _require(directory: Path, *names: str) -> None:
+    """Raises FileNotFoundError naming the first missing one of ``directory`` and its files."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory")
+    for name in names:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} is missing: not a run's workdir")
+
+
+def _one_line(err: BaseException) -> str:
+    text = (str(err).splitlines() or [""])[0]
+    plain = isinstance(err, FileNotFoundError) or type(err) is ValueError
+    return text if plain else f"{type(err).__name__}: {text}"
 
 
 if __name__ == "__main__":

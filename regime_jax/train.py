@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import signal
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +26,17 @@ import numpy as np
 import optax
 from flax import struct
 
-from regime_jax import analyzer, checkpoint, data, models, records, report, stability
+from regime_jax import (
+    analyzer,
+    checkpoint,
+    data,
+    models,
+    records,
+    report,
+    rundir,
+    signals,
+    stability,
+)
 from regime_jax.bitmask import Packed
 from regime_jax.config import CUSTOM_MODEL, ConfigError, probe_config, validate_config
 from regime_jax.models.adapt import Net, as_net
@@ -222,54 +230,42 @@ def _progress(rows: list[dict[str, Any]], num_steps: int, rate: float) -> str:
 RESUME_IGNORES = ("overwrite", "log_every_steps", "checkpoint")
 
 
-class _StopFlag:
-    """SIGINT sets a flag the loop checks after each step (never mid-update)."""
-
-    def __init__(self):
-        self.set, self._previous = False, None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.set = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C: metrics were flushed and a checkpoint saved at ``step``."""
+    """SIGINT / SIGTERM in the loop: metrics were flushed and a checkpoint saved at ``step``."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, signum: int = signal.SIGINT):
         super().__init__(
-            f"interrupted at step {step}; metrics flushed and a checkpoint saved; "
-            f"run the same command again to resume"
+            f"{signals.name(signum)}: interrupted at step {step}; metrics flushed and a "
+            f"checkpoint saved; run the same command again to resume"
         )
-        self.step = step
+        self.step, self.signum = step, signum
+        self.exit_code = signals.exit_code(signum)
+
+
+class NonFinite(FloatingPointError):
+    """A non-finite loss or step size; says which checkpoint is kept, if any."""
+
+    def __init__(self, err: FloatingPointError, workdir: Path, kept: list[int]):
+        where = f"metrics up to there are in {workdir / records.METRICS}"
+        if kept:
+            tail = (
+                f"the newest good checkpoint is step {kept[-1]} "
+                f"({workdir / checkpoint.CHECKPOINTS / str(kept[-1])}); rerunning the same "
+                f"command resumes there and meets the same values, so change the config (e.g. "
+                f"a lower optimizer.learning_rate) and rerun with --config.overwrite=True"
+            )
+        else:
+            tail = (
+                "no checkpoint was saved before it; change the config (e.g. a lower "
+                "optimizer.learning_rate) and rerun with --config.overwrite=True"
+            )
+        super().__init__(f"{str(err).removesuffix('; stopping')}; {where}; {tail}")
+        self.checkpoint_step = kept[-1] if kept else None
 
 
 def _open_workdir(config: ml_collections.ConfigDict, workdir: Path) -> bool:
-    """Prepares ``workdir``; True if an earlier run there should be resumed."""
-    records.ensure_writable(workdir)
-    existing = records.has_run(workdir) or (workdir / checkpoint.CHECKPOINTS).exists()
-    if existing and config.overwrite:
-        records.reset(workdir)
-        checkpoint.remove(workdir)
-        existing = False
-    if existing:
-        stored = json.loads((workdir / records.CONFIG).read_text())
-        diff = records.config_diff(stored, config.to_dict(), RESUME_IGNORES)
-        if diff:
-            raise ConfigError(
-                f"workdir={str(workdir)!r} holds a run whose config differs in {diff}; "
-                f"refusing to resume. Use another workdir or --config.overwrite=True."
-            )
-    records.write_config(workdir, config.to_dict())
-    return existing
+    """Prepares the locked ``workdir``; True if an earlier run there should be resumed."""
+    return rundir.open_run(config.to_dict(), workdir, RESUME_IGNORES)
 
 
 def with_model(config: ml_collections.ConfigDict, model: Any) -> ml_collections.ConfigDict:
@@ -347,13 +343,22 @@ def train_and_evaluate(
 
     Raises:
       ConfigError: a bad field, or a workdir holding a run with a different config.
-      FloatingPointError: a non-finite loss or step; metrics so far are kept.
-      Interrupted: SIGINT; metrics were flushed and a checkpoint saved.
+      rundir.WorkdirBusy: another live process holds the workdir (nothing touched).
+      records.RecordError: the workdir's records end before its newest readable checkpoint.
+      NonFinite (a FloatingPointError): a non-finite loss or step; metrics so far are kept.
+      Interrupted: SIGINT or SIGTERM; metrics were flushed and a checkpoint saved.
     """
     if model is not None:
         config = with_model(config, model)
     ds, probe_idx, model, tx = _build(config, model)
     workdir = Path(workdir)
+    data.check_batch_size(ds, config.batch_size)
+    with rundir.lock(workdir):  # before anything in workdir is written
+        return _train(config, workdir, ds, probe_idx, model, tx)
+
+
+def _train(config, workdir: Path, ds, probe_idx, model, tx) -> dict:
+    """train_and_evaluate's body, run while holding the workdir's lock."""
     resume = _open_workdir(config, workdir)
 
     probe = jax.device_put({"x": ds.x_val[probe_idx], "y": ds.y_val[probe_idx]})
@@ -361,11 +366,18 @@ def train_and_evaluate(
     state = init_fn(jax.random.key(config.seed), probe["x"])
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
     start = 0
-    if resume:
-        restored = ckpt.restore_latest(state)
-        start, state = restored if restored else (0, state)
-        records.truncate_after(workdir, start if restored else -1)
-        print(f"resuming {workdir} from step {start}", flush=True)
+    try:
+        if resume:
+            restored = ckpt.restore_latest(state)
+            start, state = restored if restored else (0, state)
+            if restored:
+                records.check_record(workdir, config, start)  # never resume a partial record
+            records.truncate_after(workdir, start if restored else -1)
+            print(f"resuming {workdir} from step {start}", flush=True)
+        records.write_config(workdir, config.to_dict())
+    except BaseException:
+        ckpt.close()
+        raise
 
     step_fns = make_step_fns(model, tx)
     eval_fn = jax.jit(functools.partial(eval_step, model=model))
@@ -395,7 +407,7 @@ def train_and_evaluate(
             fetcher.add(0, init_metrics, state.masks)
             fetcher.flush(keep_last=False)
         tic, tic_step = time.perf_counter(), start
-        with _StopFlag() as stop, jax.transfer_guard_device_to_host("disallow"):
+        with signals.StopFlag() as stop, jax.transfer_guard_device_to_host("disallow"):
             for step in range(start + 1, n_steps + 1):
                 record = itstime(step, rec.every_steps, n_steps)
                 state, metrics, masks = step_fns[record](state, next(batch_iter), probe)
@@ -417,7 +429,9 @@ def train_and_evaluate(
                 if save:
                     ckpt.save(step, state)
                 if stopping:
-                    raise Interrupted(step)
+                    raise Interrupted(step, stop.signum)
+    except FloatingPointError as err:
+        raise NonFinite(err, workdir, ckpt.steps()) from None
     finally:
         writer.close()
         ckpt.close()

@@ -187,3 +187,15 @@ def test_resume_refuses_a_changed_result_field_but_not_log_cadence(tmp_path):
     before = _rows(tmp_path)
     train.train_and_evaluate(tiny_config(log_every_steps=3), tmp_path)  # finished: a no-op
     assert _rows(tmp_path) == before
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_identically(reference, tmp_path):
+    code, out = _start_and_signal(tmp_path, signal.SIGTERM, after_rows=150)
+    assert code == 143, out
+    assert "Traceback" not in out and "SIGTERM: interrupted at step" in out
+    last = json.loads(_rows(tmp_path)[-1])["step"]
+    ckpts = checkpoint.Checkpointer(tmp_path, 2)
+    assert ckpts.steps()[-1] == last < OVERRIDES["num_steps"]
+    ckpts.close()
+    train.train_and_evaluate(_config(), tmp_path)
+    _assert_same_run(reference, tmp_path)

@@ -351,5 +351,5 @@ def test_reproduce_config_variants_expand_and_validate():
     assert all(s.config.record.every_steps == 1 for s in grid)
     assert {"mlp_mnist1d", "mlp_digits"} <= {s.setting for s in grid}
     assert {s.setting for s in sweep.expand_grid(module.get_config("full"))} >= {"mlp_mnist"}
-    with pytest.raises(ValueError, match="unknown variant"):
+    with pytest.raises(ValueError, match="unknown config variant"):
         module.get_config("nope")
