@@ -15,15 +15,32 @@ The public API, in the style of optax: pure functions that return functions.
 >>> metrics, mstate = monitor.update(mstate, optax.apply_updates(params, updates), updates)
 >>> sorted(k for k in metrics if k.startswith("flip/"))
 ['flip/all', 'flip/relu_0']
+
+The names load on first use (PEP 562), so ``import regime_jax`` imports no JAX: the command
+line (``python -m regime_jax.main``) installs its signal handlers before anything heavy loads.
 """
 
-from regime_jax import bitmask, stability, timescales
-from regime_jax.analyzer import MonitorState, PatternMonitor, pattern_monitor
-from regime_jax.capture import CaptureError, capture_relus
-from regime_jax.models.adapt import Net, nnx_apply
-from regime_jax.records import load_run
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
+
+# public name -> (module, attribute or None for the module itself)
+_API = {
+    "CaptureError": ("regime_jax.capture", "CaptureError"),
+    "capture_relus": ("regime_jax.capture", "capture_relus"),
+    "MonitorState": ("regime_jax.analyzer", "MonitorState"),
+    "PatternMonitor": ("regime_jax.analyzer", "PatternMonitor"),
+    "pattern_monitor": ("regime_jax.analyzer", "pattern_monitor"),
+    "Net": ("regime_jax.models.adapt", "Net"),
+    "nnx_apply": ("regime_jax.models.adapt", "nnx_apply"),
+    "load_run": ("regime_jax.records", "load_run"),
+    "bitmask": ("regime_jax.bitmask", None),
+    "stability": ("regime_jax.stability", None),
+    "timescales": ("regime_jax.timescales", None),
+}
 
 __all__ = [
     "CaptureError",
@@ -39,3 +56,25 @@ __all__ = [
     "stability",
     "timescales",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'regime_jax' has no attribute {name!r}")
+    module, attr = _API[name]
+    value = importlib.import_module(module)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})
+
+
+if TYPE_CHECKING:
+    from regime_jax import bitmask, stability, timescales
+    from regime_jax.analyzer import MonitorState, PatternMonitor, pattern_monitor
+    from regime_jax.capture import CaptureError, capture_relus
+    from regime_jax.models.adapt import Net, nnx_apply
+    from regime_jax.records import load_run

@@ -407,3 +407,16 @@ def test_site_reader_refuses_a_model_without_sites():
     params = model.init(KEY, x)["params"]
     with pytest.raises(ValueError, match=r"no recording site.*capture_relus"):
         models.preacts_of(model, params, x)
+
+
+def test_public_api_is_the_curated_list_and_loads_lazily():
+    import subprocess
+    import sys
+
+    names = set(rj.__all__) - {"__version__"}
+    assert names == set(rj._API)
+    for name in names:
+        assert getattr(rj, name) is not None
+    code = "import sys, regime_jax; print('jax' in sys.modules, regime_jax.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", rj.__version__]  # CLI signal handlers come first
