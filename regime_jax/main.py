@@ -156,8 +156,12 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
-    code = run(sys.argv)
-    sys.stdout.flush()
+    try:
+        code = run(sys.argv)
+        sys.stdout.flush()
+    except BrokenPipeError:  # output piped into a reader that quit (``--help | head``)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, as a shell tool killed by it; records stay resumable
     sys.stderr.flush()
     if code in (signals.exit_code(s) for s in signals.SIGNALS):
         os._exit(code)  # skip interpreter teardown: no XLA thread can crash a stopped run
