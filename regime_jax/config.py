@@ -13,7 +13,7 @@ import difflib
 import importlib.util
 import math
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +270,7 @@ def field_type(c: ml_collections.ConfigDict, key: str) -> type:
     return type(value)
 
 
+_SCALARS = (bool, int, float, str)
 _TRUE, _FALSE = ("true", "t", "yes", "y", "1", "on"), ("false", "f", "no", "n", "0", "off")
 
 
@@ -304,6 +305,8 @@ def _parse_tuple(text: str, default: tuple) -> tuple:
 
 
 def _example(kind: type, default: Any) -> str:
+    if kind is list:
+        return ",".join(map(str, default or (0, 1)))
     if kind is tuple:
         return "'(" + ", ".join(map(str, default or (8, 8))) + ")'"
     if kind is bool:
@@ -354,15 +357,25 @@ def override(c: ml_collections.ConfigDict, field: str, text: str | None) -> None
     if (default is None or nullable) and text.lower() in ("none", "null"):
         node[key] = None  # a placeholder (e.g. dataset.data_dir) back to its default
         return
+    if kind is list and not all(isinstance(v, _SCALARS) for v in default):
+        raise ConfigError(
+            f"--config.{field} is a list of {type(default[0]).__name__}s: it cannot be set "
+            f"from the command line; edit the config file"
+        )
     try:
-        value = _parse_tuple(text, default) if kind is tuple else _parse_scalar(text, kind)
+        if kind is list:  # e.g. a sweep's seeds: like a tuple, items typed like the default's
+            value = list(_parse_tuple(text, tuple(default)))
+        elif kind is tuple:
+            value = _parse_tuple(text, default)
+        else:
+            value = _parse_scalar(text, kind)
     except (ValueError, SyntaxError, TypeError) as err:
         reason = str(err).splitlines()[0] if str(err) else "malformed"
         if kind in (int, float, bool):
             reason = f"expected {'an' if kind is int else 'a'} {kind.__name__}"
-        elif kind is tuple:
+        elif kind in (tuple, list):
             elem = type(default[0]).__name__ if default else "value"
-            reason = f"expected a tuple of {elem}"
+            reason = f"expected a {kind.__name__} of {elem}"
         raise ConfigError(
             f"--config.{field}={text}: {reason}, e.g. --config.{field}={_example(kind, default)}"
         ) from None
@@ -380,7 +393,12 @@ def describe(c: ml_collections.ConfigDict) -> str:
             parent, _, key = name.rpartition(".")
             kind = field_type(_get(c, parent) if parent else c, key).__name__
             shown = f"None   ({kind} or None)"
-        elif isinstance(value, tuple | str):
+        elif isinstance(value, list) and not all(isinstance(v, _SCALARS) for v in value):
+            maps = (Mapping, ml_collections.ConfigDict)
+            names = [str(v.get("name", "?")) if isinstance(v, maps) else "?" for v in value]
+            kinds = type(value[0]).__name__
+            shown = f"[{', '.join(names)}]   (a list of {kinds}s: edit the config file)"
+        elif isinstance(value, tuple | list | str):
             shown = f"'{value}'" if isinstance(value, str) else f"'{value}'".replace(",)", ")")
         else:
             shown = value

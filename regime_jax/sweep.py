@@ -1,6 +1,8 @@
 """Runs a grid of settings x optimizers x seeds, then the report.
 
 ``python -m regime_jax.sweep --config experiments/reproduce.py[:arg] --workdir runs/reproduce``
+takes ``--config.<field>=<value>`` overrides of the sweep config (e.g. ``--config.seeds=0,1``)
+and reports every user error in one line, like ``regime_jax.main``.
 
 The sweep config (a ConfigDict, see ``experiments/reproduce.py``) has
 
@@ -32,11 +34,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
+from regime_jax import signals
 
-from regime_jax import report, train
+if __name__ == "__main__":
+    signals.exit_on_signals()  # as early as possible: a signal during imports is a clean stop
+
+import ml_collections
+from absl import flags
+
+from regime_jax import cli, report, train
 from regime_jax.config import ConfigError, validate_config
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -199,6 +205,11 @@ def run_sweep(
         try:
             log(f"{head} | {_run_one(spec, rundir)}")
             ran.append(spec.path)
+        except train.Interrupted as err:  # SIGINT / SIGTERM: the run saved its checkpoint
+            err.sweep_run = spec.path
+            stopped = f"STOPPED by {signals.name(err.signum)} at step {err.step}"
+            log(f"{head} | {stopped}, checkpoint saved")
+            raise  # a KeyboardInterrupt: the sweep stops here, finished runs are kept
         except Exception as err:  # one failed run must not lose the rest of the grid
             failed[spec.path] = f"{type(err).__name__}: {err}"
             log(f"{head} | FAILED {failed[spec.path]}")
@@ -222,27 +233,76 @@ def enable_compilation_cache(directory: str | Path) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # keep one line per run readable
-    if flags.FLAGS.compilation_cache:
-        enable_compilation_cache(Path(flags.FLAGS.workdir) / ".jax_cache")
-    result = run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)
+PROG = "regime_jax.sweep"
+REPRODUCE = Path(__file__).resolve().parent.parent / "experiments" / "reproduce.py"
+
+
+def _help(args: list[str]) -> str:
+    from regime_jax.config import describe, load_config
+
+    default = lambda: load_config(str(REPRODUCE)) if REPRODUCE.is_file() else None
+    config, source = cli.help_config(args, default, str(REPRODUCE))
+    described = describe(config) if config is not None else "  (none: pass --config <file>)"
+    return (
+        f"{__doc__}\n"
+        f"usage: python -m regime_jax.sweep --config <file>[:arg] --workdir <dir>\n"
+        f"         [--[no]compilation_cache] [--config.<field>=<value> ...]\n\n"
+        f"Overrides and errors work as in regime_jax.main: a field typo, a value of the\n"
+        f"wrong type, a missing config file or an unknown :arg is one line and exit code 2.\n"
+        f"Exit codes: 0 every run finished, 1 some run failed (the others still ran), 2 a\n"
+        f"user error, 130 SIGINT, 143 SIGTERM (the current run stops after its step with a\n"
+        f"checkpoint; finished runs are skipped when the same command is run again).\n\n"
+        f"flags:\n  --config: {flags.FLAGS['config'].help}\n"
+        f"  --workdir: {flags.FLAGS['workdir'].help}\n"
+        f"  --[no]compilation_cache: {flags.FLAGS['compilation_cache'].help} (default: true)\n"
+        f"  --verbosity: absl logging verbosity (default: warnings only)\n\n"
+        f"sweep config fields and their defaults in {source}:\n{described}\n"
+    )
+
+
+def run(argv: list[str]) -> int:
+    """Parses ``argv`` like ``regime_jax.main.run``, runs the sweep, returns the exit code."""
+    signals.exit_on_signals()  # train's loop takes over per step; between runs: stop now
+    err_line = cli.error_printer(PROG)
+    if cli.wants_help(argv[1:]):
+        print(_help(argv[1:]))
+        return 0
+    try:
+        overrides = cli.parse_flags(argv, ("config", "workdir"))
+        sweep = cli.load_with_overrides(flags.FLAGS.config, overrides)
+        cli.quiet_logging()  # keep one line per run readable
+        workdir = Path(flags.FLAGS.workdir)
+        if flags.FLAGS.compilation_cache:
+            enable_compilation_cache(workdir / ".jax_cache")
+        result = run_sweep(sweep, workdir)
+    except train.Interrupted as err:
+        run_path = getattr(err, "sweep_run", "?")
+        err_line(
+            f"{run_path}: {signals.name(err.signum)}: stopped at step {err.step} with a "
+            f"checkpoint; finished runs are kept and skipped when the same command is run again"
+        )
+        return err.exit_code
+    except (cli.UsageError, ConfigError, OSError, ValueError) as err:
+        err_line(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}")
+        return 2
     if result["failed"]:
-        raise SystemExit(f"{len(result['failed'])} run(s) failed: {sorted(result['failed'])}")
+        err_line(f"{len(result['failed'])} run(s) failed: {sorted(result['failed'])}")
+        return 1
+    return 0
 
 
 def _define_flags() -> None:
     """Flags exist only when run as a script (regime_jax.main defines the same names)."""
     help_text = "Sweep config file, e.g. experiments/reproduce.py[:quick]."
-    config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
+    flags.DEFINE_string("config", None, help_text)
     flags.DEFINE_string("workdir", None, "Directory for the runs, summary and report.")
     flags.DEFINE_bool("compilation_cache", True, "Cache compiled steps in <workdir>/.jax_cache.")
-    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main() -> None:
+    _define_flags()
+    cli.run_and_exit(run)
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    main()
