@@ -33,6 +33,7 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 MASKS_DIR = "masks"
 SUMMARY = "summary.json"
+TB_DIR = "tb"  # TensorBoard event files (regime_jax.live), a view of metrics.jsonl
 
 
 class RecordError(ValueError):
@@ -95,11 +96,12 @@ def has_run(workdir: str | os.PathLike) -> bool:
 
 
 def reset(workdir: str | os.PathLike) -> None:
-    """Removes a previous run's metrics, mask snapshots and summary."""
+    """Removes a previous run's metrics, mask snapshots, TensorBoard events and summary."""
     workdir = Path(workdir)
     for name in (METRICS, SUMMARY):
         (workdir / name).unlink(missing_ok=True)
     shutil.rmtree(workdir / MASKS_DIR, ignore_errors=True)
+    shutil.rmtree(workdir / TB_DIR, ignore_errors=True)
 
 
 def truncate_after(workdir: str | os.PathLike, step: int) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import signal
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from regime_jax import (
     analyzer,
     checkpoint,
     data,
+    live,
     models,
     records,
     report,
@@ -182,8 +182,8 @@ def itstime(step: int, every: int, last: int) -> bool:
 class _Fetcher:
     """Holds device metrics until the log cadence, then writes rows and mask snapshots."""
 
-    def __init__(self, workdir: Path, writer: records.MetricsWriter):
-        self.workdir, self.writer, self.pending = workdir, writer, []
+    def __init__(self, workdir: Path, writer: records.MetricsWriter, scalars: live.Scalars):
+        self.workdir, self.writer, self.scalars, self.pending = workdir, writer, scalars, []
         self.last_row: dict[str, Any] = {}
 
     def add(self, step: int, metrics: dict, masks: Patterns | None) -> None:
@@ -198,6 +198,7 @@ class _Fetcher:
             if masks is not None:
                 records.write_masks(self.workdir, step, masks)
         self.writer.write(rows)
+        self.scalars.write(rows)
         self.last_row = rows[-1] if rows else self.last_row
         for row in rows:
             bad = [
@@ -206,24 +207,6 @@ class _Fetcher:
             if bad:
                 raise FloatingPointError(f"non-finite {bad} at step {row['step']}; stopping")
         return rows
-
-
-def _progress(rows: list[dict[str, Any]], num_steps: int, rate: float) -> str:
-    """One line: the newest row's metrics plus the newest eval among the fetched rows."""
-    row = rows[-1]
-    evals = [r for r in rows if "eval/acc" in r]
-    parts = [f"step {row['step']:>6d}/{num_steps}"]
-    for key, fmt in (
-        ("train/loss", ".4f"),
-        ("train/acc", ".3f"),
-        ("flip/all", ".2e"),
-        ("step/abs/all", ".2e"),
-    ):
-        if key in row:
-            parts.append(f"{key} {row[key]:{fmt}}")
-    if evals:
-        parts.append(f"eval/acc {evals[-1]['eval/acc']:.3f} (step {evals[-1]['step']})")
-    return " | ".join(parts) + f" | {rate:.1f} steps/s"
 
 
 # Fields that do not change a run's results: a resumed run may differ in these.
@@ -395,8 +378,8 @@ def _train(config, workdir: Path, ds, probe_idx, model, tx) -> dict:
     batch_iter = data.batches(ds, config.batch_size, config.seed, start_step=start)
     rec = config.record
 
-    writer = records.MetricsWriter(workdir)
-    fetcher = _Fetcher(workdir, writer)
+    writer, scalars = records.MetricsWriter(workdir), live.Scalars(workdir, start)
+    fetcher, progress = _Fetcher(workdir, writer, scalars), live.Progress(n_steps, start)
     try:
         if start == 0:
             init_metrics = {
@@ -406,7 +389,6 @@ def _train(config, workdir: Path, ds, probe_idx, model, tx) -> dict:
             }
             fetcher.add(0, init_metrics, state.masks)
             fetcher.flush(keep_last=False)
-        tic, tic_step = time.perf_counter(), start
         with signals.StopFlag() as stop, jax.transfer_guard_device_to_host("disallow"):
             for step in range(start + 1, n_steps + 1):
                 record = itstime(step, rec.every_steps, n_steps)
@@ -421,11 +403,7 @@ def _train(config, workdir: Path, ds, probe_idx, model, tx) -> dict:
                 stopping = stop.set  # read once: a signal may land during the flush
                 save = itstime(step, config.checkpoint.every_steps, n_steps) or stopping
                 if save or itstime(step, config.log_every_steps, n_steps):
-                    rows = fetcher.flush(keep_last=not save)
-                    if rows:
-                        rate = (rows[-1]["step"] - tic_step) / (time.perf_counter() - tic)
-                        tic, tic_step = time.perf_counter(), rows[-1]["step"]
-                        print(_progress(rows, n_steps, rate), flush=True)
+                    progress.update(fetcher.flush(keep_last=not save))
                 if save:
                     ckpt.save(step, state)
                 if stopping:
@@ -433,7 +411,9 @@ def _train(config, workdir: Path, ds, probe_idx, model, tx) -> dict:
     except FloatingPointError as err:
         raise NonFinite(err, workdir, ckpt.steps()) from None
     finally:
+        progress.close()
         writer.close()
+        scalars.close()
         ckpt.close()
     report.write_run_summary(workdir)
     return fetcher.last_row

@@ -1,0 +1,102 @@
+"""The live view of a run: TensorBoard scalars and a progress bar, fed at each host fetch.
+
+* :class:`Scalars` writes every finite scalar of every fetched row to TensorBoard event files
+  under ``workdir/tb`` with tensorboardX (no TensorFlow): ``tensorboard --logdir runs/``
+  shows ``flip/<layer>`` against ``step/abs/<part>`` while the run trains. On resume the new
+  event file starts with a purge at the resume step, so TensorBoard drops the earlier file's
+  points after it (the rows ``metrics.jsonl`` also rewrote). ``metrics.jsonl`` stays the
+  record; the event files are a view of it.
+* :class:`Progress` is a tqdm bar (rate, ETA, the newest loss / flip rate / step size / eval
+  accuracy) when stdout is a terminal, and one plain line per fetch otherwise (logs, CI,
+  notebooks' captured output), as before.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from regime_jax.records import TB_DIR
+
+_SHOWN = (
+    ("train/loss", ".4f"),
+    ("train/acc", ".3f"),
+    ("flip/all", ".2e"),
+    ("step/abs/all", ".2e"),
+)
+
+
+class Scalars:
+    """TensorBoard event files of a run's scalar metrics (tensorboardX, flushed per write)."""
+
+    def __init__(self, workdir: str | Path, start_step: int):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(
+            logdir=str(Path(workdir) / TB_DIR), purge_step=start_step or None, flush_secs=5
+        )
+
+    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        for row in rows:
+            step = int(row["step"])
+            for key, value in row.items():
+                if key != "step" and _is_scalar(value):
+                    self._writer.add_scalar(key, float(value), step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _is_scalar(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def summary(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The newest row's headline metrics plus the newest eval among ``rows``."""
+    row = rows[-1]
+    parts = [f"{key} {row[key]:{fmt}}" for key, fmt in _SHOWN if key in row]
+    evals = [r for r in rows if "eval/acc" in r]
+    if evals:
+        parts.append(f"eval/acc {evals[-1]['eval/acc']:.3f} (step {evals[-1]['step']})")
+    return " | ".join(parts)
+
+
+class Progress:
+    """A progress bar on a terminal; one line per fetch otherwise."""
+
+    def __init__(self, num_steps: int, start_step: int, stream: Any = None):
+        self.num_steps, self._stream = num_steps, stream or sys.stdout
+        self._tic, self._tic_step = time.perf_counter(), start_step
+        self._bar = None
+        if getattr(self._stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=num_steps, initial=start_step, unit="step", file=self._stream,
+                dynamic_ncols=True, smoothing=0.1,
+            )  # fmt: skip
+
+    def update(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        step = int(rows[-1]["step"])
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix_str(summary(rows), refresh=True)
+            return
+        rate = (step - self._tic_step) / max(time.perf_counter() - self._tic, 1e-9)
+        self._tic, self._tic_step = time.perf_counter(), step
+        line = f"step {step:>6d}/{self.num_steps} | {summary(rows)} | {rate:.1f} steps/s"
+        print(line, file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
