@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 100
     c.eval_batch_size = 1000
     c.overwrite = False  # start afresh in a workdir that already holds a run
+    # Data parallelism: the batch and the probe set are sharded over this many local devices
+    # on a "data" mesh axis (parameters replicated); 0 = all local devices.
+    c.parallel = dict(devices=0)
     # every_steps=0: save only at the end (and on Ctrl-C); keep: how many to keep.
     c.checkpoint = dict(every_steps=500, keep=3)
     # Finite-difference stability probe during training (regime_jax.stability): at step 0,
@@ -122,6 +125,11 @@ def _cadence(field: str, value: Any, num_steps: int) -> None:
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` naming the first bad field (no data, no compute)."""
+    devices = c.parallel.devices
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 0:
+        raise ConfigError(
+            f"parallel.devices={devices!r}; allowed values: an int >= 0 (0: all local devices)"
+        )
     for field in ("seed", "dataset.seed", "probe.seed", "stability.seed"):
         _seed(field, _get(c, field))
     _choice("dataset.name", c.dataset.name, data.DATASETS)

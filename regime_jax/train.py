@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from regime_jax import (
     analyzer,
@@ -146,17 +147,61 @@ def make_step_fns(model: Any, tx: optax.GradientTransformation) -> dict[bool, An
     }
 
 
-def _eval_batches(ds: data.Dataset, batch_size: int) -> list[dict[str, jax.Array]]:
-    """The validation split as equal, zero-padded device batches (one compile)."""
+def _eval_batches(
+    ds: data.Dataset, batch_size: int, sharding: Any = None
+) -> list[dict[str, jax.Array]]:
+    """The validation split as equal, zero-padded device batches (one compile).
+
+    With a data-parallel ``sharding`` the batch size is rounded up to a multiple of the
+    device count; the padding has weight 0.
+    """
     n = len(ds.y_val)
     size = min(batch_size, n)
+    if sharding is not None:
+        size = -(-size // sharding.num_devices) * sharding.num_devices
     out = []
     for start in range(0, n, size):
         idx = np.arange(start, start + size)
         w = (idx < n).astype(np.float32)
         idx = np.minimum(idx, n - 1)
-        out.append(jax.device_put({"x": ds.x_val[idx], "y": ds.y_val[idx], "w": w}))
+        out.append(jax.device_put({"x": ds.x_val[idx], "y": ds.y_val[idx], "w": w}, sharding))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Data-parallel placement: batches and the probe set sharded on "data", state replicated.
+
+    With one device both are None (the default device, no sharding annotations), so a 1-device
+    run compiles exactly the program it did before meshes existed: same bytes.
+    """
+
+    data: NamedSharding | None
+    replicated: NamedSharding | None
+
+    @classmethod
+    def for_config(cls, config: ml_collections.ConfigDict) -> Placement:
+        """The mesh of ``parallel.devices`` local devices; ConfigError if it cannot be made."""
+        available = jax.local_device_count()
+        n = config.parallel.devices or available
+        if n > available:
+            raise ConfigError(
+                f"parallel.devices={n} but this process has {available} local device(s); "
+                f"allowed values: 0 (all) .. {available}"
+            )
+        field = "parallel.devices" + ("" if config.parallel.devices else f" (0: all {n})")
+        for name, size in (("batch_size", config.batch_size), ("probe.size", config.probe.size)):
+            if size % n:
+                raise ConfigError(
+                    f"{name}={size} is not divisible by {field}={n}: each device takes an equal "
+                    f"share; use a multiple of {n} or set parallel.devices"
+                )
+        if n == 1:
+            return cls(None, None)
+        mesh = jax.make_mesh(
+            (n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.local_devices()[:n]
+        )
+        return cls(NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec()))
 
 
 def evaluate(eval_fn, params: Any, batches: list[dict[str, jax.Array]], n: int):
@@ -272,6 +317,7 @@ def _build(config: ml_collections.ConfigDict, model: Any = None):
     if model is None:
         model = models.create_model(config.model, ds.num_classes)
     net, tx = as_net(model), make_optimizer(config.optimizer, config.num_steps)
+    Placement.for_config(config)  # devices available, sizes divisible: checked before any write
     _check_model(net, tx, ds, len(probe_idx))
     return ds, probe_idx, net, tx
 
@@ -344,8 +390,11 @@ def _train(config, workdir: Path, ds, probe_idx, model, tx) -> dict:
     """train_and_evaluate's body, run while holding the workdir's lock."""
     resume = _open_workdir(config, workdir)
 
-    probe = jax.device_put({"x": ds.x_val[probe_idx], "y": ds.y_val[probe_idx]})
-    init_fn = jax.jit(functools.partial(create_train_state, model, tx))
+    mesh = Placement.for_config(config)
+    probe = jax.device_put({"x": ds.x_val[probe_idx], "y": ds.y_val[probe_idx]}, mesh.data)
+    init_fn = jax.jit(
+        functools.partial(create_train_state, model, tx), out_shardings=mesh.replicated
+    )
     state = init_fn(jax.random.key(config.seed), probe["x"])
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
     start = 0
@@ -364,7 +413,7 @@ def _train(config, workdir: Path, ds, probe_idx, model, tx) -> dict:
 
     step_fns = make_step_fns(model, tx)
     eval_fn = jax.jit(functools.partial(eval_step, model=model))
-    eval_batches = _eval_batches(ds, config.eval_batch_size)
+    eval_batches = _eval_batches(ds, config.eval_batch_size, mesh.data)
     evaluate_now = lambda params: evaluate(eval_fn, params, eval_batches, len(ds.y_val))
     stab_steps = log_spaced_steps(n_steps := config.num_steps, config.stability.num_points)
     stab_fn = jax.jit(
@@ -375,7 +424,8 @@ def _train(config, workdir: Path, ds, probe_idx, model, tx) -> dict:
     probe_now = lambda step, params: (
         stab_fn(params, stab_x, jax.random.fold_in(stab_key, step)) if step in stab_steps else {}
     )
-    batch_iter = data.batches(ds, config.batch_size, config.seed, start_step=start)
+    batches = data.batches(ds, config.batch_size, config.seed, start_step=start)
+    batch_iter = (jax.device_put(b, mesh.data) for b in batches)
     rec = config.record
 
     writer, scalars = records.MetricsWriter(workdir), live.Scalars(workdir, start)
