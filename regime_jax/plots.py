@@ -5,8 +5,10 @@ probe outputs, and returns a bare matplotlib ``Figure`` (Agg; no pyplot, nothing
 pyplot's figure list). A notebook shows it as PNG when it is a cell's value (``_repr_png_``, no
 ``%matplotlib`` needed); a script calls ``fig.savefig("x.png")``.
 
->>> run = records.load_run("runs/mlp_mnist1d")              # doctest: +SKIP
->>> timescales_figure(run).savefig("timescales.png")       # doctest: +SKIP
+Example (needs a run directory, so not a doctest)::
+
+    run = records.load_run("runs/mlp_mnist1d")
+    timescales_figure(run).savefig("timescales.png")
 """
 
 from __future__ import annotations

@@ -9,9 +9,11 @@
     layer ``bits/<layer>`` (uint8, little bit order, packed along units) and
     ``units/<layer>`` (the unit count that unpacks them exactly).
 
->>> run = load_run("runs/mlp_mnist1d")            # doctest: +SKIP
->>> steps, flips = run.series("flip/all")         # doctest: +SKIP
->>> fc1 = run.masks(run.mask_steps[-1])["fc1"].unpack()   # bool [P, U]
+Example (needs a run directory, so not a doctest)::
+
+    run = load_run("runs/mlp_mnist1d")
+    steps, flips = run.series("flip/all")
+    fc1 = run.masks(run.mask_steps[-1])["fc1"].unpack()
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ walks ``<sweep>/<setting>/<optimizer>/seed_<k>/`` and writes ``summary.json``, `
 ``figures/*.png``. Never imports training code; matplotlib is imported only to plot, on a bare
 ``matplotlib.figure.Figure`` (Agg canvas, no pyplot, no display).
 
->>> print(build_report("runs/reproduce")["table"])   # doctest: +SKIP
+Example (needs a run directory, so not a doctest)::
+
+    print(build_report("runs/reproduce")["table"])
 """
 
 from __future__ import annotations

@@ -345,8 +345,10 @@ class Restored:
 def restore(config: ml_collections.ConfigDict, workdir: str | Path, model: Any = None) -> Restored:
     """The initial state (rebuilt from ``config.seed``) and newest checkpoint of a run.
 
-    >>> r = restore(config, "runs/mlp_mnist1d")  # doctest: +SKIP
-    >>> analyzer.flip_rates(r.initial.masks, r.latest.masks)["all"]  # doctest: +SKIP
+    Example (needs a run directory, so not a doctest)::
+
+        r = restore(config, "runs/mlp_mnist1d")
+        analyzer.flip_rates(r.initial.masks, r.latest.masks)["all"]
     """
     ds, probe_idx, model, tx = _build(config, model)
     probe_x = ds.x_val[probe_idx]

@@ -11,9 +11,6 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-os.environ["JAX_PLATFORMS"] = "cpu"
-
 import jax
 import numpy as np
 from conftest import tiny_config
@@ -72,5 +69,9 @@ def main(workdir: str) -> None:
 
 
 if __name__ == "__main__":
+    # Before the first device query (JAX reads these when its backend starts), and only here:
+    # importing this file (pytest's doctest collection does) changes nothing.
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.dirname(__file__))
     main(sys.argv[1])
