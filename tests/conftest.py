@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -21,6 +24,25 @@ def tiny_config(**overrides):
     c.log_every_steps, c.eval_every_steps, c.eval_batch_size = 5, 6, 256
     apply_overrides(c, overrides, "tiny_config")
     return c
+
+
+def wait_for_signal_handlers(proc, timeout_s: float = 60) -> None:
+    """Waits until subprocess ``proc`` has installed its SIGTERM handler (or has exited).
+
+    regime_jax's commands install their SIGINT and SIGTERM handlers together, first thing;
+    Python's own SIGINT handler is there from the start, so SIGTERM is the one that tells.
+    Linux only: reads SigCgt in /proc/<pid>/status.
+    """
+    deadline = time.time() + timeout_s
+    while proc.poll() is None and time.time() < deadline:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        line = next(ln for ln in status.splitlines() if ln.startswith("SigCgt"))
+        if int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1:
+            return
+        time.sleep(0.005)
+
+
+HAS_PROC = Path("/proc/self/status").exists()
 
 
 @pytest.fixture

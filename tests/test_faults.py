@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import HAS_PROC, tiny_config, wait_for_signal_handlers
 
 from regime_jax import checkpoint, data, records, report, rundir, train
 from regime_jax.config import ConfigError
@@ -315,25 +315,12 @@ def test_sigterm_during_start_up_is_one_line_and_exit_143(tmp_path):
     assert err.startswith("regime_jax: ")
 
 
-def _catches_sigterm(pid: int) -> bool:
-    """Whether ``pid`` has installed its SIGTERM handler (Linux: SigCgt in /proc/<pid>/status).
-
-    regime_jax.main installs its SIGINT and SIGTERM handlers together, first thing; Python's
-    own SIGINT handler is there from the start, so SIGTERM is the one that tells.
-    """
-    status = Path(f"/proc/{pid}/status").read_text()
-    caught = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt")), 16)
-    return bool(caught >> (signal.SIGTERM - 1) & 1)
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="needs Linux /proc")
 def test_sigint_during_imports_is_one_line_and_exit_130(tmp_path):
     proc = subprocess.Popen(
         _cli(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 60
-    while not _catches_sigterm(proc.pid) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)  # the handlers come first; JAX is still being imported after them
+    wait_for_signal_handlers(proc)  # then JAX is still being imported
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

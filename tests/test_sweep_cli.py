@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HAS_PROC, wait_for_signal_handlers
 
 ROOT = Path(__file__).parent.parent
 QUICK = f"--config={ROOT / 'experiments' / 'reproduce.py'}:quick"
@@ -128,14 +129,7 @@ def test_help_lists_the_flags_and_the_sweep_fields_with_defaults():
     assert done.returncode == 0 and "--config.seeds='[0, 1]'" in done.stdout
 
 
-def _catches_sigterm(pid: int) -> bool:
-    """Whether process ``pid`` has a SIGTERM handler (Linux: SigCgt in /proc/<pid>/status)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    caught = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt")), 16)
-    return bool(caught >> (signal.SIGTERM - 1) & 1)
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="needs Linux /proc")
 def test_sigterm_at_start_up_is_one_line_and_exit_143(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "regime_jax.sweep", QUICK, f"--workdir={tmp_path / 'w'}"],
@@ -144,9 +138,7 @@ def test_sigterm_at_start_up_is_one_line_and_exit_143(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 60
-    while not _catches_sigterm(proc.pid) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)  # the handler is installed first thing, still importing after it
+    wait_for_signal_handlers(proc)  # then JAX is still being imported
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
