@@ -55,6 +55,7 @@ only on the function, never on the values: every trace gives the same names.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -239,16 +240,8 @@ def _eval(
 
 def _bind(eqn: jex.JaxprEqn, invals: Sequence[Any], scope: str) -> Any:
     params = eqn.primitive.get_bind_params(eqn.params)
-    with jax.named_scope(scope) if scope else _nullcontext(), eqn.ctx.manager:
+    with jax.named_scope(scope) if scope else contextlib.nullcontext(), eqn.ctx.manager:
         return eqn.primitive.bind(*invals, **params)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _eval_higher_order(eqn, invals, in_scopes, scope, rec: _Recorder) -> list[Any]:

@@ -177,14 +177,17 @@ def write_config(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------- which rows a run must have
 
 
-def _itstime(step: int, every: int, last: int) -> bool:
-    return step == last or (every > 0 and step % every == 0)  # = train.itstime
+def itstime(step: int, every: int, last: int) -> bool:
+    """True on multiples of ``every`` and at the final step (the loop's cadence predicate)."""
+    return step == last or (every > 0 and step % every == 0)
 
 
-def _log_spaced(num_steps: int, num_points: int) -> set[int]:
-    if num_points <= 0:  # = train.log_spaced_steps
-        return set()
-    return {0, num_steps, *np.geomspace(1, num_steps, num_points).round().astype(int).tolist()}
+def log_spaced_steps(num_steps: int, num_points: int) -> frozenset[int]:
+    """Step 0, ``num_steps`` and ``num_points`` log-spaced steps between (none if 0 points)."""
+    if num_points <= 0:
+        return frozenset()
+    inner = np.geomspace(1, num_steps, num_points).round().astype(int)
+    return frozenset({0, num_steps, *inner.tolist()})
 
 
 def expected_steps(config: Mapping[str, Any], upto: int | None = None) -> tuple[list, list]:
@@ -197,13 +200,13 @@ def expected_steps(config: Mapping[str, Any], upto: int | None = None) -> tuple[
     n = int(config["num_steps"])
     rec = config["record"]
     every, snap, evals = rec["every_steps"], rec["snapshot_every_steps"], config["eval_every_steps"]
-    stab = _log_spaced(n, int(config.get("stability", {}).get("num_points", 0)))
+    stab = log_spaced_steps(n, int(config.get("stability", {}).get("num_points", 0)))
     rows, snaps = [0], [0]
     for step in range(1, min(n, n if upto is None else upto) + 1):
-        record = _itstime(step, every, n)
-        if record or step in stab or _itstime(step, evals, n):
+        record = itstime(step, every, n)
+        if record or step in stab or itstime(step, evals, n):
             rows.append(step)
-        if record and _itstime(step, snap, n):
+        if record and itstime(step, snap, n):
             snaps.append(step)
     return rows, snaps
 

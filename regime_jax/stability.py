@@ -57,7 +57,7 @@ import numpy as np
 
 from regime_jax import bitmask
 from regime_jax.capture import CaptureError, PreactsFn
-from regime_jax.models.adapt import as_net
+from regime_jax.models.adapt import as_net, is_model
 
 ALL = "all"  # key of the every-layer-together summaries
 
@@ -294,10 +294,7 @@ def _dtype_of(params: Any):
 
 def _as_preacts_fn(preacts_fn: Any) -> PreactsFn:
     """A linen / NNX module or a ``models.Net`` is read through capture_relus; a function as is."""
-    try:
-        return as_net(preacts_fn).preacts_fn
-    except TypeError:
-        return preacts_fn
+    return as_net(preacts_fn).preacts_fn if is_model(preacts_fn) else preacts_fn
 
 
 def _forward(preacts_fn: PreactsFn, params: Any, x: jax.Array):

@@ -26,7 +26,6 @@ sweep goes on; :func:`run_sweep` returns the failures.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 import time
@@ -43,7 +42,7 @@ import ml_collections
 from absl import flags
 
 from regime_jax import cli, report, train
-from regime_jax.config import ConfigError, validate_config
+from regime_jax.config import ConfigError, load_config, validate_config
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -67,14 +66,8 @@ class RunSpec:
 
 
 def load_experiment(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of the experiment module at ``path``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file {str(path)!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """``get_config(arg)`` of the experiment module at ``path`` (``config.load_config``)."""
+    return load_config(str(path) if arg is None else f"{path}:{arg}")
 
 
 def flatten(overrides: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:

@@ -41,6 +41,7 @@ from regime_jax import (
 from regime_jax.bitmask import Packed
 from regime_jax.config import CUSTOM_MODEL, ConfigError, probe_config, validate_config
 from regime_jax.models.adapt import Net, as_net
+from regime_jax.records import itstime, log_spaced_steps
 
 Patterns = dict[str, Packed]
 
@@ -116,7 +117,7 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     monitored, monitor = _monitor(net, probe["x"]).update(
-        state.monitor, params, updates, patterns=record, probe_x=probe["x"]
+        state.monitor, params, updates, patterns=record
     )
     metrics = {
         "train/loss": loss,
@@ -211,19 +212,6 @@ def evaluate(eval_fn, params: Any, batches: list[dict[str, jax.Array]], n: int):
     return {"eval/loss": loss, "eval/acc": sum(s["correct"] for s in sums) / n}
 
 
-def log_spaced_steps(num_steps: int, num_points: int) -> frozenset[int]:
-    """Step 0, ``num_steps`` and ``num_points`` log-spaced steps between (none if 0 points)."""
-    if num_points <= 0:
-        return frozenset()
-    inner = np.geomspace(1, num_steps, num_points).round().astype(int)
-    return frozenset({0, num_steps, *inner.tolist()})
-
-
-def itstime(step: int, every: int, last: int) -> bool:
-    """True on multiples of ``every`` and at the final step."""
-    return step == last or (every > 0 and step % every == 0)
-
-
 class _Fetcher:
     """Holds device metrics until the log cadence, then writes rows and mask snapshots."""
 
@@ -305,7 +293,7 @@ def with_model(config: ml_collections.ConfigDict, model: Any) -> ml_collections.
 
 
 def _build(config: ml_collections.ConfigDict, model: Any = None):
-    """Validated config -> (dataset, probe indices, net, optimizer); no arrays computed."""
+    """Validated config -> (dataset, probe indices, net, optimizer, placement); no compute."""
     validate_config(config)
     if model is None and config.model.name == CUSTOM_MODEL:
         raise ConfigError(
@@ -317,9 +305,9 @@ def _build(config: ml_collections.ConfigDict, model: Any = None):
     if model is None:
         model = models.create_model(config.model, ds.num_classes)
     net, tx = as_net(model), make_optimizer(config.optimizer, config.num_steps)
-    Placement.for_config(config)  # devices available, sizes divisible: checked before any write
+    place = Placement.for_config(config)  # devices there, sizes divisible: before any write
     _check_model(net, tx, ds, len(probe_idx))
-    return ds, probe_idx, net, tx
+    return ds, probe_idx, net, tx, place
 
 
 def _check_model(net: Net, tx: optax.GradientTransformation, ds: data.Dataset, size: int):
@@ -350,7 +338,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str | Path, model: Any =
         r = restore(config, "runs/mlp_mnist1d")
         analyzer.flip_rates(r.initial.masks, r.latest.masks)["all"]
     """
-    ds, probe_idx, model, tx = _build(config, model)
+    ds, probe_idx, model, tx, _ = _build(config, model)
     probe_x = ds.x_val[probe_idx]
     initial = create_train_state(model, tx, jax.random.key(config.seed), probe_x)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
@@ -381,21 +369,20 @@ def train_and_evaluate(
     """
     if model is not None:
         config = with_model(config, model)
-    ds, probe_idx, model, tx = _build(config, model)
+    ds, probe_idx, model, tx, place = _build(config, model)
     workdir = Path(workdir)
     data.check_batch_size(ds, config.batch_size)
     with rundir.lock(workdir):  # before anything in workdir is written
-        return _train(config, workdir, ds, probe_idx, model, tx)
+        return _train(config, workdir, ds, probe_idx, model, tx, place)
 
 
-def _train(config, workdir: Path, ds, probe_idx, model, tx) -> dict:
+def _train(config, workdir: Path, ds, probe_idx, model, tx, place: Placement) -> dict:
     """train_and_evaluate's body, run while holding the workdir's lock."""
     resume = _open_workdir(config, workdir)
 
-    mesh = Placement.for_config(config)
-    probe = jax.device_put({"x": ds.x_val[probe_idx], "y": ds.y_val[probe_idx]}, mesh.data)
+    probe = jax.device_put({"x": ds.x_val[probe_idx], "y": ds.y_val[probe_idx]}, place.data)
     init_fn = jax.jit(
-        functools.partial(create_train_state, model, tx), out_shardings=mesh.replicated
+        functools.partial(create_train_state, model, tx), out_shardings=place.replicated
     )
     state = init_fn(jax.random.key(config.seed), probe["x"])
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
@@ -415,7 +402,7 @@ def _train(config, workdir: Path, ds, probe_idx, model, tx) -> dict:
 
     step_fns = make_step_fns(model, tx)
     eval_fn = jax.jit(functools.partial(eval_step, model=model))
-    eval_batches = _eval_batches(ds, config.eval_batch_size, mesh.data)
+    eval_batches = _eval_batches(ds, config.eval_batch_size, place.data)
     evaluate_now = lambda params: evaluate(eval_fn, params, eval_batches, len(ds.y_val))
     stab_steps = log_spaced_steps(n_steps := config.num_steps, config.stability.num_points)
     stab_fn = jax.jit(
@@ -427,7 +414,7 @@ def _train(config, workdir: Path, ds, probe_idx, model, tx) -> dict:
         stab_fn(params, stab_x, jax.random.fold_in(stab_key, step)) if step in stab_steps else {}
     )
     batches = data.batches(ds, config.batch_size, config.seed, start_step=start)
-    batch_iter = (jax.device_put(b, mesh.data) for b in batches)
+    batch_iter = (jax.device_put(b, place.data) for b in batches)
     rec = config.record
 
     writer, scalars = records.MetricsWriter(workdir), live.Scalars(workdir, start)

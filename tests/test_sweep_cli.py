@@ -45,9 +45,21 @@ def _tiny_sweep(tmp_path: Path, num_steps: int) -> str:
     return f"--config={path}"
 
 
+def _command(*args) -> list[str]:
+    return [sys.executable, "-m", "regime_jax.sweep", *args]
+
+
 def _sweep(*args, **kwargs) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "regime_jax.sweep", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        _command(*args), cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs
+    )
+
+
+def _start_sweep(*args) -> subprocess.Popen:
+    """The sweep in the background (to be signalled), output captured."""
+    return subprocess.Popen(
+        _command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _one_line(done: subprocess.CompletedProcess, code: int, kind: str = "error: ") -> str:
@@ -131,13 +143,7 @@ def test_help_lists_the_flags_and_the_sweep_fields_with_defaults():
 
 @pytest.mark.skipif(not HAS_PROC, reason="needs Linux /proc")
 def test_sigterm_at_start_up_is_one_line_and_exit_143(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "regime_jax.sweep", QUICK, f"--workdir={tmp_path / 'w'}"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_sweep(QUICK, f"--workdir={tmp_path / 'w'}")
     wait_for_signal_handlers(proc)  # then JAX is still being imported
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -149,13 +155,7 @@ def test_sigterm_at_start_up_is_one_line_and_exit_143(tmp_path):
 def test_sigint_during_a_run_stops_it_with_a_checkpoint_and_exits_130(tmp_path):
     workdir = tmp_path / "w"
     config = _tiny_sweep(tmp_path, 100_000)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "regime_jax.sweep", config, f"--workdir={workdir}"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_sweep(config, f"--workdir={workdir}")
     metrics = workdir / "tiny" / "a" / "seed_0" / "metrics.jsonl"
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:

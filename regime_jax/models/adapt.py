@@ -55,6 +55,11 @@ def nnx_apply(module: nnx.Module) -> tuple[Callable[[Any, jax.Array], Any], nnx.
     return apply_fn, params
 
 
+def is_model(obj: Any) -> bool:
+    """Whether :func:`as_net` takes ``obj``: a Net, a linen module or an NNX module."""
+    return isinstance(obj, Net | nn.Module | nnx.Module)
+
+
 def as_net(model: Any) -> Net:
     """A :class:`Net` for a linen module, an NNX module or a Net (returned as is).
 
