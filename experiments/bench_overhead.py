@@ -38,13 +38,13 @@ import jax.numpy as jnp
 import optax
 
 import regime_jax as rj
-from regime_jax import bitmask, models, train
+from regime_jax import bitmask, models, step
 from regime_jax.models.adapt import as_net
 
 
 def _plain_step(state, batch, probe, *, model, tx, forward_probe):
     net = as_net(model)
-    (loss, _), grads = jax.value_and_grad(train._loss_fn, has_aux=True)(state.params, batch, net)
+    (loss, _), grads = jax.value_and_grad(step._loss_fn, has_aux=True)(state.params, batch, net)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     out = {"train/loss": loss}
@@ -139,7 +139,7 @@ def main() -> None:
         return params, tx.init(params), monitor.init(params)
 
     def fresh_state():
-        return train.create_train_state(model, tx, jax.random.key(1), probe["x"])
+        return step.create_train_state(model, tx, jax.random.key(1), probe["x"])
 
     def user_variant(mode):
         step = functools.partial(_user_step, apply_fn=user_apply, tx=tx, monitor=monitor, mode=mode)
@@ -156,7 +156,7 @@ def main() -> None:
             functools.partial(_plain_step, model=model, tx=tx, forward_probe=True),
             donate_argnames="state",
         ),
-        "monitored": train.make_step_fns(model, tx)[True],
+        "monitored": step.make_step_fns(model, tx)[True],
         "user": user_variant("plain"),
         "user+probe": user_variant("probe"),
         "user+mon": user_variant("monitor"),

@@ -34,10 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from regime_jax import bitmask
-from regime_jax.bitmask import Packed
+from regime_jax.bitmask import Packed, Patterns
 from regime_jax.capture import CaptureError
-
-Patterns = Mapping[str, Packed]
 
 
 def _check_patterns(cur: Patterns) -> None:

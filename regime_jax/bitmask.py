@@ -10,6 +10,8 @@ them set. Works on jax and numpy arrays alike (jnp functions, jit-able).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +41,11 @@ class Packed:
     @property
     def num_bits(self) -> int:
         return num_bits(self.bits.shape, self.units)
+
+
+# The packed patterns of every recorded layer of a model, keyed by layer name: the one type
+# the step, the monitor, the analyzer and the records pass around.
+Patterns = Mapping[str, Packed]
 
 
 def active(z: jax.Array) -> jax.Array:

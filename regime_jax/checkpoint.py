@@ -1,6 +1,6 @@
 """Orbax save / restore of everything a resumed run needs.
 
-A checkpoint at step ``t`` holds the whole :class:`~regime_jax.train.TrainState`: params,
+A checkpoint at step ``t`` holds the whole :class:`~regime_jax.step.TrainState`: params,
 optimizer state, the step counter and the packed probe patterns of the last record step (the
 previous masks the next flip rate needs). Nothing else is needed for an exact resume: the
 data position is the step itself (batches are a pure function of ``(seed, step)``), the

@@ -1,5 +1,9 @@
 """Dataset registry, the fixed probe set and deterministic batching.
 
+Every dataset is a name in :data:`regime_jax.registry.DATASETS`: ``register_dataset(name,
+loader)`` adds a user's ``loader(config.dataset) -> Dataset``, and ``train_and_evaluate(...,
+dataset=Dataset(...))`` takes arrays directly.
+
 Embedded, offline datasets (no network, ever):
   * ``mnist1d``: MNIST-1D generated locally by ``mnist1d.data.make_dataset`` (never its
     download path); x ``[N, 40]`` float32 standardized with train statistics.
@@ -31,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from regime_jax import registry
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -180,21 +186,50 @@ def _tfds(name: str, num_classes: int) -> Callable[..., Dataset]:
 
 EMBEDDED = ("digits", "mnist1d")
 TFDS = ("cifar10", "fashion_mnist", "mnist")
-DATASETS = EMBEDDED + TFDS
 MNIST1D_MIN_SAMPLES = 10  # one example per class; make_dataset returns nothing below
 
 
+def load_mnist1d(cfg: Mapping[str, Any]) -> Dataset:
+    """MNIST-1D from ``dataset.num_samples`` and ``dataset.seed`` (generated, offline)."""
+    num_samples = int(cfg.get("num_samples", 5000))
+    if num_samples < MNIST1D_MIN_SAMPLES:
+        raise ValueError(
+            f"dataset.num_samples={num_samples} is too small for mnist1d; allowed values: "
+            f">= {MNIST1D_MIN_SAMPLES}"
+        )
+    return _mnist1d(num_samples, int(cfg.get("seed", 42)))
+
+
+def load_digits(cfg: Mapping[str, Any]) -> Dataset:
+    """scikit-learn's 8x8 digits, split by ``dataset.seed`` (bundled, offline)."""
+    return _digits(int(cfg.get("seed", 0)))
+
+
+def _tfds_loader(name: str) -> Callable[[Mapping[str, Any]], Dataset]:
+    def load(cfg: Mapping[str, Any]) -> Dataset:
+        return _tfds(name, 10)(cfg.get("data_dir"), bool(cfg.get("download", True)))
+
+    load.__doc__ = f"tfds {name!r} through ``tfds.data_source`` (see the module docstring)."
+    return load
+
+
+load_mnist = _tfds_loader("mnist")
+load_fashion_mnist = _tfds_loader("fashion_mnist")
+load_cifar10 = _tfds_loader("cifar10")
+
+DATASETS = registry.DATASETS
+register_dataset = DATASETS.register  # register_dataset(name, loader(cfg) -> Dataset)
+
+
 def load_dataset(cfg: Mapping[str, Any]) -> Dataset:
-    """Loads ``cfg["name"]`` (see module docstring); unknown names raise naming the choices."""
-    name = cfg.get("name")
-    if name == "mnist1d":
-        return _mnist1d(int(cfg.get("num_samples", 5000)), int(cfg.get("seed", 42)))
-    if name == "digits":
-        return _digits(int(cfg.get("seed", 0)))
-    if name in TFDS:
-        loader = _tfds(name, 10)
-        return loader(cfg.get("data_dir"), bool(cfg.get("download", True)))
-    raise ValueError(f"dataset.name={name!r} is unknown; allowed values: {sorted(DATASETS)}")
+    """Loads ``cfg["name"]`` through the registry; unknown names raise naming the choices."""
+    ds = DATASETS.get(cfg.get("name"))(cfg)
+    if not isinstance(ds, Dataset):
+        raise TypeError(
+            f"dataset.name={cfg.get('name')!r}: the loader returned "
+            f"{type(ds).__name__}, not a regime_jax.data.Dataset"
+        )
+    return ds
 
 
 def probe_indices(num_val: int, size: int, seed: int) -> np.ndarray:

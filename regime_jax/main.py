@@ -64,7 +64,7 @@ def run(argv: list[str]) -> int:
     if cli.wants_help(argv[1:]):
         print(_help(argv[1:]))
         return 0
-    from regime_jax import checkpoint, data, records, rundir, train
+    from regime_jax import checkpoint, data, loop, records, rundir
     from regime_jax.config import ConfigError
 
     user_errors = (
@@ -80,11 +80,11 @@ def run(argv: list[str]) -> int:
     try:
         config, workdir = parse(argv)
         cli.quiet_logging()
-        train.train_and_evaluate(config, workdir)
-    except train.NonFinite as err:
+        loop.train_and_evaluate(config, workdir)
+    except loop.NonFinite as err:
         err_line(f"stopped: {err}")
         return 1
-    except train.Interrupted as err:
+    except loop.Interrupted as err:
         err_line(str(err))
         return err.exit_code
     except user_errors as err:

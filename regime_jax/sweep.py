@@ -16,7 +16,7 @@ The sweep config (a ConfigDict, see ``experiments/reproduce.py``) has
 
 Composition order, later wins: experiment's ``get_config(arg)`` < sweep ``overrides`` <
 setting ``overrides`` < ``optimizers[name]`` < setting ``optimizers[name]`` < seed. An
-override must name an existing field. The whole grid is validated (``validate_config``) before
+override must name an existing field. The whole grid is validated (``loop.check_config``) before
 any run starts. Run ``k`` goes to ``<workdir>/<setting>/<optimizer>/seed_<k>/``; a run with
 ``summary.json`` is finished and skipped, any other run (re)starts afresh (``overwrite``).
 ``<workdir>/sweep.json`` holds the resolved grid. A run that raises is reported and the
@@ -41,8 +41,8 @@ if __name__ == "__main__":
 import ml_collections
 from absl import flags
 
-from regime_jax import cli, report, train
-from regime_jax.config import ConfigError, load_config, validate_config
+from regime_jax import cli, loop, report
+from regime_jax.config import ConfigError, load_config
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -141,7 +141,7 @@ def expand_grid(sweep: ml_collections.ConfigDict) -> list[RunSpec]:
             for seed in sweep.seeds:
                 config = _compose(sweep, setting, opt, seed)
                 try:
-                    validate_config(config)
+                    loop.check_config(config)
                 except ConfigError as err:
                     where = f"setting {setting['name']!r} (optimizer {opt!r}, seed {seed})"
                     raise ConfigError(f"{where}: {err}") from err
@@ -164,7 +164,7 @@ def _write_grid(workdir: Path, sweep, specs: list[RunSpec]) -> None:
 def _run_one(spec: RunSpec, rundir: Path) -> str:
     """Trains one run (train writes its summary.json) and returns a progress line."""
     tic = time.perf_counter()
-    train.train_and_evaluate(spec.config, rundir)
+    loop.train_and_evaluate(spec.config, rundir)
     summary = json.loads((rundir / report.SUMMARY).read_text())
     acc, ratio = summary["final"]["eval/acc"], report.main_ratio(summary)
     status = summary["lag"]["abs"][summary["main_rule"]]["status"]
@@ -198,7 +198,7 @@ def run_sweep(
         try:
             log(f"{head} | {_run_one(spec, rundir)}")
             ran.append(spec.path)
-        except train.Interrupted as err:  # SIGINT / SIGTERM: the run saved its checkpoint
+        except loop.Interrupted as err:  # SIGINT / SIGTERM: the run saved its checkpoint
             err.sweep_run = spec.path
             stopped = f"STOPPED by {signals.name(err.signum)} at step {err.step}"
             log(f"{head} | {stopped}, checkpoint saved")
@@ -268,7 +268,7 @@ def run(argv: list[str]) -> int:
         if flags.FLAGS.compilation_cache:
             enable_compilation_cache(workdir / ".jax_cache")
         result = run_sweep(sweep, workdir)
-    except train.Interrupted as err:
+    except loop.Interrupted as err:
         run_path = getattr(err, "sweep_run", "?")
         err_line(
             f"{run_path}: {signals.name(err.signum)}: stopped at step {err.step} with a "

@@ -16,41 +16,42 @@ import numpy as np
 from conftest import tiny_config
 
 from regime_jax import config as config_lib
-from regime_jax import data, train
+from regime_jax import data, loop, models, step
+from regime_jax.models.adapt import as_net
 
 
 def main(workdir: str) -> None:
     out = {"devices": jax.local_device_count()}
     traces = collections.Counter()
-    real_step = train.train_step
+    real_step = step.train_step
 
     def counting_step(*args, record, **kwargs):
         traces[record] += 1  # runs only while tracing
         return real_step(*args, record=record, **kwargs)
 
-    train.train_step = counting_step
+    step.train_step = counting_step
     for n in (1, 8):
         traces.clear()
         config = tiny_config(
             **{"parallel.devices": n, "record.every_steps": 2, "record.snapshot_every_steps": 2}
         )
-        train.train_and_evaluate(config, f"{workdir}/d{n}")
+        loop.train_and_evaluate(config, f"{workdir}/d{n}")
         out[f"traces_{n}"] = {str(k): v for k, v in traces.items()}
-    train.train_step = real_step
+    step.train_step = real_step
 
     config = tiny_config(**{"parallel.devices": 8})
-    place = train.Placement.for_config(config)
+    place = loop.build(config).place
     ds = data.load_dataset(config.dataset)
     idx = data.probe_indices(len(ds.y_val), config.probe.size, config.probe.seed)
     probe = jax.device_put({"x": ds.x_val[idx], "y": ds.y_val[idx]}, place.data)
-    net = train.as_net(train.models.create_model(config.model, ds.num_classes))
-    tx = train.make_optimizer(config.optimizer, config.num_steps)
+    net = as_net(models.create_model(config.model, ds.num_classes))
+    tx = step.make_optimizer(config.optimizer, config.num_steps)
     init = jax.jit(
-        lambda key, x: train.create_train_state(net, tx, key, x), out_shardings=place.replicated
+        lambda key, x: step.create_train_state(net, tx, key, x), out_shardings=place.replicated
     )
     state = init(jax.random.key(0), probe["x"])
     batch = jax.device_put(next(data.batches(ds, config.batch_size, 0)), place.data)
-    state, metrics, _ = train.make_step_fns(net, tx)[True](state, batch, probe)
+    state, metrics, _ = step.make_step_fns(net, tx)[True](state, batch, probe)
     leaf = jax.tree.leaves(state.params)[0]
     data_spec = jax.sharding.PartitionSpec("data")
     out["probe_on_data"] = probe["x"].sharding.spec == data_spec
@@ -61,7 +62,7 @@ def main(workdir: str) -> None:
     out["flip_is_scalar"] = np.ndim(metrics["flip/all"]) == 0
     for n in (3, 16):
         try:
-            train.Placement.for_config(tiny_config(**{"parallel.devices": n}))
+            loop.build(tiny_config(**{"parallel.devices": n}))
             out[f"error_{n}"] = None
         except config_lib.ConfigError as err:
             out[f"error_{n}"] = str(err)

@@ -6,7 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import tiny_config
 
-from regime_jax import data, train
+from regime_jax import data, loop, step
 from regime_jax.config import ConfigError, validate_config
 
 
@@ -17,8 +17,8 @@ def no_training(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("training started before the config error was raised")
 
-    monkeypatch.setattr(train, "create_train_state", boom)
-    monkeypatch.setattr(train, "make_step_fns", boom)
+    monkeypatch.setattr(step, "create_train_state", boom)
+    monkeypatch.setattr(step, "make_step_fns", boom)
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def no_training(monkeypatch):
 def test_bad_field_is_named_before_training(override, expected, tmp_path, no_training):
     config = tiny_config(**override)
     with pytest.raises(ConfigError) as err:
-        train.train_and_evaluate(config, tmp_path)
+        loop.train_and_evaluate(config, tmp_path)
     for text in expected:
         assert text in str(err.value)
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -54,7 +54,7 @@ def test_bad_field_is_named_before_training(override, expected, tmp_path, no_tra
 def test_probe_larger_than_validation_split(tmp_path, no_training):
     config = tiny_config(**{"dataset.name": "digits", "probe.size": 100_000})
     with pytest.raises(ValueError, match=r"probe.size=100000 must be in \[1, 359\]"):
-        train.train_and_evaluate(config, tmp_path)
+        loop.train_and_evaluate(config, tmp_path)
 
 
 def test_batch_larger_than_training_split():
@@ -85,4 +85,4 @@ def test_tfds_loader_under_mock_data():
 def test_warmup_not_below_num_steps_is_refused(tmp_path, no_training):
     config = tiny_config(**{"optimizer.warmup_steps": 12, "optimizer.schedule": "cosine"})
     with pytest.raises(ConfigError, match=r"optimizer\.warmup_steps=12; allowed values: 0\.\.11"):
-        train.train_and_evaluate(config, tmp_path)
+        loop.train_and_evaluate(config, tmp_path)

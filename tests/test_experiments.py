@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tensorflow_datasets as tfds
 
-from regime_jax import data, records, train
+from regime_jax import data, loop, records
 
 EXPERIMENTS = sorted(Path(__file__).parent.parent.glob("experiments/*.py"))
 
@@ -41,7 +41,7 @@ def test_docstring_holds_command_and_expected_result(path):
 
 @pytest.mark.parametrize(("path", "config"), _configs())
 def test_quick_variant_runs_and_reads_back(path, config, tmp_path):
-    last = train.train_and_evaluate(config, tmp_path)
+    last = loop.train_and_evaluate(config, tmp_path)
     run = records.load_run(tmp_path)
     assert run.rows[-1]["step"] == config.num_steps == last["step"]
     assert run.mask_steps[0] == 0 and run.mask_steps[-1] == config.num_steps
@@ -60,7 +60,7 @@ def test_quick_variant_runs_and_reads_back(path, config, tmp_path):
 def test_tfds_experiment_under_mock_data(path, tmp_path):
     config = load_config(path)
     with tfds.testing.mock_data(num_examples=96):
-        train.train_and_evaluate(config, tmp_path)
+        loop.train_and_evaluate(config, tmp_path)
     run = records.load_run(tmp_path)
     assert run.rows[-1]["step"] == config.num_steps
     first = run.masks(0)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import HAS_PROC, tiny_config, wait_for_signal_handlers
 
-from regime_jax import checkpoint, data, records, report, rundir, train
+from regime_jax import checkpoint, data, loop, records, report, rundir
 from regime_jax.config import ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -40,7 +40,7 @@ def _same_run(a, b):
 @pytest.fixture(scope="module")
 def ref12(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ref12")
-    train.train_and_evaluate(tiny_config(**CKPT), workdir)
+    loop.train_and_evaluate(tiny_config(**CKPT), workdir)
     return workdir
 
 
@@ -80,14 +80,14 @@ def test_broken_newest_checkpoint_is_set_aside_and_the_run_finishes(
     (workdir / "summary.json").unlink()
     CORRUPTIONS[corrupt](workdir / "checkpoints" / "12")
     caplog.set_level(logging.WARNING)
-    train.train_and_evaluate(tiny_config(**CKPT), workdir)
+    loop.train_and_evaluate(tiny_config(**CKPT), workdir)
     _same_run(ref12, workdir)
     assert json.loads((workdir / "summary.json").read_text())["complete"]
     if corrupt != "metadata_missing":  # orbax reads a step without its metadata file
         assert "checkpoint at step 12 is unreadable" in caplog.text
         assert (workdir / "broken_checkpoints" / "12").is_dir()
     # and again: a rerun of the finished run is a no-op, not "step 12 already exists"
-    train.train_and_evaluate(tiny_config(**CKPT), workdir)
+    loop.train_and_evaluate(tiny_config(**CKPT), workdir)
     _same_run(ref12, workdir)
 
 
@@ -96,7 +96,7 @@ def test_every_checkpoint_broken_is_one_line_each_and_nothing_is_moved(ref12, tm
     for step_dir in (tmp_path / "w" / "checkpoints").iterdir():
         _truncate(step_dir)
     with pytest.raises(checkpoint.CheckpointError) as err:
-        train.train_and_evaluate(tiny_config(**CKPT), tmp_path / "w")
+        loop.train_and_evaluate(tiny_config(**CKPT), tmp_path / "w")
     lines = str(err.value).splitlines()
     assert len(lines) == 5 and [ln.split(":")[0].strip() for ln in lines[1:4]] == [
         "step 12",
@@ -138,13 +138,13 @@ def test_records_that_end_before_the_checkpoint_are_refused(damage, expected, re
     before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
     before.pop(workdir / rundir.LOCK, None)
     with pytest.raises(records.RecordError) as err:
-        train.train_and_evaluate(tiny_config(**CKPT), workdir)
+        loop.train_and_evaluate(tiny_config(**CKPT), workdir)
     assert expected in str(err.value) and "--config.overwrite=True" in str(err.value)
     after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
     after.pop(workdir / rundir.LOCK, None)
     assert after == before  # refused without touching the run
     if damage == "delete":
-        train.train_and_evaluate(tiny_config(**CKPT, overwrite=True), workdir)
+        loop.train_and_evaluate(tiny_config(**CKPT, overwrite=True), workdir)
         _same_run(ref12, workdir)
 
 
@@ -155,7 +155,7 @@ def test_a_torn_last_line_is_dropped_and_rewritten(ref12, tmp_path):
     path = workdir / records.METRICS
     text = path.read_text()
     path.write_text(text[: text.index('{"step": 10')] + '{"step": 10, "train/lo')
-    train.train_and_evaluate(tiny_config(**CKPT), workdir)
+    loop.train_and_evaluate(tiny_config(**CKPT), workdir)
     _same_run(ref12, workdir)
 
 
@@ -164,7 +164,7 @@ def test_summary_is_complete_only_with_every_expected_row(tmp_path):
         num_steps=12,
         **{"record.every_steps": 3, "record.snapshot_every_steps": 3, "eval_every_steps": 4},
     )
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
     steps = [json.loads(r)["step"] for r in _rows(tmp_path)]
     assert steps == records.expected_steps(config)[0] == [0, 3, 4, 6, 8, 9, 12]
     assert json.loads((tmp_path / "summary.json").read_text())["complete"]
@@ -177,11 +177,11 @@ def test_expected_steps_match_the_loop_with_stability_points(tmp_path):
     config = tiny_config(num_steps=30, **{"record.every_steps": 5, "stability.num_points": 4})
     config.record.snapshot_every_steps = 10
     config.stability.num_directions, config.stability.num_radii = 2, 2
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
     run = records.load_run(tmp_path)
     rows, snaps = records.expected_steps(config)
     assert [r["step"] for r in run.rows] == rows and run.mask_steps == snaps
-    assert train.log_spaced_steps(30, 4) <= set(rows)
+    assert records.log_spaced_steps(30, 4) <= set(rows)
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
@@ -203,9 +203,9 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch)
 def test_raising_num_steps_continues_a_constant_schedule_run(tmp_path):
     short, long = tmp_path / "short", tmp_path / "long"
     extra = {"eval_every_steps": 6, "checkpoint.every_steps": 6}
-    train.train_and_evaluate(tiny_config(num_steps=12, **extra), short)
-    train.train_and_evaluate(tiny_config(num_steps=24, **extra), short)
-    train.train_and_evaluate(tiny_config(num_steps=24, **extra), long)
+    loop.train_and_evaluate(tiny_config(num_steps=12, **extra), short)
+    loop.train_and_evaluate(tiny_config(num_steps=24, **extra), short)
+    loop.train_and_evaluate(tiny_config(num_steps=24, **extra), long)
     _same_run(long, short)
     assert json.loads((short / "summary.json").read_text())["complete"]
 
@@ -222,11 +222,11 @@ def test_raising_num_steps_continues_a_constant_schedule_run(tmp_path):
     ],
 )
 def test_raising_num_steps_is_refused_where_results_depend_on_it(override, reason, tmp_path):
-    train.train_and_evaluate(tiny_config(num_steps=12, **override), tmp_path)
+    loop.train_and_evaluate(tiny_config(num_steps=12, **override), tmp_path)
     with pytest.raises(ConfigError, match=reason):
-        train.train_and_evaluate(tiny_config(num_steps=24, **override), tmp_path)
+        loop.train_and_evaluate(tiny_config(num_steps=24, **override), tmp_path)
     with pytest.raises(ConfigError, match="below the run's num_steps=12"):
-        train.train_and_evaluate(tiny_config(num_steps=6, **override), tmp_path)
+        loop.train_and_evaluate(tiny_config(num_steps=6, **override), tmp_path)
 
 
 @pytest.mark.parametrize("every", [0, pytest.param(1, marks=HEAVY)])
@@ -235,8 +235,8 @@ def test_nonfinite_message_names_the_kept_checkpoint_or_says_there_is_none(every
         num_steps=40,
         **{"optimizer.learning_rate": 1e8, "checkpoint.every_steps": every, "log_every_steps": 1},
     )
-    with pytest.raises(train.NonFinite) as err:
-        train.train_and_evaluate(config, tmp_path)
+    with pytest.raises(loop.NonFinite) as err:
+        loop.train_and_evaluate(config, tmp_path)
     kept = checkpoint.Checkpointer(tmp_path, 3)
     steps = kept.steps()
     kept.close()

@@ -11,7 +11,7 @@ import numpy as np
 from conftest import tiny_config
 from tensorboardX.proto.event_pb2 import Event
 
-from regime_jax import live, records, train
+from regime_jax import live, loop, records
 
 
 def read_events(directory: Path) -> list[Event]:
@@ -36,7 +36,7 @@ def scalars(events: list[Event]) -> dict[str, dict[int, float]]:
 
 
 def test_event_files_hold_every_scalar_of_metrics_jsonl(tmp_path):
-    train.train_and_evaluate(tiny_config(), tmp_path)
+    loop.train_and_evaluate(tiny_config(), tmp_path)
     tb = scalars(read_events(tmp_path / records.TB_DIR))
     rows = [json.loads(line) for line in (tmp_path / records.METRICS).read_text().splitlines()]
     flips = {r["step"]: r["flip/all"] for r in rows if "flip/all" in r}
@@ -48,11 +48,11 @@ def test_event_files_hold_every_scalar_of_metrics_jsonl(tmp_path):
 
 def test_resume_purges_the_rewritten_steps(tmp_path):
     config = tiny_config(num_steps=12, **{"checkpoint.every_steps": 6})
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
     # Back to the checkpoint at step 6 as a run killed there would be, then resume.
     for step in (12,):
         (tmp_path / "checkpoints" / str(step)).rename(tmp_path / f"gone_{step}")
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
     events = read_events(tmp_path / records.TB_DIR)
     starts = [e.step for e in events if e.HasField("session_log") and e.session_log.status == 1]
     assert starts == [6]  # TensorBoard drops the first file's points after step 6

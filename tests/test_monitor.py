@@ -16,7 +16,7 @@ from conftest import tiny_config
 from flax import nnx
 
 import regime_jax as rj
-from regime_jax import analyzer, data, models, records, train
+from regime_jax import analyzer, data, loop, models, records
 
 
 class UserMLP(nn.Module):
@@ -101,7 +101,7 @@ def test_user_step_traces_once_and_flips_equal_hand_count():
 
 def test_monitor_keys_are_the_metrics_jsonl_keys(tmp_path):
     config = tiny_config(num_steps=6)
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
     row = json.loads((tmp_path / records.METRICS).read_text().splitlines()[2])
     kinds = ("flip", "dead", "always_on", "step")
     measured = {k for k in row if "/" in k and k.split("/")[0] in kinds}
@@ -180,7 +180,7 @@ def test_train_and_evaluate_takes_user_models(tmp_path):
     """A linen model with nn.relu and an NNX model, trained by the built-in loop unmodified."""
     for name, model in (("linen", UserMLP()), ("nnx", UserNNX(nnx.Rngs(0)))):
         workdir = tmp_path / name
-        last = train.train_and_evaluate(tiny_config(num_steps=6), workdir, model=model)
+        last = loop.train_and_evaluate(tiny_config(num_steps=6), workdir, model=model)
         run = records.load_run(workdir)
         assert run.config["model"]["name"] == "custom"
         assert run.config["model"]["class"].endswith(type(model).__qualname__)
@@ -197,6 +197,6 @@ def test_a_model_without_relu_stops_before_any_file_is_written(tmp_path):
             return nn.Dense(10)(nn.tanh(nn.Dense(8)(x)))
 
     workdir = tmp_path / "run"
-    with pytest.raises(train.ConfigError, match=r"model: no ReLU found"):
-        train.train_and_evaluate(tiny_config(), workdir, model=TanhMLP())
+    with pytest.raises(loop.ConfigError, match=r"model: no ReLU found"):
+        loop.train_and_evaluate(tiny_config(), workdir, model=TanhMLP())
     assert not workdir.exists()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import records, train
+from regime_jax import loop, records
 from regime_jax.config import ConfigError
 
 HERE = Path(__file__).parent
@@ -75,5 +75,5 @@ def test_sizes_and_device_count_are_validated(eight):
 
 def test_more_devices_than_present_stops_before_any_write(tmp_path):
     with pytest.raises(ConfigError, match=r"parallel\.devices=2 but this process has 1"):
-        train.train_and_evaluate(tiny_config(**{"parallel.devices": 2}), tmp_path / "w")
+        loop.train_and_evaluate(tiny_config(**{"parallel.devices": 2}), tmp_path / "w")
     assert not (tmp_path / "w").exists()

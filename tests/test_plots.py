@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import models, plots, records, report, stability, train
+from regime_jax import loop, models, plots, records, report, stability
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = {
@@ -29,7 +29,7 @@ TINY = {
 def run(tmp_path_factory):
     """MLP 40-16-12-10, 12 steps, every step recorded and snapshotted; probed at 0, 1, 12."""
     workdir = tmp_path_factory.mktemp("run")
-    train.train_and_evaluate(tiny_config(**TINY), workdir)
+    loop.train_and_evaluate(tiny_config(**TINY), workdir)
     return records.load_run(workdir)
 
 

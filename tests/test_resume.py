@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import checkpoint, records, sweep, train
+from regime_jax import checkpoint, loop, models, records, step, sweep
 from regime_jax.config import ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -85,7 +85,7 @@ def _assert_same_run(a, b):
 def reference(tmp_path_factory):
     """The uninterrupted run of the same config, in this process."""
     workdir = tmp_path_factory.mktemp("reference")
-    train.train_and_evaluate(_config(), workdir)
+    loop.train_and_evaluate(_config(), workdir)
     return workdir
 
 
@@ -109,7 +109,7 @@ def test_sigint_saves_a_checkpoint_and_flushes_metrics(reference, tmp_path):
     assert ckpts.steps()[-1] == last  # the checkpoint is at the last flushed row
     ckpts.close()
     assert "resume" in out
-    train.train_and_evaluate(_config(), tmp_path)
+    loop.train_and_evaluate(_config(), tmp_path)
     _assert_same_run(reference, tmp_path)
 
 
@@ -119,7 +119,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_metrics(tmp_path):
         **{"optimizer.learning_rate": 1e8, "checkpoint.every_steps": 1, "log_every_steps": 1},
     )
     with pytest.raises(FloatingPointError, match=r"at step \d+") as err:
-        train.train_and_evaluate(config, tmp_path)
+        loop.train_and_evaluate(config, tmp_path)
     bad_step = int(str(err.value).split("at step ")[1].split(";")[0])
     rows = [json.loads(r) for r in _rows(tmp_path)]
     assert [r["step"] for r in rows] == list(range(bad_step + 1))
@@ -141,16 +141,16 @@ def test_nonfinite_exit_code_is_nonzero(tmp_path):
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     config = tiny_config(num_steps=12, **{"checkpoint.every_steps": 4, "checkpoint.keep": 3})
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
     latest = tmp_path / "checkpoints" / "12"
     victims = [p for p in latest.rglob("*") if p.is_file() and p.stat().st_size > 0]
     for victim in victims:
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
     ckpts = checkpoint.Checkpointer(tmp_path, 3)
     model, tx, key = _model_and_tx(config)
-    like = train.create_train_state(model, tx, key, np.zeros((24, 40), np.float32))
-    step, _ = ckpts.restore_latest(like)
-    assert step == 8 and "unreadable" in caplog.text
+    like = step.create_train_state(model, tx, key, np.zeros((24, 40), np.float32))
+    at, _ = ckpts.restore_latest(like)
+    assert at == 8 and "unreadable" in caplog.text
     for directory in (tmp_path / "checkpoints").iterdir():
         for f in directory.rglob("*"):
             if f.is_file():
@@ -161,10 +161,9 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 
 
 def _model_and_tx(config):
-    from regime_jax import models
 
     model = models.create_model(config.model, 10)
-    return model, train.make_optimizer(config.optimizer, config.num_steps), _key()
+    return model, step.make_optimizer(config.optimizer, config.num_steps), _key()
 
 
 def _key():
@@ -177,15 +176,15 @@ def test_unwritable_workdir_is_refused_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(PermissionError, match=r"workdir=.*cannot be written"):
-        train.train_and_evaluate(tiny_config(), blocker / "run")
+        loop.train_and_evaluate(tiny_config(), blocker / "run")
 
 
 def test_resume_refuses_a_changed_result_field_but_not_log_cadence(tmp_path):
-    train.train_and_evaluate(tiny_config(), tmp_path)
+    loop.train_and_evaluate(tiny_config(), tmp_path)
     with pytest.raises(ConfigError, match=r"model\.hidden"):
-        train.train_and_evaluate(tiny_config(**{"model.hidden": (8, 8)}), tmp_path)
+        loop.train_and_evaluate(tiny_config(**{"model.hidden": (8, 8)}), tmp_path)
     before = _rows(tmp_path)
-    train.train_and_evaluate(tiny_config(log_every_steps=3), tmp_path)  # finished: a no-op
+    loop.train_and_evaluate(tiny_config(log_every_steps=3), tmp_path)  # finished: a no-op
     assert _rows(tmp_path) == before
 
 
@@ -197,5 +196,5 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_identically(reference,
     ckpts = checkpoint.Checkpointer(tmp_path, 2)
     assert ckpts.steps()[-1] == last < OVERRIDES["num_steps"]
     ckpts.close()
-    train.train_and_evaluate(_config(), tmp_path)
+    loop.train_and_evaluate(_config(), tmp_path)
     _assert_same_run(reference, tmp_path)

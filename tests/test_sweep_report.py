@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from regime_jax import records, report, sweep, train
+from regime_jax import loop, records, report, sweep
 from regime_jax.bitmask import Packed
 from regime_jax.config import ConfigError, base_config
 
@@ -281,7 +281,7 @@ def test_grid_composition_order():
     ],
 )
 def test_invalid_field_in_one_setting_raises_before_any_run(tmp_path, monkeypatch, override, field):
-    monkeypatch.setattr(train, "train_and_evaluate", lambda *a: pytest.fail("a run started"))
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda *a: pytest.fail("a run started"))
     good = {"name": "good", "experiment": MLP_MNIST1D, "arg": "quick", "overrides": {}}
     bad = {"name": "bad", "experiment": MLP_MNIST1D, "arg": "quick", "overrides": override}
     with pytest.raises(ConfigError, match=rf"setting 'bad'.*{field}"):
@@ -300,9 +300,9 @@ def _tiny_setting() -> dict:
 
 def test_sweep_runs_resumes_and_reruns_deleted_summary(tmp_path, monkeypatch):
     calls = []
-    real = train.train_and_evaluate
+    real = loop.train_and_evaluate
     monkeypatch.setattr(
-        train, "train_and_evaluate", lambda cfg, wd: calls.append(Path(wd)) or real(cfg, wd)
+        loop, "train_and_evaluate", lambda cfg, wd: calls.append(Path(wd)) or real(cfg, wd)
     )
     c, wd, log = _sweep_config([_tiny_setting()], seeds=[0, 1]), tmp_path / "sw", []
     first = sweep.run_sweep(c, wd, log=log.append)
@@ -329,9 +329,9 @@ def test_failed_run_is_reported_and_sweep_goes_on(tmp_path, monkeypatch):
         if cfg.seed == 0:
             raise FloatingPointError("non-finite loss")
         write_synthetic_run(Path(wd), n=cfg.num_steps, seed=cfg.seed)
-        report.write_run_summary(wd)  # as train.train_and_evaluate does at the end
+        report.write_run_summary(wd)  # as loop.train_and_evaluate does at the end
 
-    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
     out = sweep.run_sweep(
         _sweep_config([_tiny_setting()], seeds=[0, 1]), tmp_path, log=lambda _: None
     )

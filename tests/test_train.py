@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import checkpoint, data, models, records, stability, sweep, train
-from regime_jax.config import ConfigError, probe_config
+from regime_jax import checkpoint, data, loop, models, records, stability, step, sweep
+from regime_jax.config import ConfigError
 
 
 def _setup(config):
     ds = data.load_dataset(config.dataset)
     model = models.create_model(config.model, ds.num_classes)
-    tx = train.make_optimizer(config.optimizer, config.num_steps)
+    tx = step.make_optimizer(config.optimizer, config.num_steps)
     idx = data.probe_indices(len(ds.y_val), config.probe.size, config.probe.seed)
     probe = {"x": ds.x_val[idx], "y": ds.y_val[idx]}
-    state = train.create_train_state(model, tx, jax.random.key(config.seed), probe["x"])
+    state = step.create_train_state(model, tx, jax.random.key(config.seed), probe["x"])
     return ds, model, tx, probe, state
 
 
@@ -49,17 +49,17 @@ def family_config(family, **overrides):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_each_step_variant_traces_once(family, tmp_path, monkeypatch):
     traces = collections.Counter()
-    real_step = train.train_step
+    real_step = step.train_step
 
     def counting_step(*args, record, **kwargs):
         traces[record] += 1  # runs only while tracing
         return real_step(*args, record=record, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", counting_step)
+    monkeypatch.setattr(step, "train_step", counting_step)
     config = family_config(
         family, num_steps=30, **{"record.every_steps": 3, "record.snapshot_every_steps": 15}
     )
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
     assert traces == {True: 1, False: 1}
     assert set(records.load_run(tmp_path).masks(30)) == LAYERS[family]
 
@@ -68,40 +68,40 @@ def test_each_step_variant_traces_once(family, tmp_path, monkeypatch):
 def test_jitted_masks_equal_eager_recompute(family):
     config = family_config(family)
     ds, model, tx, probe, state = _setup(config)
-    step_fn = train.make_step_fns(model, tx)[True]
-    for step, batch in zip(range(4), data.batches(ds, config.batch_size, 0), strict=False):
+    step_fn = step.make_step_fns(model, tx)[True]
+    for i, batch in zip(range(4), data.batches(ds, config.batch_size, 0), strict=False):
         state, _metrics, masks = step_fn(state, batch, probe)
         with jax.disable_jit():
-            eager = train.probe_patterns(model, state.params, probe["x"])
+            eager = step.probe_patterns(model, state.params, probe["x"])
         assert set(masks) == LAYERS[family]
         for layer in masks:
-            np.testing.assert_array_equal(masks[layer].bits, eager[layer].bits, err_msg=f"{step}")
+            np.testing.assert_array_equal(masks[layer].bits, eager[layer].bits, err_msg=f"{i}")
             np.testing.assert_array_equal(masks[layer].bits, state.masks[layer].bits)
-        assert int(state.step) == step + 1
+        assert int(state.step) == i + 1
 
 
 def test_flip_rates_in_jsonl_equal_flips_between_snapshots(tmp_path):
-    train.train_and_evaluate(tiny_config(), tmp_path)
+    loop.train_and_evaluate(tiny_config(), tmp_path)
     run = records.load_run(tmp_path)
     assert run.mask_steps == list(range(13))
     rows = {r["step"]: r for r in run.rows}
     assert sorted(rows) == list(range(13))
     checked = 0
-    for step in run.mask_steps[1:]:
-        prev, cur = run.masks(step - 1), run.masks(step)
+    for t in run.mask_steps[1:]:
+        prev, cur = run.masks(t - 1), run.masks(t)
         total_flips = total_bits = 0
         for layer in cur:
             a, b = prev[layer].unpack(), cur[layer].unpack()
-            np.testing.assert_allclose(rows[step][f"flip/{layer}"], np.mean(a != b), rtol=1e-6)
+            np.testing.assert_allclose(rows[t][f"flip/{layer}"], np.mean(a != b), rtol=1e-6)
             total_flips, total_bits = total_flips + np.sum(a != b), total_bits + a.size
             checked += 1
-        np.testing.assert_allclose(rows[step]["flip/all"], total_flips / total_bits, rtol=1e-6)
+        np.testing.assert_allclose(rows[t]["flip/all"], total_flips / total_bits, rtol=1e-6)
     assert checked == 24
     assert any(rows[s]["flip/all"] > 0 for s in range(1, 13)), "no flips at all: nothing tested"
 
 
 def test_metrics_have_the_documented_keys(tmp_path):
-    train.train_and_evaluate(tiny_config(), tmp_path)
+    loop.train_and_evaluate(tiny_config(), tmp_path)
     run = records.load_run(tmp_path)
     keys = set(run.keys())
     for layer in ("fc1", "fc2"):
@@ -128,18 +128,18 @@ def test_golden_one_step_metrics():
     config = tiny_config()
     ds, model, tx, probe, state = _setup(config)
     batch = next(data.batches(ds, config.batch_size, config.seed))
-    _, metrics, _ = train.make_step_fns(model, tx)[True](state, batch, probe)
+    _, metrics, _ = step.make_step_fns(model, tx)[True](state, batch, probe)
     got = {k: float(metrics[k]) for k in GOLDEN}
     assert got == pytest.approx(GOLDEN, rel=1e-4, abs=1e-7)
 
 
 def test_rerun_with_a_different_config_is_refused_naming_fields(tmp_path):
-    train.train_and_evaluate(tiny_config(num_steps=6), tmp_path)
+    loop.train_and_evaluate(tiny_config(num_steps=6), tmp_path)
     with pytest.raises(ConfigError, match=r"\['num_steps', 'optimizer.learning_rate'\]"):
-        train.train_and_evaluate(
+        loop.train_and_evaluate(
             tiny_config(num_steps=7, **{"optimizer.learning_rate": 0.2}), tmp_path
         )
-    train.train_and_evaluate(tiny_config(num_steps=7, overwrite=True), tmp_path)
+    loop.train_and_evaluate(tiny_config(num_steps=7, overwrite=True), tmp_path)
     run = records.load_run(tmp_path)
     assert [r["step"] for r in run.rows] == list(range(8))
     assert run.mask_steps == list(range(8))
@@ -153,17 +153,17 @@ def test_stability_probe_runs_at_log_spaced_steps_and_matches_a_direct_call(tmp_
         "stability.num_radii": 4,
     }
     config = tiny_config(**overrides)
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
     run = records.load_run(tmp_path)
     probed = [r["step"] for r in run.rows if "probe/radius_q50" in r]
-    assert probed == sorted(train.log_spaced_steps(12, 3)) == [0, 1, 3, 12]
+    assert probed == sorted(records.log_spaced_steps(12, 3)) == [0, 1, 3, 12]
     _, model, _, probe, state = _setup(config)
     direct = stability.probe_metrics(
         model,
         state.params,
         probe["x"][:8],
         jax.random.fold_in(jax.random.key(0), 0),
-        probe_config(config),
+        loop.stability_config(config),
     )
     row0 = run.rows[0]
     for key, value in direct.items():
@@ -174,8 +174,8 @@ def test_stability_probe_runs_at_log_spaced_steps_and_matches_a_direct_call(tmp_
 
 def test_restore_returns_the_initial_and_newest_checkpointed_states(tmp_path):
     config = tiny_config(**{"checkpoint.every_steps": 5})
-    train.train_and_evaluate(config, tmp_path)
-    restored = train.restore(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
+    restored = loop.restore(config, tmp_path)
     run = records.load_run(tmp_path)
     assert restored.step == 12 and int(restored.latest.step) == 12
     for layer, packed in run.masks(12).items():
@@ -183,4 +183,4 @@ def test_restore_returns_the_initial_and_newest_checkpointed_states(tmp_path):
     for layer, packed in run.masks(0).items():
         np.testing.assert_array_equal(restored.initial.masks[layer].bits, packed.bits)
     with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint"):
-        train.restore(config, tmp_path / "empty")
+        loop.restore(config, tmp_path / "empty")

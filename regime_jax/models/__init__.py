@@ -1,4 +1,7 @@
-"""Model registry: ``create_model(config.model, num_classes)`` -> a Flax linen module.
+"""Built-in models: ``create_model(config.model, num_classes)`` -> a Flax linen module.
+
+The names live in :data:`regime_jax.registry.MODELS`; ``register_model(name, factory)`` adds a
+user's ``factory(cfg, num_classes) -> module`` under a new ``model.name``.
 
 Every model routes each ReLU through the explicit site :func:`regime_jax.models.record.relu`;
 training reads them through :func:`regime_jax.capture_relus` like any user's model, and the
@@ -8,11 +11,12 @@ site gives the same layers and bits (tested).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 
+from regime_jax import registry
 from regime_jax.models.cnn import CNN
 from regime_jax.models.mlp import MLP
 from regime_jax.models.record import (
@@ -58,12 +62,12 @@ def _choice(cfg: Mapping[str, Any], field: str, allowed: tuple, default: Any = _
     return value
 
 
-def _mlp(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+def build_mlp(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     check_activation(cfg.get("activation", "relu"), "model.activation")
     return MLP(hidden=_positive_ints(cfg["hidden"], "model.hidden"), num_classes=num_classes)
 
 
-def _cnn(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+def build_cnn(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     check_activation(cfg.get("activation", "relu"), "model.activation")
     dense = tuple(cfg.get("dense", (128,)))  # may be empty: head right after the convs
     return CNN(
@@ -79,7 +83,7 @@ def _cnn(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     )
 
 
-def _transformer(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+def build_transformer(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     check_activation(cfg.get("activation", "relu"), "model.activation")
     dim, num_heads = _positive(cfg, "dim"), _positive(cfg, "num_heads")
     if dim % num_heads:
@@ -98,19 +102,13 @@ def _transformer(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     )
 
 
-MODELS: dict[str, Callable[[Mapping[str, Any], int], nn.Module]] = {
-    "mlp": _mlp,
-    "cnn": _cnn,
-    "transformer": _transformer,
-}
+MODELS = registry.MODELS
+register_model = MODELS.register
 
 
 def create_model(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     """Builds the model named ``cfg["name"]``; unknown names raise naming the allowed ones."""
-    name = cfg.get("name")
-    if name not in MODELS:
-        raise ValueError(f"model.name={name!r} is unknown; allowed values: {sorted(MODELS)}")
-    return MODELS[name](cfg, num_classes)
+    return MODELS.get(cfg.get("name"))(cfg, num_classes)
 
 
 __all__ = [
@@ -124,6 +122,7 @@ __all__ = [
     "flatten_layers",
     "patterns_of",
     "preacts_of",
+    "register_model",
     "relu",
     "site_preacts_fn",
 ]

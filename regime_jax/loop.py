@@ -1,0 +1,404 @@
+"""The application: a run in a workdir, resumable, under lock, stoppable by signal.
+
+:func:`train_and_evaluate` builds a run from a config (and optionally a user's model, dataset
+and loss), takes the workdir's lock, resumes from the newest checkpoint if the stored config
+matches, and drives the jitted steps of :mod:`regime_jax.step`. Every metric stays on device
+and is fetched on the log cadence, one step late (after dispatching step t it fetches up to
+t - 1), under a device-to-host transfer guard so an accidental per-step sync fails loudly.
+Rows go to ``metrics.jsonl`` and TensorBoard, masks to snapshot files, and a finished run gets
+its ``summary.json`` from :mod:`regime_jax.summary`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import signal
+import types
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from regime_jax import (
+    analyzer,
+    checkpoint,
+    data,
+    live,
+    models,
+    records,
+    report,
+    rundir,
+    signals,
+    stability,
+    step,
+    timescales,
+)
+from regime_jax.bitmask import Patterns
+from regime_jax.config import ConfigError, validate_config
+from regime_jax.models.adapt import Net, as_net
+from regime_jax.records import itstime, log_spaced_steps
+from regime_jax.registry import CUSTOM
+from regime_jax.step import LossFn, Placement, TrainState
+
+# Fields that do not change a run's results: a resumed run may differ in these.
+RESUME_IGNORES = ("overwrite", "log_every_steps", "checkpoint")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM in the loop: metrics were flushed and a checkpoint saved at ``step``."""
+
+    def __init__(self, step: int, signum: int = signal.SIGINT):
+        super().__init__(
+            f"{signals.name(signum)}: interrupted at step {step}; metrics flushed and a "
+            f"checkpoint saved; run the same command again to resume"
+        )
+        self.step, self.signum = step, signum
+        self.exit_code = signals.exit_code(signum)
+
+
+class NonFinite(FloatingPointError):
+    """A non-finite loss or step size; says which checkpoint is kept, if any."""
+
+    def __init__(self, err: FloatingPointError, workdir: Path, kept: list[int]):
+        where = f"metrics up to there are in {workdir / records.METRICS}"
+        advice = (
+            "change the config (e.g. a lower optimizer.learning_rate) and rerun with "
+            "--config.overwrite=True"
+        )
+        if kept:
+            tail = (
+                f"the newest good checkpoint is step {kept[-1]} "
+                f"({workdir / checkpoint.CHECKPOINTS / str(kept[-1])}); rerunning the same "
+                f"command resumes there and meets the same values, so {advice}"
+            )
+        else:
+            tail = f"no checkpoint was saved before it; {advice}"
+        super().__init__(f"{str(err).removesuffix('; stopping')}; {where}; {tail}")
+        self.checkpoint_step = kept[-1] if kept else None
+
+
+# ------------------------------------------------------------------------------ building a run
+
+
+def stability_config(config: ml_collections.ConfigDict) -> stability.ProbeConfig:
+    """The stability probe's static settings from ``config.stability``."""
+    extra = ("num_points", "probe_size", "seed")
+    return stability.ProbeConfig(**{k: v for k, v in config.stability.items() if k not in extra})
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The schema, then what only the implementations know; ConfigError naming the field."""
+    validate_config(config)
+    if config.model.name != CUSTOM:
+        try:
+            models.create_model(config.model, num_classes=10)  # the module only; no arrays
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    for field, check in (
+        ("stability", lambda: stability_config(config)),
+        ("timescales", lambda: timescales.DecayConfig(**config.timescales)),
+    ):
+        try:
+            check()
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{field}: {err}") from err
+
+
+def _fingerprint(ds: data.Dataset) -> str:
+    digest = hashlib.sha256()
+    for a in (ds.x_train, ds.y_train, ds.x_val, ds.y_val):
+        digest.update(str((a.shape, a.dtype)).encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _qualname(obj: Any) -> str:
+    """``module.qualname`` of a function or class, else of the object's class."""
+    named = obj if isinstance(obj, type | types.FunctionType) else type(obj)
+    return f"{named.__module__}.{named.__qualname__}"
+
+
+def with_user_pieces(
+    config: ml_collections.ConfigDict, model: Any = None, dataset: Any = None, loss_fn: Any = None
+) -> ml_collections.ConfigDict:
+    """A copy of ``config`` naming the user's objects (``name="custom"``) so resume can check."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    if model is not None:
+        out.model = {
+            "name": CUSTOM,
+            "class": _qualname(type(getattr(model, "module", None) or model)),
+        }
+    if dataset is not None:
+        if not isinstance(dataset, data.Dataset):
+            raise ConfigError(f"dataset: expected a regime_jax.data.Dataset, not {type(dataset)}")
+        out.dataset = {"name": CUSTOM, "label": dataset.name, "fingerprint": _fingerprint(dataset)}
+    if loss_fn is not None:
+        if not callable(loss_fn):
+            raise ConfigError(f"loss_fn: expected a callable, not {type(loss_fn).__name__}")
+        out.loss = {"name": CUSTOM, "function": _qualname(loss_fn)}
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run is built from, all checked before any file is written."""
+
+    config: ml_collections.ConfigDict
+    ds: data.Dataset
+    probe_idx: np.ndarray
+    net: Net
+    tx: optax.GradientTransformation
+    place: Placement
+    loss_fn: LossFn
+
+
+def _need(config: ml_collections.ConfigDict, field: str, given: Any, argument: str) -> None:
+    if given is None and config[field].name == CUSTOM:
+        raise ConfigError(
+            f"{field}.name={CUSTOM!r} needs the object: "
+            f"train_and_evaluate(config, workdir, {argument}=...)"
+        )
+
+
+def build(config, *, model=None, dataset=None, loss_fn=None) -> Setup:
+    """Checked config -> :class:`Setup`; ConfigError before any compute or write."""
+    check_config(config)
+    _need(config, "model", model, "model")
+    _need(config, "dataset", dataset, "dataset")
+    try:
+        ds = dataset if dataset is not None else data.load_dataset(config.dataset)
+        probe_idx = data.probe_indices(len(ds.y_val), config.probe.size, config.probe.seed)
+        data.check_batch_size(ds, config.batch_size)
+        sizes = {"batch_size": config.batch_size, "probe.size": config.probe.size}
+        place = Placement.for_devices(config.parallel.devices, sizes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if model is None:
+        model = models.create_model(config.model, ds.num_classes)
+    net, tx = as_net(model), step.make_optimizer(config.optimizer, config.num_steps)
+    setup = Setup(config, ds, probe_idx, net, tx, place, loss_fn or step.cross_entropy)
+    _check_model(setup)
+    return setup
+
+
+def _check_model(setup: Setup) -> None:
+    """Traces (no compute) the initial state: a model with no ReLU fails before any write."""
+    x = setup.ds.x_val
+    probe_x = jax.ShapeDtypeStruct((len(setup.probe_idx), *x.shape[1:]), x.dtype)
+    init = functools.partial(step.create_train_state, setup.net, setup.tx)
+    try:
+        jax.eval_shape(init, jax.random.key(0), probe_x)
+    except ValueError as err:  # CaptureError (no ReLU, refused construct) or a bad probe shape
+        raise ConfigError(f"model: {err}") from err
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A run read back for analysis: its model, probe inputs and two train states."""
+
+    model: Net
+    probe_x: np.ndarray
+    initial: TrainState
+    latest: TrainState
+    step: int
+
+
+def restore(config, workdir: str | Path, *, model=None, dataset=None) -> Restored:
+    """The initial state (rebuilt from ``config.seed``) and newest checkpoint of a run.
+
+    Example (needs a run directory, so not a doctest)::
+
+        r = restore(config, "runs/mlp_mnist1d")
+        analyzer.flip_rates(r.initial.masks, r.latest.masks)["all"]
+    """
+    setup = build(config, model=model, dataset=dataset)
+    probe_x = setup.ds.x_val[setup.probe_idx]
+    initial = step.create_train_state(setup.net, setup.tx, jax.random.key(config.seed), probe_x)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
+    try:
+        restored = ckpt.restore_latest(initial)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise checkpoint.CheckpointError(f"workdir={str(workdir)!r} holds no checkpoint")
+    return Restored(setup.net, probe_x, initial, restored[1], restored[0])
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    model: Any = None,
+    dataset: data.Dataset | None = None,
+    loss_fn: LossFn | None = None,
+) -> dict:
+    """Trains per ``config`` into ``workdir`` (resuming a run found there); returns the last row.
+
+    Args:
+      model: a user's model instead of ``config.model``: a linen module, an initialized NNX
+        module, or a ``models.Net``; its ReLUs are found by ``capture_relus``.
+      dataset: a user's :class:`regime_jax.data.Dataset` instead of ``config.dataset``.
+      loss_fn: ``loss_fn(logits, y) -> per-example losses [B]`` instead of cross-entropy;
+        accuracy is reported only for integer labels with one logit per class.
+      ``config.json`` records each user piece as ``name="custom"`` with what identifies it.
+
+    Raises:
+      ConfigError: a bad field, or a workdir holding a run with a different config.
+      rundir.WorkdirBusy: another live process holds the workdir (nothing touched).
+      records.RecordError: the workdir's records end before its newest readable checkpoint.
+      NonFinite (a FloatingPointError): a non-finite loss or step; metrics so far are kept.
+      Interrupted: SIGINT or SIGTERM; metrics were flushed and a checkpoint saved.
+    """
+    if model is not None or dataset is not None or loss_fn is not None:
+        config = with_user_pieces(config, model, dataset, loss_fn)
+    setup = build(config, model=model, dataset=dataset, loss_fn=loss_fn)
+    workdir = Path(workdir)
+    with rundir.lock(workdir):  # before anything in workdir is written
+        last = _Run(setup, workdir).train()
+        report.write_run_summary(workdir)
+    return last
+
+
+# ------------------------------------------------------------------------------ running it
+
+
+class _Fetcher:
+    """Holds device metrics until the log cadence, then writes rows and mask snapshots."""
+
+    def __init__(self, workdir: Path, start: int, num_steps: int):
+        self.workdir, self.pending, self.last_row = workdir, [], {}
+        self.writer, self.scalars = records.MetricsWriter(workdir), live.Scalars(workdir, start)
+        self.progress = live.Progress(num_steps, start)
+
+    def add(self, step: int, metrics: dict, masks: Patterns | None) -> None:
+        self.pending.append((step, metrics, masks))
+
+    def flush(self, keep_last: bool) -> None:
+        ready = self.pending[:-1] if keep_last else self.pending
+        self.pending = self.pending[len(ready) :]
+        rows = []
+        for step_, metrics, masks in jax.device_get(ready):
+            rows.append({"step": step_, **metrics})
+            if masks is not None:
+                records.write_masks(self.workdir, step_, masks)
+        self.writer.write(rows)
+        self.scalars.write(rows)
+        self.last_row = rows[-1] if rows else self.last_row
+        for row in rows:
+            bad = [k for k in ("train/loss", "step/abs/all") if not np.isfinite(row.get(k, 0.0))]
+            if bad:
+                raise FloatingPointError(f"non-finite {bad} at step {row['step']}; stopping")
+        self.progress.update(rows)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
+        self.scalars.close()
+
+
+class _Run:
+    """One training run in a locked workdir: state, measurements, outputs."""
+
+    def __init__(self, setup: Setup, workdir: Path):
+        self.setup, self.config, self.workdir = setup, setup.config, workdir
+        resume = rundir.open_run(self.config.to_dict(), workdir, RESUME_IGNORES)
+        ds, place = setup.ds, setup.place
+        probe = {"x": ds.x_val[setup.probe_idx], "y": ds.y_val[setup.probe_idx]}
+        self.probe = jax.device_put(probe, place.data)
+        self.ckpt = checkpoint.Checkpointer(workdir, self.config.checkpoint.keep)
+        try:
+            self.start, self.state = self._initial_state(resume)
+            records.write_config(workdir, self.config.to_dict())
+        except BaseException:
+            self.ckpt.close()
+            raise
+
+    def _initial_state(self, resume: bool) -> tuple[int, TrainState]:
+        """Step 0's state, or the newest checkpoint's when resuming (records cut to match)."""
+        s = self.setup
+        init_fn = jax.jit(
+            functools.partial(step.create_train_state, s.net, s.tx),
+            out_shardings=s.place.replicated,
+        )
+        state = init_fn(jax.random.key(self.config.seed), self.probe["x"])
+        if not resume:
+            return 0, state
+        restored = self.ckpt.restore_latest(state)
+        start, state = restored if restored else (0, state)
+        if restored:
+            records.check_record(self.workdir, self.config, start)  # never a partial record
+        records.truncate_after(self.workdir, start if restored else -1)
+        print(f"resuming {self.workdir} from step {start}", flush=True)
+        return start, state
+
+    def _measures(self) -> None:
+        """The jitted step variants, evaluation and stability probe of this run."""
+        s, c = self.setup, self.config
+        self.step_fns = step.make_step_fns(s.net, s.tx, s.loss_fn)
+        eval_fn = jax.jit(functools.partial(step.eval_step, model=s.net, loss_fn=s.loss_fn))
+        batches = step.eval_batches(s.ds.x_val, s.ds.y_val, c.eval_batch_size, s.place.data)
+        self.evaluate = lambda params: step.evaluate(eval_fn, params, batches, len(s.ds.y_val))
+        self.stab_steps = log_spaced_steps(c.num_steps, c.stability.num_points)
+        self.stab_fn = jax.jit(
+            functools.partial(stability.probe_metrics, s.net.preacts_fn, config=stability_config(c))
+        )
+        self.stab_x = self.probe["x"][: c.stability.probe_size or None]
+        self.stab_key = jax.random.key(c.stability.seed)
+
+    def _stability(self, step_: int, params: Any) -> dict:
+        if step_ not in self.stab_steps:
+            return {}
+        return self.stab_fn(params, self.stab_x, jax.random.fold_in(self.stab_key, step_))
+
+    def train(self) -> dict:
+        """Runs the remaining steps; NonFinite / Interrupted as documented on the caller."""
+        fetcher = _Fetcher(self.workdir, self.start, self.config.num_steps)
+        try:
+            self._measures()
+            if self.start == 0:
+                self._record_initial(fetcher)
+            with signals.StopFlag() as stop, jax.transfer_guard_device_to_host("disallow"):
+                self._steps(fetcher, stop)
+        except FloatingPointError as err:
+            raise NonFinite(err, self.workdir, self.ckpt.steps()) from None
+        finally:
+            fetcher.close()
+            self.ckpt.close()
+        return fetcher.last_row
+
+    def _record_initial(self, fetcher: _Fetcher) -> None:
+        state = self.state
+        metrics = {
+            **analyzer.pattern_metrics(None, state.masks),
+            **self.evaluate(state.params),
+            **self._stability(0, state.params),
+        }
+        fetcher.add(0, metrics, state.masks)
+        fetcher.flush(keep_last=False)
+
+    def _steps(self, fetcher: _Fetcher, stop: signals.StopFlag) -> None:
+        c, n = self.config, self.config.num_steps
+        batches = data.batches(self.setup.ds, c.batch_size, c.seed, start_step=self.start)
+        for step_ in range(self.start + 1, n + 1):
+            batch = jax.device_put(next(batches), self.setup.place.data)
+            record = itstime(step_, c.record.every_steps, n)
+            self.state, metrics, masks = self.step_fns[record](self.state, batch, self.probe)
+            extra = self._stability(step_, self.state.params)
+            if itstime(step_, c.eval_every_steps, n):
+                extra = {**extra, **self.evaluate(self.state.params)}
+            if record or extra:
+                snap = masks if itstime(step_, c.record.snapshot_every_steps, n) else None
+                fetcher.add(step_, {**metrics, **extra}, snap)
+            stopping = stop.set  # read once: a signal may land during the flush
+            save = itstime(step_, c.checkpoint.every_steps, n) or stopping
+            if save or itstime(step_, c.log_every_steps, n):
+                fetcher.flush(keep_last=not save)
+            if save:
+                self.ckpt.save(step_, self.state)
+            if stopping:
+                raise Interrupted(step_, stop.signum)
