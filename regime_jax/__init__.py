@@ -16,6 +16,19 @@ The public API, in the style of optax: pure functions that return functions.
 >>> sorted(k for k in metrics if k.startswith("flip/"))
 ['flip/all', 'flip/relu_0']
 
+Shape suffixes. Array names in model, step and analysis code end in their shape, one letter
+per axis joined by ``x`` (``logits_BxK``, nanodo's convention); the letters mean one thing each:
+
+  ===  ==============================  ===  =====================================
+  B    training / eval batch           K    classes (logits)
+  P    probe examples (fixed set)      U    ReLU units of one layer (last axis)
+  S    spatial positions (CNN)         Y    packed bytes per row, ``ceil(U / 8)``
+  T    tokens (Transformer)            R    radii (stability probe)
+  I    input features (flattened)      V    random directions (stability probe)
+  C    conv channels                   D    model width (hidden features)
+  F    FFN hidden width                1    a kept singleton axis
+  ===  ==============================  ===  =====================================
+
 The names load on first use (PEP 562), so ``import regime_jax`` imports no JAX: the command
 line (``python -m regime_jax.main``) installs its signal handlers before anything heavy loads.
 """

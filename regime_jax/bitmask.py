@@ -113,18 +113,18 @@ def num_bits(packed_shape: tuple[int, ...], units: int) -> int:
     return int(np.prod(packed_shape[:-1], dtype=np.int64)) * units
 
 
-def always_on(packed_PxSxB: jax.Array, units: int) -> jax.Array:
+def always_on(packed_PxSxY: jax.Array, units: int) -> jax.Array:
     """Count of (position, unit) sites on for every example (axis 0), as int32.
 
     The reduction over examples runs on unpacked 0/1 bytes with ``min`` (not a bitwise AND of
     the packed bytes): across devices that is an all-reduce every backend supports.
     """
-    on = jnp.min(unpack(packed_PxSxB, units).astype(jnp.uint8), axis=0)
+    on = jnp.min(unpack(packed_PxSxY, units).astype(jnp.uint8), axis=0)
     return jnp.sum(on, dtype=jnp.int32)
 
 
-def dead(packed_PxSxB: jax.Array, units: int) -> jax.Array:
+def dead(packed_PxSxY: jax.Array, units: int) -> jax.Array:
     """Count of (position, unit) sites off for every example (axis 0), as int32."""
-    any_on = jnp.max(unpack(packed_PxSxB, units).astype(jnp.uint8), axis=0)
-    sites = num_bits(packed_PxSxB.shape[1:], units)
+    any_on = jnp.max(unpack(packed_PxSxY, units).astype(jnp.uint8), axis=0)
+    sites = num_bits(packed_PxSxY.shape[1:], units)
     return sites - jnp.sum(any_on, dtype=jnp.int32)

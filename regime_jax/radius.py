@@ -5,7 +5,7 @@ parameter space (global or one top-level params subtree at a time), the first-or
 ``min_i |z_i| / |J_i u|`` over the units moving towards zero (``jax.jvp``), the empirical
 breaking radius on a grid of radii (``jax.vmap`` over directions and radii, radii batched
 through ``jax.lax.map``), and censored quantiles of breaking radii. See the stability module's
-docstring for the method and its caveats. Shape letters: ``R`` radii, ``D`` directions, ``P``
+docstring for the method and its caveats. Shape letters: ``R`` radii, ``V`` directions, ``P``
 probe examples.
 """
 
@@ -61,10 +61,10 @@ def random_directions(key: jax.Array, params: Any, num: int) -> Any:
     Args:
       key: PRNG key.
       params: the params pytree (floating leaves), e.g. ``variables["params"]``.
-      num: number of directions ``D``.
+      num: number of directions ``V``.
 
     Returns:
-      A params-shaped pytree whose leaves are ``[D, *leaf.shape]`` (leaf dtype); for each
+      A params-shaped pytree whose leaves are ``[V, *leaf.shape]`` (leaf dtype); for each
       ``d`` the global norm over all leaves of ``tree[d]`` is 1.
 
     >>> u = random_directions(jax.random.key(0), {"w": jnp.ones((3, 2))}, 4)
@@ -182,8 +182,8 @@ def _forward(preacts_fn: PreactsFn, params: Any, x: jax.Array):
 def sweep_radii(preacts_fn, params, x, dirs, radii, radius_batch):
     """Perturbed forwards for every (radius, direction): the one expensive step.
 
-    Returns (changed ``{layer: [R, D, P] bool}``, flips ``{layer: [R, D] int32}``,
-    output change ``[R, D, P]``, bits per layer ``{layer: int}``).
+    Returns (changed ``{layer: [R, V, P] bool}``, flips ``{layer: [R, V] int32}``,
+    output change ``[R, V, P]``, bits per layer ``{layer: int}``).
     """
     logits0, z0 = _forward(preacts_fn, params, x)
     bits0 = {k: bitmask.active(v) for k, v in z0.items()}
@@ -219,10 +219,10 @@ def any_layer(changed: Mapping[str, jax.Array], shape) -> jax.Array:
     return acc
 
 
-def first_break(changed_RxDxP: jax.Array, radii: jax.Array):
+def first_break(changed_RxVxP: jax.Array, radii: jax.Array):
     """First radius with a change (inf if none) and the tested radius below it (bracket)."""
-    hit = jnp.any(changed_RxDxP, axis=0)
-    idx = jnp.argmax(changed_RxDxP, axis=0)
+    hit = jnp.any(changed_RxVxP, axis=0)
+    idx = jnp.argmax(changed_RxVxP, axis=0)
     upper = jnp.where(hit, radii[idx], jnp.inf)
     below = jnp.where(idx > 0, radii[jnp.maximum(idx - 1, 0)], 0)
     lower = jnp.where(hit, below, radii[-1])

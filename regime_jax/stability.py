@@ -5,7 +5,7 @@ there is ``r(x, theta) > 0`` such that every perturbation ``||delta|| < r`` keep
 activation pattern, ``A(x; theta + delta) == A(x; theta)``. The margin intuition: ``r`` is
 about ``min_i |z_i| / ||dz_i / dtheta||`` over the units ``i`` (all layers, all positions).
 
-Method. Draw ``D`` random unit directions ``u`` in the flattened parameter space (Gaussian,
+Method. Draw ``V`` random unit directions ``u`` in the flattened parameter space (Gaussian,
 normalised by the global norm over all leaves; or, with ``per_layer``, supported on one
 top-level params subtree at a time), evaluate the model at ``theta + eps * u`` for every
 tested radius ``eps`` (``jax.vmap`` over directions and radii, radii in batches of
@@ -15,8 +15,8 @@ step records) with those at ``theta``. The model enters as ``preacts_fn(params, 
 {layer: z})``: :func:`regime_jax.capture_relus` of any function, a built-in model's site
 (``models.site_preacts_fn``), or a linen / NNX module (read through ``capture_relus``).
 Only ``+eps`` is tested; Gaussian directions are symmetric, so ``-u`` is as
-likely as ``u``. Cost: ``D x len(fine_radii)`` forward passes on the probe batch plus ``D``
-JVPs; peak memory about ``radius_batch x D`` copies of the params and of the activations.
+likely as ``u``. Cost: ``V x len(fine_radii)`` forward passes on the probe batch plus ``V``
+JVPs; peak memory about ``radius_batch x V`` copies of the params and of the activations.
 
 Analytic cross-check. Along ``u`` the pre-activation moves, to first order, as
 ``z_i + eps * J_i u`` (``J_i u`` from ``jax.jvp``), so unit ``i`` crosses zero at
@@ -180,7 +180,7 @@ def fd_probe(
     """Finite-difference stability probe of the activation patterns of ``x`` at ``params``.
 
     Pure; ``jax.jit(fd_probe, static_argnames=("preacts_fn", "config"))`` compiles it into one
-    computation. ``D = num_directions`` (``L * num_directions`` with ``per_layer``), ``R`` =
+    computation. ``V = num_directions`` (``L * num_directions`` with ``per_layer``), ``R`` =
     ``len(config.radii)``, ``F = len(config.fine_radii)``, ``P = x.shape[0]``; "layer" below
     is a recorded ReLU site (``fc1``, ``block0/ffn``), "param layer" a top-level params key.
 
@@ -204,12 +204,12 @@ def fd_probe(
           f(theta)(x)||_2`` over the logits.
         ``breaking_radius [P]``: smallest fine radius at which any direction changes the
           example's pattern (``inf`` if none).
-        ``breaking_radius_dir [D, P]``: same per direction (upper end of the bracket);
-          ``breaking_radius_dir_lower [D, P]``: tested radius just below it (0 if it broke at
+        ``breaking_radius_dir [V, P]``: same per direction (upper end of the bracket);
+          ``breaking_radius_dir_lower [V, P]``: tested radius just below it (0 if it broke at
           the first radius; ``fine_radii[-1]`` if it never broke).
-        ``first_order_radius [D, P]``: :func:`first_order_radius` per direction.
-        ``ratio [D, P]``: ``breaking_radius_dir / first_order_radius`` where both are finite
-          and positive, else nan; ``ratio_lower [D, P]``: same with the lower bracket end.
+        ``first_order_radius [V, P]``: :func:`first_order_radius` per direction.
+        ``ratio [V, P]``: ``breaking_radius_dir / first_order_radius`` where both are finite
+          and positive, else nan; ``ratio_lower [V, P]``: same with the lower bracket end.
         With ``per_layer``: ``by_param/<param layer>/kept/all [R]``,
           ``.../flip/all [R]``, ``.../output_change [R]`` over that subtree's directions.
 

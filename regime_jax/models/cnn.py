@@ -1,8 +1,8 @@
 """ReLU convolutional network for sequences (1-D) or images (2-D).
 
 Every ReLU is recorded: conv layers ``conv1`` .. ``convN`` at every spatial position
-(``z`` is ``[B, L, C]`` or ``[B, H, W, C]``: units are channels, positions the spatial axes),
-then dense layers ``fc1`` .. ``fcM`` (``z`` is ``[B, D]``). The ``head`` is linear.
+(``z`` is ``[B, length, C]`` or ``[B, height, width, C]``: units are channels, positions the
+spatial axes), then dense layers ``fc1`` .. ``fcM`` (``z`` is ``[B, U]``). The ``head`` is linear.
 """
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ POOLS = ("cls", "mean")
 def sinusoidal_positions(num_tokens: int, dim: int) -> np.ndarray:
     """Fixed ``[num_tokens, dim]`` sin/cos table (Vaswani et al., 2017)."""
     pos_Tx1 = np.arange(num_tokens, dtype=np.float32)[:, None]
-    freq_F = np.exp(-np.log(10_000.0) * np.arange(0, dim, 2, dtype=np.float32) / dim)
+    inv_freq = np.exp(-np.log(10_000.0) * np.arange(0, dim, 2, dtype=np.float32) / dim)
     table_TxD = np.zeros((num_tokens, dim), np.float32)
-    table_TxD[:, 0::2] = np.sin(pos_Tx1 * freq_F)
-    table_TxD[:, 1::2] = np.cos(pos_Tx1 * freq_F)[:, : dim // 2]
+    table_TxD[:, 0::2] = np.sin(pos_Tx1 * inv_freq)
+    table_TxD[:, 1::2] = np.cos(pos_Tx1 * inv_freq)[:, : dim // 2]
     return table_TxD
 
 
