@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,19 +33,6 @@ PAPER_RATIO = 3.85
 SUMMARY = records.SUMMARY
 KINDS = ("abs", "rel")
 SERIES = ("flip/all", "step/abs/all", "step/rel/all")
-
-
-def _clean(obj: Any) -> Any:
-    """Plain JSON: numpy scalars -> Python, non-finite floats -> None."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.integer, np.bool_)):
-        return obj.item()
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
 
 
 def decay_config_of(config: dict[str, Any]) -> tuple[DecayConfig, str]:
@@ -163,14 +149,13 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
         "reference": reference_points(run, cfg),
         "notes": notes,
     }
-    return _clean(out)
+    return records.jsonable(out)
 
 
 def write_run_summary(workdir: str | Path) -> Path:
     """Writes :func:`summarize_run` to ``workdir/summary.json`` and returns its path."""
-    return records.write_atomic(
-        Path(workdir) / SUMMARY, json.dumps(summarize_run(workdir), indent=1) + "\n"
-    )
+    text = records.to_json(summarize_run(workdir), indent=1) + "\n"
+    return records.write_atomic(Path(workdir) / SUMMARY, text)
 
 
 def main_ratio(summary: dict[str, Any], kind: str = "abs", rule: str | None = None):
@@ -219,7 +204,7 @@ def aggregate(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for layer in layers:
         vals = [s["layers"].get(layer, {}).get("abs", {}).get("ratio") for s in summaries]
         out["layers"][layer] = timescales.seed_stats(vals).to_dict() | {"per_seed": vals}
-    return _clean(out)
+    return records.jsonable(out)
 
 
 def verdict(stats: dict[str, Any]) -> str:
@@ -320,7 +305,7 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
     figures = write_figures(root / "figures", groups)
     (root / "report.md").write_text(_markdown(table, aggs, notes, figures))
     out = {"runs": runs, "groups": {f"{s}/{o}": a for (s, o), a in aggs.items()}, "notes": notes}
-    records.write_atomic(root / SUMMARY, json.dumps(_clean(out), indent=1) + "\n")
+    records.write_atomic(root / SUMMARY, records.to_json(out, indent=1) + "\n")
     paths = {"report": str(root / "report.md"), "figures": [str(f) for f in figures]}
     return out | {"table": table} | paths
 

@@ -41,7 +41,7 @@ if __name__ == "__main__":
 import ml_collections
 from absl import flags
 
-from regime_jax import cli, report, train
+from regime_jax import cli, records, report, train
 from regime_jax.config import ConfigError, load_config, validate_config
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -158,7 +158,7 @@ def _write_grid(workdir: Path, sweep, specs: list[RunSpec]) -> None:
             for s in specs
         ],
     }
-    (workdir / "sweep.json").write_text(json.dumps(grid, indent=1, default=str) + "\n")
+    (workdir / "sweep.json").write_text(records.to_json(grid, indent=1, default=str) + "\n")
 
 
 def _run_one(spec: RunSpec, rundir: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -40,6 +41,15 @@ def wait_for_signal_handlers(proc, timeout_s: float = 60) -> None:
         if int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1:
             return
         time.sleep(0.005)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (the files say null for non-finite numbers)")
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses ``NaN``, ``Infinity`` and ``-Infinity`` (invalid JSON)."""
+    return json.loads(text, parse_constant=_no_constant)
 
 
 HAS_PROC = Path("/proc/self/status").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HAS_PROC, tiny_config, wait_for_signal_handlers
+from conftest import HAS_PROC, strict_json, tiny_config, wait_for_signal_handlers
 
 from regime_jax import checkpoint, data, records, report, rundir, train
 from regime_jax.config import ConfigError
@@ -237,6 +237,10 @@ def test_nonfinite_message_names_the_kept_checkpoint_or_says_there_is_none(every
     )
     with pytest.raises(train.NonFinite) as err:
         train.train_and_evaluate(config, tmp_path)
+    rows = [strict_json(line) for line in _rows(tmp_path)]  # non-finite values: null
+    loaded = records.load_run(tmp_path).rows
+    nulls = [(i, k) for i, row in enumerate(rows) for k, v in row.items() if v is None]
+    assert all(np.isnan(loaded[i][k]) for i, k in nulls)
     kept = checkpoint.Checkpointer(tmp_path, 3)
     steps = kept.steps()
     kept.close()
