@@ -43,6 +43,7 @@ from absl import flags
 
 from regime_jax import cli, records, report, train
 from regime_jax.config import ConfigError, load_config, validate_config
+from regime_jax.summary import SUMMARY, main_ratio
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -165,8 +166,8 @@ def _run_one(spec: RunSpec, rundir: Path) -> str:
     """Trains one run (train writes its summary.json) and returns a progress line."""
     tic = time.perf_counter()
     train.train_and_evaluate(spec.config, rundir)
-    summary = json.loads((rundir / report.SUMMARY).read_text())
-    acc, ratio = summary["final"]["eval/acc"], report.main_ratio(summary)
+    summary = json.loads((rundir / SUMMARY).read_text())
+    acc, ratio = summary["final"]["eval/acc"], main_ratio(summary)
     status = summary["lag"]["abs"][summary["main_rule"]]["status"]
     acc_text = "–" if acc is None else f"{acc:.3f}"
     lag_text = f"{ratio:.2f}" if ratio is not None else status
@@ -191,7 +192,7 @@ def run_sweep(
     for i, spec in enumerate(specs, start=1):
         rundir = workdir / spec.path
         head = f"[{i}/{len(specs)}] {rundir}"
-        if (rundir / report.SUMMARY).exists():
+        if (rundir / SUMMARY).exists():
             skipped.append(spec.path)
             log(f"{head} | finished before, skipped")
             continue

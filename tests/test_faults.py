@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import HAS_PROC, strict_json, tiny_config, wait_for_signal_handlers
 
-from regime_jax import checkpoint, data, records, report, rundir, train
+from regime_jax import checkpoint, data, records, rundir, summary, train
 from regime_jax.config import ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -170,7 +170,7 @@ def test_summary_is_complete_only_with_every_expected_row(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["complete"]
     lines = _rows(tmp_path)
     (tmp_path / records.METRICS).write_text("\n".join(lines[:3] + lines[4:]) + "\n")
-    assert not report.summarize_run(tmp_path)["complete"]
+    assert not summary.summarize_run(tmp_path)["complete"]
 
 
 def test_expected_steps_match_the_loop_with_stability_points(tmp_path):

@@ -8,9 +8,9 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import strict_json
+from conftest import strict_json, write_synthetic_run
 
-from regime_jax import records
+from regime_jax import records, summary
 
 NONFINITE = {"nan": math.nan, "inf": math.inf, "neg_inf": -math.inf}
 
@@ -69,6 +69,17 @@ def test_strings_written_by_older_versions_still_read_as_floats(tmp_path, text, 
     else:
         assert got["flip/all"] == (math.inf if value > 0 else -math.inf)
     assert records.load_run(tmp_path).series("flip/all")[1].dtype == np.float64
+
+
+def test_summary_of_a_run_with_nan_metrics_is_strict_json(tmp_path):
+    d = write_synthetic_run(tmp_path)
+    lines = (d / records.METRICS).read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    for row in rows[3:]:
+        row["train/loss"] = None  # the loss went non-finite at step 3
+    (d / records.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = strict_json(summary.write_run_summary(d).read_text())
+    assert written["reference"]["loss_1p1_step"] is None and written["final"]["train/loss"] is None
 
 
 def test_config_diff_treats_nonfinite_values_as_equal():
