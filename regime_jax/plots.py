@@ -28,6 +28,7 @@ from regime_jax import records, timescales
 from regime_jax import summary as analysis
 from regime_jax.summary import SummaryLike, table_frame, table_rows
 
+# table_rows / table_frame are data (regime_jax.summary), re-exported for older callers.
 __all__ = [
     "kept_vs_eps_figure",
     "lag_summary_figure",
