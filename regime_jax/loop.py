@@ -31,11 +31,11 @@ from regime_jax import (
     live,
     models,
     records,
-    report,
     rundir,
     signals,
     stability,
     step,
+    summary,
     timescales,
 )
 from regime_jax.bitmask import Patterns
@@ -260,7 +260,7 @@ def train_and_evaluate(
     workdir = Path(workdir)
     with rundir.lock(workdir):  # before anything in workdir is written
         last = _Run(setup, workdir).train()
-        report.write_run_summary(workdir)
+        summary.write_run_summary(workdir)
     return last
 
 

@@ -1,9 +1,12 @@
-"""Single-run figures and the sweep table, for notebooks; the analysis is the library's.
+"""Every figure: one run's, a probe's and a sweep's, as matplotlib Figures; the numbers are
+:mod:`regime_jax.summary`'s.
 
 Each figure function takes a :class:`regime_jax.records.Run` (or its workdir), a summary or
 probe outputs, and returns a bare matplotlib ``Figure`` (Agg; no pyplot, nothing accumulates in
 pyplot's figure list). A notebook shows it as PNG when it is a cell's value (``_repr_png_``, no
-``%matplotlib`` needed); a script calls ``fig.savefig("x.png")``.
+``%matplotlib`` needed); a script calls ``fig.savefig("x.png")``. :func:`run_figures` and
+:func:`sweep_figures` yield the figures :mod:`regime_jax.report` saves. matplotlib is imported
+when a figure is made, not with this module.
 
 Example (needs a run directory, so not a doctest)::
 
@@ -15,15 +18,31 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import os
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from regime_jax import records, report, timescales
+from regime_jax import records, timescales
+from regime_jax import summary as analysis
+from regime_jax.summary import SummaryLike, table_frame, table_rows
+
+# table_rows / table_frame are data (regime_jax.summary), re-exported for older callers.
+__all__ = [
+    "kept_vs_eps_figure",
+    "lag_summary_figure",
+    "layer_flips_figure",
+    "mask_raster_figure",
+    "run_figures",
+    "setting_figure",
+    "stability_kept_figure",
+    "stability_radius_figure",
+    "sweep_figures",
+    "table_frame",
+    "table_rows",
+    "timescales_figure",
+]
 
 # (key, color, line style) of the three overall series of timescales_figure.
 _SERIES = (
@@ -33,7 +52,6 @@ _SERIES = (
 )
 _CI = ("ci_low", "ci_high")
 RunLike = records.Run | str | os.PathLike  # a loaded run or its workdir
-SummaryLike = Mapping[str, Any] | str | os.PathLike  # a sweep summary, its file or its folder
 # (key, label, style) of stability_radius_figure: outer quantiles thin, the median thick.
 _BLUE = "tab:blue"
 _RADIUS_LINES = (
@@ -78,7 +96,7 @@ def _empty(fig, ax, message: str):
 
 def _lag_title(summary: Mapping[str, Any]) -> str:
     rule, parts = summary["main_rule"], []
-    for kind in report.KINDS:
+    for kind in analysis.KINDS:
         lag = summary["lag"][kind][rule]
         ratio = lag.get("ratio")
         parts.append(f"{ratio:.2f} ({kind})" if ratio is not None else f"{kind}: {lag['status']}")
@@ -90,14 +108,14 @@ def timescales_figure(run: RunLike, summary: Mapping[str, Any] | None = None):
 
     One axes: the three curves, a vertical line at each decay time under the main rule (where
     there is one) and at the max-validation-accuracy step, the lag ratios in the title.
-    ``summary``: :func:`report.summarize_run` of the run (computed if None).
+    ``summary``: :func:`regime_jax.summary.summarize_run` of the run (computed if None).
     """
     run = _as_run(run)
-    summary = summary or report.summarize_run(run.workdir)
+    summary = summary or analysis.summarize_run(run.workdir)
     rule, window = summary["main_rule"], summary["decay_config"]["window"]
     fig, ax = _axes()
     for key, color, ls in _SERIES:
-        steps, curves = report.normalized_curves([run], key, window)
+        steps, curves = analysis.normalized_curves([run], key, window)
         if curves.shape[0]:
             ax.plot(steps, curves[0], color=color, ls=ls, label=key)
         t = summary["decay"].get(key, {}).get(rule, {}).get("time")
@@ -112,17 +130,21 @@ def timescales_figure(run: RunLike, summary: Mapping[str, Any] | None = None):
     return fig
 
 
-def mask_raster_figure(run: RunLike, layer: str | None = None, max_units: int = 128):
-    """Per-unit flips between consecutive mask snapshots (:func:`report.flip_raster`).
+def mask_raster_figure(
+    run: RunLike, layer: str | None = None, max_units: int = 128, name: str | None = None
+):
+    """Per-unit flips between consecutive mask snapshots (:func:`regime_jax.summary.flip_raster`).
 
     Each cell spans the snapshot interval it was measured over; colour is the fraction of
-    probe sites (examples x positions) of that unit whose bit changed. First layer by default.
+    probe sites (examples x positions) of that unit whose bit changed. First layer by default;
+    ``name`` (e.g. the run's ``setting/optimizer/seed_k``) prefixes the title. The one raster
+    renderer: the sweep report's rasters are drawn by it too.
     """
     from matplotlib.colors import PowerNorm
 
     run = _as_run(run)
     fig, ax = _axes((8, 4.5))
-    raster = report.flip_raster(run, layer, max_units)
+    raster = analysis.flip_raster(run, layer, max_units)
     if raster is None:
         return _empty(fig, ax, "needs >= 2 mask snapshots (record.snapshot_every_steps)")
     layer, _, frac = raster
@@ -133,14 +155,15 @@ def mask_raster_figure(run: RunLike, layer: str | None = None, max_units: int = 
     fig.colorbar(mesh, ax=ax, label="fraction of probe sites flipped")
     ax.invert_yaxis()
     ax.set(xlabel="step (snapshot intervals)", ylabel=f"unit of {layer} (first {frac.shape[0]})")
-    ax.set_title(f"{layer}: per-unit pattern flips between snapshots", fontsize=10)
+    title = f"{layer}: per-unit pattern flips between snapshots"
+    ax.set_title(f"{name}: {title}" if name else title, fontsize=10)
     return fig
 
 
 def layer_flips_figure(run: RunLike):
     """Smoothed flip rate of every recorded layer and ``flip/all`` (log y; zeros not drawn)."""
     run = _as_run(run)
-    window, (fig, ax) = report.decay_config_of(run.config)[0].window, _axes()
+    window, (fig, ax) = analysis.decay_config_of(run.config)[0].window, _axes()
     for key in run.keys("flip/"):
         steps, v = run.series(key)
         y = timescales.smooth(v, window) if v.size else v
@@ -232,48 +255,12 @@ def kept_vs_eps_figure(results: Mapping[str, Mapping[str, Any]]):
     return _kept_axes(fig, ax, "finite-difference stability probe")
 
 
-def _sweep_summary(summary: SummaryLike) -> Mapping[str, Any]:
-    if isinstance(summary, Mapping):
-        return summary
-    path = Path(summary)
-    return json.loads((path / report.SUMMARY if path.is_dir() else path).read_text())
-
-
-def table_rows(summary: SummaryLike) -> list[dict[str, Any]]:
-    """The sweep's lag ratio (abs step, main rule) per (setting, optimizer), beside 3.85x.
-
-    ``summary``: a sweep's ``summary.json`` (path, its folder, or loaded), or what
-    :func:`report.build_report` returns. One dict per group: ``setting, optimizer, seeds``
-    (valid lag ratios), ``lag mean`` (None if none), ``CI`` (95% bootstrap, text), ``paper``
-    (3.85), ``verdict``.
-    """
-    rows = []
-    for name, agg in sorted(_sweep_summary(summary)["groups"].items()):
-        setting, optimizer = name.split("/", 1)
-        stats = agg["lag"]["abs"][agg["main_rule"]]
-        lo, hi = stats["ci_low"], stats["ci_high"]
-        ci = "–" if lo is None or hi is None else f"[{lo:.2f}, {hi:.2f}]"
-        row = {"setting": setting, "optimizer": optimizer, "seeds": stats["n"]}
-        row |= {"lag mean": stats["mean"], "CI": ci, "paper": report.PAPER_RATIO}
-        rows.append(row | {"verdict": report.verdict(stats)})
-    return rows
-
-
-def table_frame(summary: SummaryLike):
-    """:func:`table_rows` as a pandas DataFrame if pandas is importable, else the list."""
-    try:
-        import pandas as pd
-    except ImportError:
-        return table_rows(summary)
-    return pd.DataFrame(table_rows(summary))
-
-
 def lag_summary_figure(summary: SummaryLike):
     """Lag ratio (abs step) per (setting, optimizer) and decay rule, beside the paper's 3.85x.
 
     Seeds as dots, the mean with its 95% CI as marker and bars; takes what :func:`table_rows` does.
     """
-    groups = sorted(_sweep_summary(summary)["groups"].items())
+    groups = sorted(analysis.load_sweep_summary(summary)["groups"].items())
     fig, ax = _axes((max(6.5, 1.6 * len(groups) + 2.5), 4.2))
     for j, rule in enumerate(timescales.RULES):
         for i, (_, agg) in enumerate(groups):
@@ -284,7 +271,8 @@ def lag_summary_figure(summary: SummaryLike):
                 lo, hi = (stats[k] if stats[k] is not None else stats["mean"] for k in _CI)
                 yerr = [[stats["mean"] - lo], [hi - stats["mean"]]]
                 ax.errorbar(x, stats["mean"], yerr, fmt="o", color=f"C{j}", ms=8, capsize=4)
-    ax.axhline(report.PAPER_RATIO, color="tab:red", ls="--", label=f"paper {report.PAPER_RATIO}x")
+    paper = analysis.PAPER_RATIO
+    ax.axhline(paper, color="tab:red", ls="--", label=f"paper {paper}x")
     ax.axhline(1.0, color="k", ls=":", lw=1, label="no lag (1x)")
     ax.set_xticks(range(len(groups)), [name.replace("/", "\n") for name, _ in groups])
     ax.set(ylabel="lag ratio T_step / T_flip (abs step)", xlim=(-0.6, len(groups) - 0.4))
@@ -292,3 +280,84 @@ def lag_summary_figure(summary: SummaryLike):
     ax.set_title(f"per rule: seeds (dots), mean and 95% CI; main rule {main}", fontsize=10)
     ax.legend(fontsize=7)
     return fig
+
+
+# ------------------------------------------------------------------------ the sweep report
+
+
+def _curves_panel(ax, runs, summaries, window: int) -> None:
+    for key, color in (("flip/all", "tab:red"), ("step/abs/all", "tab:blue")):
+        steps, curves = analysis.normalized_curves(runs, key, window)
+        if curves.shape[0]:
+            ax.plot(steps, curves.mean(0), color=color, label=f"{key} (norm.)")
+            ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.2)
+        t = analysis.mean_decay_time(summaries, key)
+        if t is not None:
+            ax.axvline(t, color=color, ls="--", lw=1, label=f"T {key} = {t:.0f}")
+    mva = [s["reference"]["mva_step"] for s in summaries if s["reference"]["mva_step"]]
+    if mva:
+        ax.axvline(np.mean(mva), color="k", ls=":", lw=1, label=f"MVA {np.mean(mva):.0f}")
+    ax.set(xlabel="step", ylabel="normalized (smoothed)")
+    ax.legend(fontsize=7)
+
+
+def _layers_panel(ax, runs, window: int) -> None:
+    for key in [k for k in runs[0].keys("flip/") if k != "flip/all"]:
+        steps, mean = analysis.smoothed_seed_mean(runs, key, window)
+        if mean is not None:
+            ax.plot(steps, np.maximum(mean, 1e-7), lw=1, label=key)
+    ax.set(xlabel="step", ylabel="flip rate (smoothed, seed mean)", yscale="log")
+    ax.legend(fontsize=7)
+
+
+def setting_figure(setting: str, members: Mapping[str, Sequence[tuple[Mapping, Any]]]):
+    """One setting of a sweep, one column per optimizer: the seeds' normalized ``flip/all`` and
+    ``step/abs/all`` (mean, min-max band) with their mean decay times and MVA (top), and each
+    layer's smoothed flip rate, seed mean (bottom).
+
+    ``members``: ``{optimizer: [(run summary, run directory or Run)]}``, as in
+    :attr:`regime_jax.summary.Sweep.members`.
+    """
+    fig = _figure_class()(figsize=(5.5 * len(members), 7.5), layout="constrained")
+    axes = fig.subplots(2, len(members), squeeze=False)
+    for col, (opt, items) in enumerate(sorted(members.items())):
+        summaries = [s for s, _ in items]
+        runs = [_as_run(d) for _, d in items]
+        window = summaries[0]["decay_config"]["window"]
+        _curves_panel(axes[0, col], runs, summaries, window)
+        axes[0, col].set_title(f"{setting} / {opt}: {len(runs)} seeds, band = min-max")
+        _layers_panel(axes[1, col], runs, window)
+    return fig
+
+
+def sweep_figures(sweep: analysis.Sweep) -> Iterator[tuple[str, Any]]:
+    """``(name, Figure)`` of the sweep report, per setting in name order: ``<setting>`` (its
+    :func:`setting_figure`) and ``<setting>_raster`` (:func:`mask_raster_figure` of the first
+    optimizer's first seed; left out when that run has fewer than two mask snapshots)."""
+    by_setting: dict[str, dict[str, list]] = {}
+    for (setting, opt), items in sweep.members.items():
+        by_setting.setdefault(setting, {})[opt] = items
+    for setting, members in sorted(by_setting.items()):
+        yield setting, setting_figure(setting, members)
+        first = records.load_run(members[sorted(members)[0]][0][1])
+        if len(first.mask_steps) >= 2:
+            name = "/".join(first.workdir.parts[-3:])
+            yield f"{setting}_raster", mask_raster_figure(first, name=name)
+
+
+def run_figures(run: RunLike) -> Iterator[tuple[str, Any]]:
+    """``(name, Figure)`` of one run: ``timescales``, ``layer_flips``, ``raster``, and with
+    ``probe/*`` metrics (``stability.num_points > 0``) ``stability_kept``, ``stability_radius``."""
+    run = _as_run(run)
+    makers = {
+        "timescales": timescales_figure,
+        "layer_flips": layer_flips_figure,
+        "raster": mask_raster_figure,
+    }
+    if run.keys("probe/"):
+        makers |= {
+            "stability_kept": stability_kept_figure,
+            "stability_radius": stability_radius_figure,
+        }
+    for name, make in makers.items():
+        yield name, make(run)

@@ -4,7 +4,8 @@
   * ``config.json``: the resolved config.
   * ``metrics.jsonl``: one JSON object per logged step: ``"step"`` plus ``/``-namespaced keys
     (``train/loss``, ``flip/fc1``, ``step/abs/all``, ``eval/acc``, ...). Appended and flushed
-    at every host fetch, so a run that dies keeps every row written before.
+    at every host fetch, so a run that dies keeps every row written before. A non-finite
+    value is ``null`` there, as in every JSON file regime_jax writes (:func:`to_json`).
   * ``masks/step_NNNNNNN.npz``: packed patterns of the probe set at a snapshot step; per
     layer ``bits/<layer>`` (uint8, little bit order, packed along units) and
     ``units/<layer>`` (the unit count that unpacks them exactly).
@@ -57,11 +58,63 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def _jsonable(value: Any) -> Any:
-    value = np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; keep them visible as strings
-    return value
+# ------------------------------------------------------------------ the one JSON policy
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON data: numpy / jax scalars and arrays become Python numbers and
+    lists, tuples lists, mapping keys strings, and every non-finite float (NaN, +-inf) None.
+
+    JSON has no NaN or inf, so every file regime_jax writes says ``null`` for them, and the
+    readers (:func:`read_rows`, :func:`load_run`) turn ``null`` back into NaN in metric rows.
+
+    >>> jsonable({"a": np.float32(0.5), "b": (float("nan"), np.inf), 3: np.arange(2)})
+    {'a': 0.5, 'b': [None, None], '3': [0, 1]}
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.generic) or hasattr(obj, "__array__"):
+        value = np.asarray(obj)
+        return jsonable(value.item() if value.ndim == 0 else value.tolist())
+    return obj  # anything else: json's ``default`` (if given) or a TypeError
+
+
+def to_json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON text of :func:`jsonable` ``(obj)`` (``allow_nan=False``); ``kwargs`` go to
+    :func:`json.dumps` (``indent``, ``sort_keys``, ``default``). Every JSON writer uses it.
+
+    >>> to_json({"loss": float("nan"), "step": np.int64(3)})
+    '{"loss": null, "step": 3}'
+    """
+    return json.dumps(jsonable(obj), allow_nan=False, **kwargs)
+
+
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def parse_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``metrics.jsonl`` row as written, with non-finite values as floats again.
+
+    ``null`` (written for NaN / inf) becomes NaN; the strings ``"nan"``, ``"inf"``, ``"-inf"``
+    that versions before the one-JSON-policy wrote are read as those floats.
+
+    >>> parse_row({"step": 3, "train/loss": None, "flip/all": "-inf"})
+    {'step': 3, 'train/loss': nan, 'flip/all': -inf}
+    """
+    if not isinstance(row, dict):
+        return row  # not a row at all: the caller's checks name it
+    for key, value in row.items():
+        if value is None:
+            row[key] = math.nan
+        elif isinstance(value, str) and value.lower() in _NONFINITE:
+            row[key] = _NONFINITE[value.lower()]
+    return row
 
 
 class MetricsWriter:
@@ -72,7 +125,7 @@ class MetricsWriter:
 
     def write(self, rows: Iterable[Mapping[str, Any]]) -> None:
         for row in rows:
-            self._file.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+            self._file.write(to_json(row) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -143,7 +196,7 @@ def config_diff(
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             nested = {i.split(".", 1)[1] for i in ignore if i.startswith(f"{key}.")}
             out += [f"{key}.{k}" for k in config_diff(a, b, nested)]
-        elif json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
+        elif jsonable(a) != jsonable(b):
             out.append(key)
     return out
 
@@ -171,7 +224,7 @@ def read_masks(path: str | os.PathLike) -> dict[str, Packed]:
 
 
 def write_config(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:
-    write_atomic(Path(workdir) / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_atomic(Path(workdir) / CONFIG, to_json(config, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------- which rows a run must have
@@ -223,7 +276,7 @@ def read_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     rows = []
     for i, line in enumerate(lines):
         try:
-            row = json.loads(line)
+            row = parse_row(json.loads(line))
             step = row["step"]
         except (json.JSONDecodeError, KeyError, TypeError):
             if i == len(lines) - 1:
@@ -310,7 +363,7 @@ def load_run(workdir: str | os.PathLike) -> Run:
     workdir = Path(workdir)
     config = json.loads((workdir / CONFIG).read_text())
     with open(workdir / METRICS, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        rows = [parse_row(json.loads(line)) for line in f if line.strip()]
     steps = sorted(
         int(p.stem.removeprefix("step_"))
         for p in (workdir / MASKS_DIR).glob("step_[0-9][0-9][0-9][0-9][0-9][0-9][0-9].npz")

@@ -41,8 +41,9 @@ if __name__ == "__main__":
 import ml_collections
 from absl import flags
 
-from regime_jax import cli, loop, report
+from regime_jax import cli, loop, records, report
 from regime_jax.config import ConfigError, load_config
+from regime_jax.summary import SUMMARY, main_ratio
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -158,15 +159,15 @@ def _write_grid(workdir: Path, sweep, specs: list[RunSpec]) -> None:
             for s in specs
         ],
     }
-    (workdir / "sweep.json").write_text(json.dumps(grid, indent=1, default=str) + "\n")
+    (workdir / "sweep.json").write_text(records.to_json(grid, indent=1, default=str) + "\n")
 
 
 def _run_one(spec: RunSpec, rundir: Path) -> str:
     """Trains one run (train writes its summary.json) and returns a progress line."""
     tic = time.perf_counter()
     loop.train_and_evaluate(spec.config, rundir)
-    summary = json.loads((rundir / report.SUMMARY).read_text())
-    acc, ratio = summary["final"]["eval/acc"], report.main_ratio(summary)
+    summary = json.loads((rundir / SUMMARY).read_text())
+    acc, ratio = summary["final"]["eval/acc"], main_ratio(summary)
     status = summary["lag"]["abs"][summary["main_rule"]]["status"]
     acc_text = "–" if acc is None else f"{acc:.3f}"
     lag_text = f"{ratio:.2f}" if ratio is not None else status
@@ -191,7 +192,7 @@ def run_sweep(
     for i, spec in enumerate(specs, start=1):
         rundir = workdir / spec.path
         head = f"[{i}/{len(specs)}] {rundir}"
-        if (rundir / report.SUMMARY).exists():
+        if (rundir / SUMMARY).exists():
             skipped.append(spec.path)
             log(f"{head} | finished before, skipped")
             continue

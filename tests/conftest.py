@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny configs that run in a second or two on a CPU."""
+"""Shared fixtures: tiny configs that run in a second or two on a CPU, synthetic run dirs."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import time
@@ -9,8 +11,11 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import numpy as np
 import pytest
 
+from regime_jax import records
+from regime_jax.bitmask import Packed
 from regime_jax.config import base_config
 from regime_jax.sweep import apply_overrides
 
@@ -40,6 +45,62 @@ def wait_for_signal_handlers(proc, timeout_s: float = 60) -> None:
         if int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1:
             return
         time.sleep(0.005)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (the files say null for non-finite numbers)")
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses ``NaN``, ``Infinity`` and ``-Infinity`` (invalid JSON)."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def write_synthetic_run(
+    d: Path,
+    tau_flip: float = 20.0,
+    ratio: float = 3.0,
+    n: int = 600,
+    seed: int = 0,
+    flip=None,
+    last_step: int | None = None,
+    timescales: dict | None = None,
+) -> Path:
+    """A run dir with exponential flip (tau) and step-size (ratio * tau) series and 3 snapshots.
+
+    Layers ``fc1`` (flips with tau) and ``fc2`` (flips with 2 tau) against parts ``fc1``, ``fc2``
+    (steps with ratio * tau), plus part ``head``. Train loss 0.1 + 2 exp(-t/50); eval/acc every
+    25 steps, peaking at step n/2.
+    """
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = base_config()
+    cfg.num_steps, cfg.seed = n, seed
+    cfg = cfg.to_dict()
+    if timescales is not None:
+        cfg["timescales"] = timescales
+    records.write_config(d, cfg)
+    rng = np.random.default_rng(seed)
+    rows = [{"step": 0, "eval/acc": 0.1}]
+    for t in range(1, (last_step or n) + 1):
+        noise = lambda: 1 + 1e-3 * rng.standard_normal()
+        h = math.exp(-(t - 1) / tau_flip) * noise() if flip is None else flip(t)
+        s = math.exp(-(t - 1) / (ratio * tau_flip)) * noise()
+        row = {"step": t, "train/loss": 0.1 + 2 * math.exp(-t / 50), "flip/all": h}
+        row |= {
+            "flip/fc1": h,
+            "flip/fc2": math.exp(-(t - 1) / (2 * tau_flip)) if flip is None else h,
+        }
+        for kind, scale in (("abs", 1.0), ("rel", 0.01)):
+            row |= {f"step/{kind}/{p}": scale * s for p in ("all", "fc1", "fc2", "head")}
+        if t % 25 == 0:
+            row["eval/acc"] = 0.9 - ((t - n / 2) / n) ** 2
+        rows.append(row)
+    with open(d / records.METRICS, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    for step in (0, 10, 20):
+        bits = {k: rng.random((16, u)) < 0.5 for k, u in (("fc1", 12), ("fc2", 10))}
+        records.write_masks(d, step, {k: Packed.from_bool(b) for k, b in bits.items()})
+    return d
 
 
 HAS_PROC = Path("/proc/self/status").exists()

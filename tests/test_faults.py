@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HAS_PROC, tiny_config, wait_for_signal_handlers
+from conftest import HAS_PROC, strict_json, tiny_config, wait_for_signal_handlers
 
-from regime_jax import checkpoint, data, loop, records, report, rundir
+from regime_jax import checkpoint, data, loop, records, rundir, summary
 from regime_jax.config import ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -170,7 +170,7 @@ def test_summary_is_complete_only_with_every_expected_row(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["complete"]
     lines = _rows(tmp_path)
     (tmp_path / records.METRICS).write_text("\n".join(lines[:3] + lines[4:]) + "\n")
-    assert not report.summarize_run(tmp_path)["complete"]
+    assert not summary.summarize_run(tmp_path)["complete"]
 
 
 def test_expected_steps_match_the_loop_with_stability_points(tmp_path):
@@ -237,6 +237,10 @@ def test_nonfinite_message_names_the_kept_checkpoint_or_says_there_is_none(every
     )
     with pytest.raises(loop.NonFinite) as err:
         loop.train_and_evaluate(config, tmp_path)
+    rows = [strict_json(line) for line in _rows(tmp_path)]  # non-finite values: null
+    loaded = records.load_run(tmp_path).rows
+    nulls = [(i, k) for i, row in enumerate(rows) for k, v in row.items() if v is None]
+    assert all(np.isnan(loaded[i][k]) for i, k in nulls)
     kept = checkpoint.Checkpointer(tmp_path, 3)
     steps = kept.steps()
     kept.close()

@@ -13,6 +13,7 @@ import pytest
 from conftest import tiny_config
 
 from regime_jax import loop, models, plots, records, report, stability
+from regime_jax import summary as analysis
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = {
@@ -54,27 +55,27 @@ def _labels(ax):
 
 
 def test_timescales_figure(run, tmp_path):
-    summary = report.summarize_run(run.workdir)
+    summary = analysis.summarize_run(run.workdir)
     fig = plots.timescales_figure(run)
     (ax,) = fig.axes
     mva = summary["reference"]["mva_step"]
     assert mva is not None  # eval at steps 0, 6, 12
-    times = [summary["decay"][k][summary["main_rule"]]["time"] for k in report.SERIES]
+    times = [summary["decay"][k][summary["main_rule"]]["time"] for k in analysis.SERIES]
     assert len(ax.get_lines()) == 3 + sum(t is not None for t in times) + 1
-    assert [label for label in _labels(ax) if label in report.SERIES] == list(report.SERIES)
+    assert [label for label in _labels(ax) if label in analysis.SERIES] == list(analysis.SERIES)
     assert "lag ratio" in ax.get_title()
     _saves(fig, tmp_path)
 
 
 def test_timescales_figure_marks_given_decay_times_and_ratio(run):
-    summary = copy.deepcopy(report.summarize_run(run.workdir))
+    summary = copy.deepcopy(analysis.summarize_run(run.workdir))
     rule = summary["main_rule"]
-    for step, key in enumerate(report.SERIES, start=3):
+    for step, key in enumerate(analysis.SERIES, start=3):
         summary["decay"][key][rule] = {"time": float(step), "status": "ok"}
     summary["lag"]["abs"][rule]["ratio"] = 2.5
     (ax,) = plots.timescales_figure(run, summary).axes
     labels = _labels(ax)
-    expected = [f"T {key} = {t}" for t, key in enumerate(report.SERIES, start=3)]
+    expected = [f"T {key} = {t}" for t, key in enumerate(analysis.SERIES, start=3)]
     assert [label for label in labels if label.startswith("T ")] == expected
     assert len(labels) == 7  # 3 curves, 3 decay times, MVA
     assert "2.50 (abs)" in ax.get_title()
@@ -88,6 +89,21 @@ def test_mask_raster_figure(run, tmp_path):
     assert "fc1" in ax.get_ylabel() and colorbar.get_ylabel()
     assert "fc2" in plots.mask_raster_figure(run.workdir, layer="fc2").axes[0].get_ylabel()
     _saves(fig, tmp_path)
+
+
+def test_sweep_figures_share_the_raster_renderer(sweep_dir, run, tmp_path):
+    figures = dict(plots.sweep_figures(analysis.summarize_sweep(sweep_dir)))
+    assert list(figures) == ["tiny", "tiny_raster"]
+    top, bottom = figures["tiny"].axes[:2]
+    assert "tiny / sgd: 2 seeds" in top.get_title()
+    assert {"flip/all (norm.)", "step/abs/all (norm.)"} <= set(_labels(top))
+    assert {"flip/fc1", "flip/fc2"} <= set(_labels(bottom))
+    ax, _ = figures["tiny_raster"].axes
+    assert ax.get_title().startswith("tiny/sgd/seed_0: fc1: per-unit pattern flips")
+    (mesh,) = ax.collections  # the same pcolormesh as mask_raster_figure's
+    np.testing.assert_array_equal(mesh.get_array(), analysis.flip_raster(run)[2])
+    for name, fig in figures.items():
+        _saves(fig, tmp_path, f"{name}.png")
 
 
 def test_mask_raster_figure_without_two_snapshots(run):

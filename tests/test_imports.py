@@ -1,0 +1,157 @@
+"""The package's import graph: acyclic, training never reaches the report, summary draws nothing.
+
+The graph is read from the source (AST), so an import inside a function counts as much as one
+at the top of a module: a cycle hidden by a function-level import is still a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = "regime_jax"
+SRC = Path(__file__).resolve().parent.parent / PACKAGE
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def _resolve(name: str) -> str:
+    """``name`` if it is one of the package's modules, else the longest such prefix of it."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name
+
+
+def _imports(module: str) -> list[tuple[str, list[str]]]:
+    """``(module imported from, [names])`` of every import statement, wherever it is: an
+    ``import a.b`` is ``("a.b", [])``; relative imports are made absolute."""
+    path = MODULES[module]
+    package = module.split(".")[: None if path.name == "__init__.py" else -1]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # one package up per dot after the first
+                up = package[: len(package) - node.level + 1]
+                base = ".".join([*up, *([base] if base else [])])
+            out.append((base, [alias.name for alias in node.names]))
+    return out
+
+
+def _in_package(name: str) -> bool:
+    return name == PACKAGE or name.startswith(PACKAGE + ".")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: the package's modules it imports}``.
+
+    ``import regime_jax.x`` and ``from regime_jax import x`` give ``regime_jax.x`` (a module or
+    a subpackage); ``from regime_jax.x import y`` gives ``regime_jax.x.y`` where that is a
+    module, else ``regime_jax.x``. The parent packages Python initializes on the way are not
+    edges (every submodule would otherwise "import" the package that imports it).
+    """
+    graph = {}
+    for module in MODULES:
+        edges = set()
+        for base, names in _imports(module):
+            if not _in_package(base):
+                continue
+            if not names:
+                edges.add(_resolve(base))
+            for name in names:
+                full = f"{base}.{name}"
+                edges.add(full if full in MODULES else _resolve(base))
+        graph[module] = edges - {module}
+    return graph
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or transitively."""
+    seen, stack = set(), [start]
+    while stack:
+        new = graph[stack.pop()] - seen
+        seen |= new
+        stack += new
+    return seen
+
+
+def _path(graph: dict[str, set[str]], start: str, goal: str) -> list[str]:
+    """One import chain from ``start`` to ``goal`` (breadth first), [] if there is none."""
+    parents, frontier = {start: None}, [start]
+    while frontier:
+        nxt = []
+        for module in frontier:
+            for dep in sorted(graph[module] - parents.keys()):
+                parents[dep] = module
+                nxt.append(dep)
+        frontier = nxt
+    if goal not in parents:
+        return []
+    chain = [goal]
+    while parents[chain[-1]] is not None:
+        chain.append(parents[chain[-1]])
+    return chain[::-1]
+
+
+def test_the_graph_is_read_from_function_level_imports_too():
+    graph = import_graph()
+    assert {"regime_jax.summary", "regime_jax.plots", "regime_jax.report"} <= graph.keys()
+    assert "regime_jax.loop" in graph["regime_jax.main"]  # imported inside run()
+    assert "regime_jax.config" in graph["regime_jax.cli"]  # imported inside functions
+    assert "regime_jax.models.adapt" in graph["regime_jax.stability"]  # a subpackage's module
+    assert "regime_jax.models" in graph["regime_jax.config"]  # a subpackage itself
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[str]:
+    """``"a -> b -> a"`` for every edge ``a -> b`` from which ``a`` can be reached again."""
+    return [
+        " -> ".join([module, *_path(graph, dep, module)])
+        for module in sorted(graph)
+        for dep in sorted(graph[module])
+        if _path(graph, dep, module)
+    ]
+
+
+def test_find_cycles_finds_a_cycle_through_several_modules():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycles(graph) == ["a -> b -> c -> a", "b -> c -> a -> b", "c -> a -> b -> c"]
+    assert find_cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_there_is_no_import_cycle():
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_split_of_reporting():
+    graph = import_graph()
+    assert "regime_jax.summary" in graph["regime_jax.plots"]
+    assert {"regime_jax.summary", "regime_jax.plots"} <= graph["regime_jax.report"]
+    assert "regime_jax.report" not in _reachable(graph, "regime_jax.plots")
+    reach = _reachable(graph, "regime_jax.summary")
+    assert not reach & {"regime_jax.plots", "regime_jax.report", "regime_jax.loop"}
+
+
+def test_summary_never_imports_matplotlib():
+    imported = [base for base, _ in _imports("regime_jax.summary")]
+    assert "numpy" in imported and not [n for n in imported if n.split(".")[0] == "matplotlib"]
+
+
+TRAINING = ["regime_jax.step", "regime_jax.loop", "regime_jax.main"]
+
+
+@pytest.mark.parametrize("module", TRAINING)
+@pytest.mark.parametrize("forbidden", ["regime_jax.report", "regime_jax.plots"])
+def test_training_never_imports_the_report_or_the_figures(module, forbidden):
+    graph = import_graph()
+    assert forbidden not in _reachable(graph, module), " -> ".join(_path(graph, module, forbidden))
