@@ -108,7 +108,7 @@ def test_the_graph_is_read_from_function_level_imports_too():
     assert {"regime_jax.summary", "regime_jax.plots", "regime_jax.report"} <= graph.keys()
     assert "regime_jax.loop" in graph["regime_jax.main"]  # imported inside run()
     assert "regime_jax.config" in graph["regime_jax.cli"]  # imported inside functions
-    assert "regime_jax.models.adapt" in graph["regime_jax.stability"]  # a subpackage's module
+    assert "regime_jax.models.adapt" in graph["regime_jax.radius"]  # a subpackage's module
     assert "regime_jax.models" in graph["regime_jax.config"]  # a subpackage itself
 
 
