@@ -13,7 +13,7 @@ import pytest
 from conftest import HAS_PROC, wait_for_signal_handlers
 
 ROOT = Path(__file__).parent.parent
-QUICK = f"--config={ROOT / 'experiments' / 'reproduce.py'}:quick"
+QUICK = "--config=reproduce:quick"
 PREFIX = "regime_jax.sweep: "
 
 # Two optimizers, "a" before "b" (a ConfigDict keeps its keys sorted): a run of "a" fails or is
@@ -40,8 +40,7 @@ def get_config(arg=None):
 
 def _tiny_sweep(tmp_path: Path, num_steps: int) -> str:
     path = tmp_path / "tiny_sweep.py"
-    experiment = str(ROOT / "experiments" / "mlp_mnist1d.py")
-    path.write_text(TINY_SWEEP.format(num_steps=num_steps, experiment=experiment))
+    path.write_text(TINY_SWEEP.format(num_steps=num_steps, experiment="mlp_mnist1d"))
     return f"--config={path}"
 
 

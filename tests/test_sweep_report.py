@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -18,7 +17,7 @@ from regime_jax.bitmask import Packed
 from regime_jax.config import ConfigError, base_config
 
 ROOT = Path(__file__).resolve().parent.parent
-MLP_MNIST1D = str(ROOT / "experiments" / "mlp_mnist1d.py")
+MLP_MNIST1D = "mlp_mnist1d"
 LN10 = math.log(10.0)
 
 
@@ -341,9 +340,8 @@ def test_failed_run_is_reported_and_sweep_goes_on(tmp_path, monkeypatch):
 
 
 def test_reproduce_config_variants_expand_and_validate():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "experiments/reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from regime_jax.configs import reproduce as module
+
     quick = sweep.expand_grid(module.get_config("quick"))
     assert len(quick) == 8 and {s.setting for s in quick} == {"mlp_mnist1d", "mlp_digits"}
     grid = sweep.expand_grid(module.get_config())
