@@ -11,16 +11,18 @@ adds fields its parent's ``:quick`` leaves alone passes ``arg`` through
 (``stability_mlp_mnist1d`` is ``mlp_mnist1d.get_config(arg)`` plus the stability probe). The
 root is :func:`regime_jax.config.base_config`, where every field is documented::
 
-  base_config
-  └─ mlp_mnist1d  (the main job)
-     ├─ stability_mlp_mnist1d
+  base_config                     regime_jax/config.py
+  └─ mlp_mnist1d                  the main job
+     ├─ stability_mlp_mnist1d     + the stability probe (with_probe)
      ├─ mlp_mnist
-     ├─ transformer_mnist1d ── vit_cifar10
+     ├─ transformer_mnist1d
+     │  └─ vit_cifar10
      └─ mlp_digits
-        └─ cnn_digits
-           ├─ stability_cnn_digits  (the probe of stability_mlp_mnist1d)
+        └─ cnn_digits             the CNN block every CNN config derives
+           ├─ stability_cnn_digits + stability_mlp_mnist1d's probe
            ├─ cnn_mnist1d
-           └─ cnn_mnist ── cnn_cifar10
+           └─ cnn_mnist
+              └─ cnn_cifar10
 
 ``reproduce`` is a sweep config (``python -m regime_jax.sweep``): its settings name configs.
 
