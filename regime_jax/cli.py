@@ -103,12 +103,23 @@ def parse_flags(argv: list[str], required: Sequence[str]) -> list[tuple[str, str
     return overrides
 
 
-def load_with_overrides(spec: str, overrides: list[tuple[str, str | None]]):
-    """``configs.load(spec)`` with each ``--config.<field>`` override applied (ConfigError)."""
+def load_with_overrides(spec: str, overrides: list[tuple[str, str | None]], sweep: bool = False):
+    """``configs.load(spec)`` with each ``--config.<field>`` override applied (ConfigError).
+
+    ``sweep``: the program runs sweep configs (with ``settings``), else run configs; the other
+    kind is refused in one line naming the program that runs it.
+    """
     from regime_jax import configs
-    from regime_jax.config import override
+    from regime_jax.config import ConfigError, override
 
     config = configs.load(spec)
+    if ("settings" in config) != sweep:
+        kind, program = (
+            ("a sweep config", "regime_jax.sweep")
+            if "settings" in config
+            else ("not a sweep config (it has no settings)", "regime_jax.main")
+        )
+        raise ConfigError(f"--config {spec} is {kind}: run it with python -m {program}")
     for field, value in overrides:
         override(config, field, value)
     return config

@@ -262,7 +262,7 @@ def run(argv: list[str]) -> int:
         return 0
     try:
         overrides = cli.parse_flags(argv, ("config", "workdir"))
-        sweep = cli.load_with_overrides(flags.FLAGS.config, overrides)
+        sweep = cli.load_with_overrides(flags.FLAGS.config, overrides, sweep=True)
         cli.quiet_logging()  # keep one line per run readable
         workdir = Path(flags.FLAGS.workdir)
         if flags.FLAGS.compilation_cache:

@@ -104,6 +104,8 @@ def test_missing_config_file_unknown_name_and_unknown_variant(capsys, tmp_path):
     line = _one_line_error(code, err)
     assert "unknown config 'nope'" in line and all(n in line for n in configs.names())
     assert not any(tmp_path.iterdir())
+    code, _, err = _run(capsys, "--config=reproduce:quick", f"--workdir={tmp_path}")
+    assert "is a sweep config: run it with python -m regime_jax.sweep" in _one_line_error(code, err)
     code, _, err = _run(capsys, QUICK.replace(":quick", ":quik"), f"--workdir={tmp_path}")
     assert "':quik'" in (line := _one_line_error(code, err)) and "':quick'" in line
 
