@@ -1,9 +1,10 @@
 """Command-line pieces shared by ``regime_jax.main`` and ``regime_jax.sweep``.
 
-``--config <file>[:arg]`` plus ``--config.<field>=<value>`` overrides (parsed here, not by
-absl's ``config_flags``, so that every mistake is one line), absl flag parsing, ``--help``
-detection and the exit: 0 / 1 / 2 (user error) / 130 (SIGINT) / 143 (SIGTERM). This module
-defines no flags; each program defines its own (``--config``, ``--workdir``, ...).
+``--config <name|file.py>[:arg]`` (``regime_jax.configs.load``) plus ``--config.<field>=<value>``
+overrides (parsed here, not by absl's ``config_flags``, so that every mistake is one line),
+absl flag parsing, ``--help`` detection and the exit: 0 / 1 / 2 (user error) / 130 (SIGINT) /
+143 (SIGTERM). This module defines no flags; each program defines its own (``--config``,
+``--workdir``, ...).
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ def wants_help(args: Sequence[str]) -> bool:
 
 
 def help_config(args: list[str], default: Callable[[], object], default_source: str):
-    """The config ``--help`` describes: ``--config``'s file if given and loadable, else
+    """The config ``--help`` describes: ``--config``'s config if given and loadable, else
     ``default()``; returns ``(config, where it came from)``."""
-    from regime_jax.config import ConfigError, load_config
+    from regime_jax import configs
+    from regime_jax.config import ConfigError
 
     spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
     if spec is None and "--config" in args[:-1]:
@@ -76,7 +78,7 @@ def help_config(args: list[str], default: Callable[[], object], default_source: 
     source, config = default_source, default()
     if spec:
         try:
-            config, source = load_config(spec), spec
+            config, source = configs.load(spec), spec
         except ConfigError as err:
             source += f"; {spec} could not be loaded: {err}"
     return config, source
@@ -101,11 +103,23 @@ def parse_flags(argv: list[str], required: Sequence[str]) -> list[tuple[str, str
     return overrides
 
 
-def load_with_overrides(spec: str, overrides: list[tuple[str, str | None]]):
-    """``load_config(spec)`` with each ``--config.<field>`` override applied (ConfigError)."""
-    from regime_jax.config import load_config, override
+def load_with_overrides(spec: str, overrides: list[tuple[str, str | None]], sweep: bool = False):
+    """``configs.load(spec)`` with each ``--config.<field>`` override applied (ConfigError).
 
-    config = load_config(spec)
+    ``sweep``: the program runs sweep configs (with ``settings``), else run configs; the other
+    kind is refused in one line naming the program that runs it.
+    """
+    from regime_jax import configs
+    from regime_jax.config import ConfigError, override
+
+    config = configs.load(spec)
+    if ("settings" in config) != sweep:
+        kind, program = (
+            ("a sweep config", "regime_jax.sweep")
+            if "settings" in config
+            else ("not a sweep config (it has no settings)", "regime_jax.main")
+        )
+        raise ConfigError(f"--config {spec} is {kind}: run it with python -m {program}")
     for field, value in overrides:
         override(config, field, value)
     return config

@@ -1,26 +1,23 @@
 """The config schema shared by every experiment, and its validation.
 
-An experiment module ``experiments/<name>.py`` defines ``get_config(arg=None)`` that starts
-from :func:`base_config` and overrides fields. :func:`validate_config` runs before any data
-is loaded or any array is computed; every error names the field and the allowed values.
+A config module (``regime_jax/configs/<name>.py``, or a file of your own) defines
+``get_config(arg=None)`` that starts from :func:`base_config` and overrides fields.
+:func:`validate_config` runs before any data is loaded or any array is computed; every error
+names the field and the allowed values.
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import difflib
-import importlib.util
 import math
-import traceback
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-from regime_jax import registry, stability, timescales  # TODO(configs-pkg): literal defaults
+from regime_jax import registry
 from regime_jax.registry import CUSTOM
 
 OPTIMIZERS = ("adam", "sgd")
@@ -33,28 +30,44 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults for every field (an MLP on MNIST-1D with SGD + momentum)."""
+    """Defaults for every field (the main job: an MLP on MNIST-1D with SGD + momentum).
+
+    Every packaged config (``regime_jax.configs``) starts here. The defaults are literals, so
+    building a config imports no implementation module; the ``stability`` and ``timescales``
+    blocks equal ``stability.ProbeConfig()`` and ``timescales.DecayConfig()`` (tested).
+    """
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    # data_dir is a typed placeholder: None by default, settable from the command line.
+    c.seed = 0  # parameter init and batch order: the only seed a sweep varies
     c.dataset = dict(
-        name="mnist1d",
-        num_samples=5000,
-        seed=42,
+        name="mnist1d",  # mnist1d | digits (offline); mnist | fashion_mnist | cifar10 (tfds)
+        num_samples=5000,  # mnist1d only: examples generated (80% train, 20% validation)
+        seed=42,  # mnist1d: the generator's seed; digits: the split's; unused by tfds
+        # tfds only: where prepared datasets live. A typed placeholder (None: tfds's default),
+        # so it can be set from the command line.
         data_dir=config_dict.placeholder(str),
-        download=True,
+        download=True,  # tfds only: download a dataset missing from data_dir
     )
+    # The fixed probe set whose activation patterns are recorded: `size` validation examples
+    # chosen once by `seed`, sorted, never shuffled.
     c.probe = dict(size=512, seed=0)
+    # A registry name (regime_jax.models.MODELS) and its fields; mlp: hidden widths.
+    # Patterns are defined for ReLU only: another activation is refused.
     c.model = dict(name="mlp", hidden=(256, 256), activation="relu")
     c.optimizer = dict(
-        name="sgd", learning_rate=0.05, momentum=0.9, schedule="constant", warmup_steps=0
+        name="sgd",  # sgd | adam
+        learning_rate=0.05,  # peak learning rate
+        momentum=0.9,  # sgd only; 0 = plain SGD
+        schedule="constant",  # constant | cosine (decays to 0 at num_steps)
+        warmup_steps=0,  # linear warmup from 0, below num_steps
     )
-    c.batch_size = 128
-    c.num_steps = 3000
+    c.batch_size = 128  # training examples per step
+    c.num_steps = 3000  # optimizer steps
+    # every_steps: steps between pattern records (flip/*, dead/*, always_on/*, step/*);
+    # snapshot_every_steps: steps between packed mask snapshots (a multiple of every_steps).
     c.record = dict(every_steps=1, snapshot_every_steps=100)
-    c.log_every_steps = 100
-    c.eval_every_steps = 100
-    c.eval_batch_size = 1000
+    c.log_every_steps = 100  # host fetch of the device metrics + a progress line
+    c.eval_every_steps = 100  # eval/loss and eval/acc on the whole validation split
+    c.eval_batch_size = 1000  # validation examples per eval forward pass
     c.overwrite = False  # start afresh in a workdir that already holds a run
     # Data parallelism: the batch and the probe set are sharded over this many local devices
     # on a "data" mesh axis (parameters replicated); 0 = all local devices.
@@ -62,14 +75,31 @@ def base_config() -> ml_collections.ConfigDict:
     # every_steps=0: save only at the end (and on Ctrl-C); keep: how many to keep.
     c.checkpoint = dict(every_steps=500, keep=3)
     # Finite-difference stability probe during training (regime_jax.stability): at step 0,
-    # the last step and num_points log-spaced steps between; 0 disables it. The other fields
-    # are stability.ProbeConfig's; probe_size <= probe.size takes the first examples of the
-    # probe set (0: all of it).
+    # the last step and num_points log-spaced steps between. The fields after `seed` are
+    # stability.ProbeConfig's, with its defaults.
     c.stability = dict(
-        num_points=0, probe_size=0, seed=0, **dataclasses.asdict(stability.ProbeConfig())
+        num_points=0,  # 0 disables the probe
+        probe_size=0,  # the first probe_size examples of the probe set (<= probe.size; 0: all)
+        seed=0,  # the random directions
+        num_directions=16,  # random unit directions (per layer if per_layer)
+        min_radius=1e-6,  # smallest tested radius (parameter-space L2 norm)
+        max_radius=1.0,  # largest tested radius
+        num_radii=12,  # log-spaced coarse radii, min_radius .. max_radius
+        refine=0,  # extra fine radii between coarse ones, for the breaking radii
+        per_layer=False,  # directions in one top-level parameter subtree at a time
+        radius_batch=4,  # radii evaluated together (bounds memory); None: all at once
     )
-    # Decay-time analysis of the recorded series (fields of timescales.DecayConfig).
-    c.timescales = dataclasses.asdict(timescales.DecayConfig())
+    # Decay-time analysis of the recorded series (timescales.DecayConfig's fields and
+    # defaults; the rules' formulas are in regime_jax/timescales.py).
+    c.timescales = dict(
+        rule="settle",  # the main rule: settle | cumsum | threshold (all are reported)
+        window=25,  # centered moving-average width (points) before any rule
+        delta=0.1,  # settle: band half-width, a fraction of the smoothed range
+        final_fraction=0.1,  # settle: trailing fraction of points defining the final level
+        cumsum_fraction=0.9,  # cumsum: fraction of the total mass reached at T
+        threshold_fraction=0.1,  # threshold: fraction of the initial level reached at T
+        min_points=20,  # shorter series are reported too_short
+    )
     return c
 
 
@@ -203,46 +233,6 @@ def variant(arg: str | None, allowed: tuple[str, ...] = VARIANTS) -> str | None:
         return arg
     names = ", ".join(f"':{a}'" for a in allowed)
     raise ConfigError(f"unknown config variant ':{arg}'; allowed: none (the full run), {names}")
-
-
-def _where(path: Path, err: BaseException) -> str:
-    """`` (file:line)`` of the innermost frame of ``err`` inside ``path``, if any."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
-    return f" ({path}:{frames[-1].lineno})" if frames else ""
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of the experiment file in ``spec`` (``path[:arg]``).
-
-    Every failure is a one-line :class:`ConfigError`: a missing file, a file that does not
-    import, no ``get_config``, an unknown ``:arg``.
-    """
-    path_text, sep, arg = spec.partition(":")
-    path = Path(path_text).absolute()
-    if not path_text or not path.is_file():
-        raise ConfigError(f"config file {path_text!r} does not exist (expected a .py file)")
-    module_spec = importlib.util.spec_from_file_location(f"_regime_config_{path.stem}", path)
-    if module_spec is None:
-        raise ConfigError(f"config file {path_text!r} is not a Python file")
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-        if not callable(getattr(module, "get_config", None)):
-            raise ConfigError(f"config file {path_text!r} defines no get_config(arg=None)")
-        config = module.get_config(arg if sep else None)
-    except ConfigError as err:
-        raise ConfigError(f"{path_text}: {err}") from None
-    except Exception as err:  # a user's file: say where, in one line
-        first = (str(err).splitlines() or [""])[0]
-        raise ConfigError(
-            f"config file {path_text!r} failed: {type(err).__name__}: {first}{_where(path, err)}"
-        ) from None
-    if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(
-            f"config file {path_text!r}: get_config returned {type(config).__name__}, "
-            f"not an ml_collections.ConfigDict"
-        )
-    return config
 
 
 def fields(c: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -1,8 +1,11 @@
-"""The only module with flags: ``python -m regime_jax.main --config <file>[:arg] --workdir <dir>``.
+"""The only module with flags: ``python -m regime_jax.main --config <name>[:arg] --workdir <dir>``.
+
+``<name>`` is a packaged config (``regime_jax.configs``: ``mlp_mnist1d``, ...) or a path to a
+``.py`` file of your own with ``get_config(arg=None)``.
 
 Any config field can be overridden with ``--config.<field>=<value>``, e.g.
 ``--config.optimizer.name=adam --config.num_steps=500``; ``--help`` lists every field with its
-default (``--config <file> --help``: that file's fields). Running the same command again on
+default (``--config <name> --help``: that config's fields). Running the same command again on
 the same workdir resumes from the newest checkpoint.
 
 Exit codes: 0 done, 1 non-finite loss or step size, 2 a user error (bad flag, field, value,
@@ -25,7 +28,9 @@ from regime_jax.cli import UsageError as UsageError  # re-exported: main.UsageEr
 from regime_jax.cli import split_overrides as split_overrides  # re-exported (tests, callers)
 
 _CONFIG = flags.DEFINE_string(
-    "config", None, "Experiment config file, e.g. experiments/mlp_mnist1d.py[:quick]."
+    "config",
+    None,
+    "Experiment config: a packaged name, e.g. mlp_mnist1d[:quick], or a path/to/file.py[:arg].",
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics and masks.")
 
@@ -33,6 +38,7 @@ PROG = "regime_jax"
 
 
 def _help(args: list[str]) -> str:
+    from regime_jax import configs
     from regime_jax.config import base_config, describe
 
     config, source = cli.help_config(
@@ -42,11 +48,12 @@ def _help(args: list[str]) -> str:
     )
     return (
         f"{__doc__}\n"
-        f"usage: python -m regime_jax.main --config <file>[:arg] --workdir <dir> "
+        f"usage: python -m regime_jax.main --config <name|file.py>[:arg] --workdir <dir> "
         f"[--config.<field>=<value> ...]\n\n"
         f"flags:\n  --config: {flags.FLAGS['config'].help}\n"
         f"  --workdir: {flags.FLAGS['workdir'].help}\n"
         f"  --verbosity: absl logging verbosity (default: warnings only)\n\n"
+        f"packaged configs: {', '.join(configs.names())}\n\n"
         f"config fields and their defaults in {source}:\n{describe(config)}\n"
     )
 

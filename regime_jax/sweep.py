@@ -1,13 +1,14 @@
 """Runs a grid of settings x optimizers x seeds, then the report.
 
-``python -m regime_jax.sweep --config experiments/reproduce.py[:arg] --workdir runs/reproduce``
+``python -m regime_jax.sweep --config reproduce[:arg] --workdir runs/reproduce``
 takes ``--config.<field>=<value>`` overrides of the sweep config (e.g. ``--config.seeds=0,1``)
 and reports every user error in one line, like ``regime_jax.main``.
 
-The sweep config (a ConfigDict, see ``experiments/reproduce.py``) has
+The sweep config (a ConfigDict, see ``regime_jax/configs/reproduce.py``) has
 
-* ``settings``: list of ``{name, experiment, arg, overrides}``; ``experiment`` is a path to an
-  experiment module with ``get_config(arg)``, ``overrides`` maps config fields (dotted keys or
+* ``settings``: list of ``{name, experiment, arg, overrides}``; ``experiment`` names a packaged
+  config (``mlp_mnist1d``) or a path to a ``.py`` file with ``get_config(arg)``, loaded like
+  ``--config`` (``regime_jax.configs.load``); ``overrides`` maps config fields (dotted keys or
   nested dicts) to values. Optional ``optimizers``: ``{optimizer name: {field: value}}`` applied
   after the sweep-wide optimizer fields (e.g. a per-setting learning rate).
 * ``optimizers``: ``{name: {field: value}}`` of ``optimizer.*`` fields.
@@ -41,8 +42,8 @@ if __name__ == "__main__":
 import ml_collections
 from absl import flags
 
-from regime_jax import cli, loop, records, report
-from regime_jax.config import ConfigError, load_config
+from regime_jax import cli, configs, loop, records, report
+from regime_jax.config import ConfigError
 from regime_jax.summary import SUMMARY, main_ratio
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -66,9 +67,9 @@ class RunSpec:
         return f"{self.setting}/{self.optimizer}/seed_{self.seed}"
 
 
-def load_experiment(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of the experiment module at ``path`` (``config.load_config``)."""
-    return load_config(str(path) if arg is None else f"{path}:{arg}")
+def load_experiment(experiment: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of a packaged config's name or a file's path (``configs.load``)."""
+    return configs.load(str(experiment) if arg is None else f"{experiment}:{arg}")
 
 
 def flatten(overrides: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
@@ -228,21 +229,20 @@ def enable_compilation_cache(directory: str | Path) -> None:
 
 
 PROG = "regime_jax.sweep"
-REPRODUCE = Path(__file__).resolve().parent.parent / "experiments" / "reproduce.py"
+REPRODUCE = "reproduce"  # the packaged sweep config --help describes by default
 
 
 def _help(args: list[str]) -> str:
-    from regime_jax.config import describe, load_config
+    from regime_jax.config import describe
 
-    default = lambda: load_config(str(REPRODUCE)) if REPRODUCE.is_file() else None
-    config, source = cli.help_config(args, default, str(REPRODUCE))
-    described = describe(config) if config is not None else "  (none: pass --config <file>)"
+    config, source = cli.help_config(args, lambda: configs.load(REPRODUCE), REPRODUCE)
+    described = describe(config)
     return (
         f"{__doc__}\n"
-        f"usage: python -m regime_jax.sweep --config <file>[:arg] --workdir <dir>\n"
+        f"usage: python -m regime_jax.sweep --config <name|file.py>[:arg] --workdir <dir>\n"
         f"         [--[no]compilation_cache] [--config.<field>=<value> ...]\n\n"
         f"Overrides and errors work as in regime_jax.main: a field typo, a value of the\n"
-        f"wrong type, a missing config file or an unknown :arg is one line and exit code 2.\n"
+        f"wrong type, an unknown config or an unknown :arg is one line and exit code 2.\n"
         f"Exit codes: 0 every run finished, 1 some run failed (the others still ran), 2 a\n"
         f"user error, 130 SIGINT, 143 SIGTERM (the current run stops after its step with a\n"
         f"checkpoint; finished runs are skipped when the same command is run again).\n\n"
@@ -263,7 +263,7 @@ def run(argv: list[str]) -> int:
         return 0
     try:
         overrides = cli.parse_flags(argv, ("config", "workdir"))
-        sweep = cli.load_with_overrides(flags.FLAGS.config, overrides)
+        sweep = cli.load_with_overrides(flags.FLAGS.config, overrides, sweep=True)
         cli.quiet_logging()  # keep one line per run readable
         workdir = Path(flags.FLAGS.workdir)
         if flags.FLAGS.compilation_cache:
@@ -287,7 +287,7 @@ def run(argv: list[str]) -> int:
 
 def _define_flags() -> None:
     """Flags exist only when run as a script (regime_jax.main defines the same names)."""
-    help_text = "Sweep config file, e.g. experiments/reproduce.py[:quick]."
+    help_text = "Sweep config: a packaged name, e.g. reproduce[:quick], or a path/to/file.py[:arg]."
     flags.DEFINE_string("config", None, help_text)
     flags.DEFINE_string("workdir", None, "Directory for the runs, summary and report.")
     flags.DEFINE_bool("compilation_cache", True, "Cache compiled steps in <workdir>/.jax_cache.")

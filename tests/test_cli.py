@@ -5,19 +5,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import ml_collections
 import pytest
 
-from regime_jax import main, report
-from regime_jax.config import fields, load_config
+from regime_jax import configs, main, report
+from regime_jax.config import fields
 
-ROOT = Path(__file__).parent.parent
-EXPERIMENTS = sorted(
-    p for p in (ROOT / "experiments").glob("*.py") if p.stem not in ("bench_overhead", "reproduce")
-)
-QUICK = f"--config={ROOT / 'experiments' / 'mlp_mnist1d.py'}:quick"
+EXPERIMENTS = [n for n in configs.names() if n != "reproduce"]  # reproduce: a sweep config
+QUICK = "--config=mlp_mnist1d:quick"
 
 
 @pytest.fixture(autouse=True)
@@ -101,19 +97,25 @@ def test_bad_value_is_named_before_anything_is_written(capsys, tmp_path, flag, f
     assert not (tmp_path / "w").exists()
 
 
-def test_missing_config_file_and_unknown_variant(capsys, tmp_path):
+def test_missing_config_file_unknown_name_and_unknown_variant(capsys, tmp_path):
     code, _, err = _run(capsys, "--config=nope.py", f"--workdir={tmp_path}")
     assert "'nope.py' does not exist" in _one_line_error(code, err)
+    code, _, err = _run(capsys, "--config=nope:quick", f"--workdir={tmp_path}")
+    line = _one_line_error(code, err)
+    assert "unknown config 'nope'" in line and all(n in line for n in configs.names())
+    assert not any(tmp_path.iterdir())
+    code, _, err = _run(capsys, "--config=reproduce:quick", f"--workdir={tmp_path}")
+    assert "is a sweep config: run it with python -m regime_jax.sweep" in _one_line_error(code, err)
     code, _, err = _run(capsys, QUICK.replace(":quick", ":quik"), f"--workdir={tmp_path}")
     assert "':quik'" in (line := _one_line_error(code, err)) and "':quick'" in line
 
 
-@pytest.mark.parametrize("path", [*EXPERIMENTS, ROOT / "experiments" / "reproduce.py"])
-def test_every_experiment_refuses_an_unknown_variant(path):
+@pytest.mark.parametrize("name", configs.names())
+def test_every_experiment_refuses_an_unknown_variant(name):
     from regime_jax.config import ConfigError
 
     with pytest.raises(ConfigError, match="unknown config variant ':nope'; allowed"):
-        load_config(f"{path}:nope")
+        configs.load(f"{name}:nope")
 
 
 def test_missing_flags_unknown_flags_and_extra_arguments(capsys, tmp_path):
@@ -126,9 +128,10 @@ def test_missing_flags_unknown_flags_and_extra_arguments(capsys, tmp_path):
 def test_help_exits_0_and_lists_every_field_with_its_default(capsys):
     code, out, _ = _run(capsys, "--help")
     assert code == 0
-    for name, _ in fields(load_config(f"{ROOT / 'experiments' / 'mlp_mnist1d.py'}")):
+    for name, _ in fields(configs.load("mlp_mnist1d")):
         assert f"--config.{name}=" in out
     assert "--config.dataset.data_dir=None" in out and "--config.num_steps=3000" in out
+    assert f"packaged configs: {', '.join(configs.names())}" in out
     code, out, _ = _run(capsys, f"--config={EXPERIMENTS[0]}", "-h")
     assert code == 0 and "--config.model.channels=" in out
 
@@ -151,9 +154,9 @@ def _other_value(name, value):
     raise AssertionError(f"{name}: no command-line form for {value!r}")
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
-def test_every_field_of_every_experiment_can_be_overridden(path):
-    config = load_config(str(path))
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_field_of_every_experiment_can_be_overridden(name):
+    config = configs.load(name)
     names = dict(fields(config))
     assert "dataset.data_dir" in names and names["dataset.data_dir"] is None
     for name, value in names.items():
@@ -175,7 +178,7 @@ def test_every_field_of_every_experiment_can_be_overridden(path):
 def test_data_dir_none_round_trips_through_config_json():
     import json
 
-    config = load_config(f"{ROOT / 'experiments' / 'mlp_mnist1d.py'}:quick")
+    config = configs.load("mlp_mnist1d:quick")
     assert json.loads(json.dumps(config.to_dict()))["dataset"]["data_dir"] is None
     from regime_jax.config import override
 
@@ -200,7 +203,7 @@ TYPO = "--config.optimizr.name=adam"
 def test_cli_typo_end_to_end_has_no_traceback(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "regime_jax.main", QUICK, f"--workdir={tmp_path / 'w'}", TYPO],
-        cwd=ROOT,
+        cwd=tmp_path,  # configs are resolved by name: no clone in the working directory
         capture_output=True,
         text=True,
     )

@@ -86,3 +86,21 @@ def test_warmup_not_below_num_steps_is_refused(tmp_path, no_training):
     config = tiny_config(**{"optimizer.warmup_steps": 12, "optimizer.schedule": "cosine"})
     with pytest.raises(ConfigError, match=r"optimizer\.warmup_steps=12; allowed values: 0\.\.11"):
         loop.train_and_evaluate(config, tmp_path)
+
+
+def test_base_config_stability_and_timescales_are_the_dataclass_defaults():
+    """base_config writes them as literals (no implementation import); they must not drift."""
+    import dataclasses
+
+    from regime_jax import stability, timescales
+    from regime_jax.config import base_config
+
+    def typed(d):
+        return {k: (type(v), v) for k, v in d.items()}
+
+    c = base_config()
+    own = {"num_points": 0, "probe_size": 0, "seed": 0}  # the in-training probe's own fields
+    probe = {k: v for k, v in c.stability.to_dict().items() if k not in own}
+    assert {k: c.stability[k] for k in own} == own
+    assert typed(probe) == typed(dataclasses.asdict(stability.ProbeConfig()))
+    assert typed(c.timescales.to_dict()) == typed(dataclasses.asdict(timescales.DecayConfig()))

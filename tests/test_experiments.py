@@ -1,46 +1,53 @@
-"""Every experiment config runs in :quick mode; tfds ones under tfds.testing.mock_data."""
+"""Every packaged config runs in :quick mode (tfds ones under tfds.testing.mock_data), through
+the one loader, ``regime_jax.configs.load``, by name or by path."""
 
 from __future__ import annotations
 
-import ast
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
 import tensorflow_datasets as tfds
 
-from regime_jax import data, loop, records
+from regime_jax import configs, data, loop, records
+from regime_jax.config import ConfigError
 
-EXPERIMENTS = sorted(Path(__file__).parent.parent.glob("experiments/*.py"))
-
-
-def load_config(path: Path, arg: str | None = "quick"):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses (flax modules) look their module up there
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if hasattr(module, "get_config") else None
+NAMES = configs.names()
+SWEEPS = ("reproduce",)  # sweep configs: python -m regime_jax.sweep
+RUNS = [n for n in NAMES if n not in SWEEPS]
 
 
-def _configs():  # tfds configs run in test_tfds_experiment_under_mock_data
-    out = []
-    for path in EXPERIMENTS:
-        config = load_config(path)
-        if config is not None and "dataset" in config and config.dataset.name not in data.TFDS:
-            out.append(pytest.param(path, config, id=path.stem))
-    return out
+def _quick(name):
+    return configs.load(f"{name}:quick")
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
-def test_docstring_holds_command_and_expected_result(path):
-    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-    assert "COMMAND" in doc and "EXPECTED" in doc, f"{path.name}: docstring needs both"
-    assert f"experiments/{path.name}" in doc, f"{path.name}: command does not name the file"
+def test_every_config_is_packaged():
+    assert set(NAMES) >= {
+        "mlp_mnist1d",
+        "mlp_digits",
+        "mlp_mnist",
+        "cnn_digits",
+        "cnn_mnist1d",
+        "cnn_mnist",
+        "cnn_cifar10",
+        "vit_cifar10",
+        "transformer_mnist1d",
+        "stability_mlp_mnist1d",
+        "stability_cnn_digits",
+        "reproduce",
+    }
+    assert all("dataset" in _quick(n) for n in RUNS) and "settings" in _quick("reproduce")
 
 
-@pytest.mark.parametrize(("path", "config"), _configs())
-def test_quick_variant_runs_and_reads_back(path, config, tmp_path):
+@pytest.mark.parametrize("name", NAMES)
+def test_docstring_holds_command_and_expected_result(name):
+    doc = importlib.import_module(f"regime_jax.configs.{name}").__doc__ or ""
+    assert "COMMAND" in doc and "EXPECTED" in doc, f"{name}: docstring needs both"
+    assert f"--config {name} " in doc, f"{name}: command does not name the config"
+
+
+@pytest.mark.parametrize("name", [n for n in RUNS if _quick(n).dataset.name not in data.TFDS])
+def test_quick_variant_runs_and_reads_back(name, tmp_path):
+    config = _quick(name)
     last = loop.train_and_evaluate(config, tmp_path)
     run = records.load_run(tmp_path)
     assert run.rows[-1]["step"] == config.num_steps == last["step"]
@@ -48,20 +55,51 @@ def test_quick_variant_runs_and_reads_back(path, config, tmp_path):
     assert "flip/all" in run.keys() and "eval/acc" in run.keys()
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        p
-        for p in EXPERIMENTS
-        if (c := load_config(p)) is not None and "dataset" in c and c.dataset.name in data.TFDS
-    ],
-    ids=lambda p: p.stem,
-)
-def test_tfds_experiment_under_mock_data(path, tmp_path):
-    config = load_config(path)
+@pytest.mark.parametrize("name", [n for n in RUNS if _quick(n).dataset.name in data.TFDS])
+def test_tfds_experiment_under_mock_data(name, tmp_path):
+    config = _quick(name)
     with tfds.testing.mock_data(num_examples=96):
         loop.train_and_evaluate(config, tmp_path)
     run = records.load_run(tmp_path)
     assert run.rows[-1]["step"] == config.num_steps
     first = run.masks(0)
     assert all(p.bits.shape[0] == config.probe.size for p in first.values())
+
+
+def test_unknown_name_is_one_line_listing_the_names():
+    with pytest.raises(ConfigError) as err:
+        configs.load("mlp_mnist2d:quick")
+    line = str(err.value)
+    assert "\n" not in line and "'mlp_mnist2d'" in line and "did you mean mlp_mnist1d?" in line
+    assert all(name in line for name in NAMES)
+
+
+def test_a_missing_file_names_the_packaged_config():
+    with pytest.raises(ConfigError, match=r"does not exist.*--config mlp_mnist1d$"):
+        configs.load("experiments/mlp_mnist1d.py:quick")
+
+
+def test_a_file_of_your_own_inherits_from_a_packaged_config(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text(
+        "from regime_jax.configs import mlp_mnist1d\n\n\n"
+        "def get_config(arg=None):\n"
+        "    c = mlp_mnist1d.get_config(arg)\n"
+        "    c.model.hidden = (32, 32)\n"
+        "    return c\n"
+    )
+    mine, main = configs.load(f"{path}:quick"), configs.load("mlp_mnist1d:quick")
+    assert mine.model.hidden == (32, 32) and mine.num_steps == main.num_steps == 40
+    (tmp_path / "broken.py").write_text("def get_config(arg=None):\n    return 1 / 0\n")
+    with pytest.raises(ConfigError, match=r"ZeroDivisionError.*broken\.py:2\)$"):
+        configs.load(str(tmp_path / "broken.py"))
+
+
+def test_variants_inherit_without_changing_their_parent():
+    """A child's edits never leak into its parent's config (each call builds a fresh one)."""
+    before = configs.load("cnn_digits").to_dict()
+    for name in NAMES:
+        configs.load(name)
+        configs.load(f"{name}:quick")
+    assert configs.load("cnn_digits").to_dict() == before
+    assert configs.load("stability_cnn_digits").model == configs.load("cnn_digits").model

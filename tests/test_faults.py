@@ -255,12 +255,11 @@ def test_nonfinite_message_names_the_kept_checkpoint_or_says_there_is_none(every
 
 
 def _cli(workdir, *extra):
-    experiment = ROOT / "experiments" / "mlp_mnist1d.py"
     return [
         sys.executable,
         "-m",
         "regime_jax.main",
-        f"--config={experiment}:quick",
+        "--config=mlp_mnist1d:quick",
         f"--workdir={workdir}",
         "--config.model.hidden=(16,12)",
         *extra,

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from regime_jax import loop, records, sweep
-
-EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 
 
 def _early_late(run, key):
@@ -23,7 +19,7 @@ def _early_late(run, key):
     ("name", "min_acc"), [("mlp_mnist1d", 0.65), ("mlp_digits", 0.97), ("cnn_digits", 0.97)]
 )
 def test_full_experiment_reaches_stated_accuracy_and_flips_decay(name, min_acc, tmp_path):
-    loop.train_and_evaluate(sweep.load_experiment(EXPERIMENTS / f"{name}.py"), tmp_path)
+    loop.train_and_evaluate(sweep.load_experiment(name), tmp_path)
     run = records.load_run(tmp_path)
     assert run.series("eval/acc")[1][-1] >= min_acc
     early, late = _early_late(run, "flip/all")

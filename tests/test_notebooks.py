@@ -1,8 +1,9 @@
 """The Colab notebooks: committed without outputs, opened the same way, and run top to bottom.
 
 The execution test runs each notebook with its ``QUICK = True`` defaults in a fresh ``python3``
-kernel (this interpreter's ipykernel), in the repository root, with ``TMPDIR`` pointing at the
-test's temporary directory so the notebooks' ``tempfile.mkdtemp()`` workdirs are cleaned up.
+kernel (this interpreter's ipykernel), in a temporary directory outside the repository (as on
+Colab: configs come with the package, by name), with ``TMPDIR`` pointing there too so the
+notebooks' ``tempfile.mkdtemp()`` workdirs are cleaned up.
 """
 
 from __future__ import annotations
@@ -60,13 +61,21 @@ def test_opens_with_title_badge_install_and_parameters(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
+def test_needs_no_clone(path):
+    """Nothing read from the repository: configs by name, never a path into a checkout."""
+    code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells)
+    for text in ("experiments/", "regime_jax.__file__", "repo_root"):
+        assert text not in code, f"{path.name} depends on a clone: {text!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
 def test_runs_top_to_bottom(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb,
         timeout=CELL_TIMEOUT_S,
         kernel_name="python3",
-        resources={"metadata": {"path": str(ROOT)}},
+        resources={"metadata": {"path": str(tmp_path)}},  # not the clone
     )
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # JAX_PLATFORMS=cpu from conftest
     client.execute(env=env)  # raises CellExecutionError (with the traceback) on any error

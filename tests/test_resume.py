@@ -17,7 +17,7 @@ from regime_jax import checkpoint, loop, models, records, step, sweep
 from regime_jax.config import ConfigError
 
 ROOT = Path(__file__).parent.parent
-EXPERIMENT = ROOT / "experiments" / "mlp_mnist1d.py"
+EXPERIMENT = "mlp_mnist1d"
 # A run long enough to be killed mid-way (~2k steps of a small MLP, every step recorded).
 OVERRIDES = {
     "num_steps": 600,

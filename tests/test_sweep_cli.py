@@ -13,7 +13,7 @@ import pytest
 from conftest import HAS_PROC, wait_for_signal_handlers
 
 ROOT = Path(__file__).parent.parent
-QUICK = f"--config={ROOT / 'experiments' / 'reproduce.py'}:quick"
+QUICK = "--config=reproduce:quick"
 PREFIX = "regime_jax.sweep: "
 
 # Two optimizers, "a" before "b" (a ConfigDict keeps its keys sorted): a run of "a" fails or is
@@ -40,8 +40,7 @@ def get_config(arg=None):
 
 def _tiny_sweep(tmp_path: Path, num_steps: int) -> str:
     path = tmp_path / "tiny_sweep.py"
-    experiment = str(ROOT / "experiments" / "mlp_mnist1d.py")
-    path.write_text(TINY_SWEEP.format(num_steps=num_steps, experiment=experiment))
+    path.write_text(TINY_SWEEP.format(num_steps=num_steps, experiment="mlp_mnist1d"))
     return f"--config={path}"
 
 
@@ -111,9 +110,12 @@ def test_overrides_reach_the_grid_which_is_validated_before_any_run(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_missing_config_file_is_one_line(tmp_path):
+def test_missing_config_file_or_a_run_config_is_one_line(tmp_path):
     line = _one_line(_sweep("--config=nope.py", f"--workdir={tmp_path}"), 2)
     assert "'nope.py' does not exist" in line
+    line = _one_line(_sweep("--config=mlp_mnist1d:quick", f"--workdir={tmp_path / 'w'}"), 2)
+    assert "is not a sweep config" in line and "python -m regime_jax.main" in line
+    assert not (tmp_path / "w").exists()
 
 
 def test_unknown_variant_names_the_allowed_ones(tmp_path):

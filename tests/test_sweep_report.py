@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +16,8 @@ from regime_jax import loop, records, report, summary, sweep
 from regime_jax.config import ConfigError, base_config
 
 ROOT = Path(__file__).resolve().parent.parent
-MLP_MNIST1D = str(ROOT / "experiments" / "mlp_mnist1d.py")
+MLP_MNIST1D = "mlp_mnist1d"
+LN10 = math.log(10.0)
 
 
 def test_import_report_and_summary_is_light():
@@ -196,9 +197,8 @@ def test_failed_run_is_reported_and_sweep_goes_on(tmp_path, monkeypatch):
 
 
 def test_reproduce_config_variants_expand_and_validate():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "experiments/reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from regime_jax.configs import reproduce as module
+
     quick = sweep.expand_grid(module.get_config("quick"))
     assert len(quick) == 8 and {s.setting for s in quick} == {"mlp_mnist1d", "mlp_digits"}
     grid = sweep.expand_grid(module.get_config())

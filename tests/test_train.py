@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,11 +23,10 @@ def _setup(config):
     return ds, model, tx, probe, state
 
 
-EXPERIMENTS = Path(__file__).parent.parent / "experiments"
-FAMILIES = {  # model family -> the experiment whose :quick model and dataset it uses
+FAMILIES = {  # model family -> the packaged config whose :quick model and dataset it uses
     "mlp": None,
-    "cnn": EXPERIMENTS / "cnn_digits.py",
-    "transformer": EXPERIMENTS / "transformer_mnist1d.py",
+    "cnn": "cnn_digits",
+    "transformer": "transformer_mnist1d",
 }
 LAYERS = {
     "mlp": {"fc1", "fc2"},

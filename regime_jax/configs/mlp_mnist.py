@@ -1,7 +1,9 @@
 r"""ReLU MLP 784-512-512-10 on MNIST through tensorflow-datasets (needs a one-time download).
 
+``mlp_mnist1d`` scaled to MNIST: wider layers, a larger probe set, sparser logging.
+
 COMMAND:
-  python -m regime_jax.main --config experiments/mlp_mnist.py --workdir runs/mlp_mnist
+  python -m regime_jax.main --config mlp_mnist --workdir runs/mlp_mnist
   Needs the dataset prepared as array_record (network once): `tfds build mnist
   --file_format=array_record`, or `--config.dataset.data_dir=<dir>` pointing at it. Without
   it the run stops with an error saying so; it never substitutes other data.
@@ -9,12 +11,13 @@ COMMAND:
 EXPECTED: not measured on this machine (offline); an accelerator is recommended.
 """
 
-from regime_jax.config import base_config, smoke, variant
+from regime_jax.config import smoke, variant
+from regime_jax.configs import mlp_mnist1d
 
 
 def get_config(arg: str | None = None):
     arg = variant(arg)
-    c = base_config()
+    c = mlp_mnist1d.get_config()
     c.dataset.name = "mnist"
     c.probe.size = 1024
     c.model.hidden = (512, 512)

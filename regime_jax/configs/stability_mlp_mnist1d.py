@@ -5,11 +5,13 @@ random unit directions at 12 log-spaced radii (1e-6 .. 1); ``probe/kept@<r>`` is
 of (direction, example) pairs whose whole pattern is unchanged, ``probe/radius_q50`` the
 median empirical stability radius, ``probe/first_order_q50`` the analytic one.
 
+``mlp_mnist1d`` (its ``:quick`` too) with the probe on: :func:`with_probe`, which
+``stability_cnn_digits`` reuses.
+
 COMMAND:
-  python -m regime_jax.main --config experiments/stability_mlp_mnist1d.py \
-    --workdir runs/stability_mlp_mnist1d
+  python -m regime_jax.main --config stability_mlp_mnist1d --workdir runs/stability_mlp_mnist1d
   python -m regime_jax.report --run runs/stability_mlp_mnist1d   # figures in <run>/figures
-  (smoke test: --config experiments/stability_mlp_mnist1d.py:quick)
+  (smoke test: --config stability_mlp_mnist1d:quick)
 
 EXPECTED (2 CPU cores): 49 s wall. At init every pattern is kept up to eps ~4e-5 along
   random unit directions (kept@1e-06..4e-05 = 1.0), 0.82 at 2e-02, 0.13 at 0.3; after
@@ -18,20 +20,21 @@ EXPECTED (2 CPU cores): 49 s wall. At init every pattern is kept up to eps ~4e-5
   (direction, example) pairs.
 """
 
-from regime_jax.config import base_config, smoke, variant
+from regime_jax.config import variant
+from regime_jax.configs import mlp_mnist1d
 
 
 def get_config(arg: str | None = None):
     arg = variant(arg)
-    c = base_config()
-    c.dataset.name = "mnist1d"
-    c.model.hidden = (256, 256)
-    c.num_steps = 3000
+    return with_probe(mlp_mnist1d.get_config(arg), arg)
+
+
+def with_probe(c, arg: str | None):
+    """``c`` with the stability probe at 14 steps (``arg="quick"``: a small probe at 5)."""
     c.stability.num_points = 12
-    c.stability.probe_size = 256
+    c.stability.probe_size = min(256, c.probe.size)
     c.stability.refine = 2  # finer breaking radii for the first-order cross-check
     if arg == "quick":
-        smoke(c, num_steps=40, probe_size=64)
         c.stability.probe_size, c.stability.num_points = 32, 3
         c.stability.num_directions, c.stability.num_radii, c.stability.refine = 4, 6, 0
     return c

@@ -1,7 +1,9 @@
 r"""ReLU CNN (conv64-conv128-conv256, max pool 2, dense 256) on CIFAR-10 through tfds, Adam.
 
+``cnn_mnist`` on CIFAR-10: three wider convs, a cosine schedule with warmup, longer.
+
 COMMAND:
-  python -m regime_jax.main --config experiments/cnn_cifar10.py --workdir runs/cnn_cifar10
+  python -m regime_jax.main --config cnn_cifar10 --workdir runs/cnn_cifar10
   Needs the dataset prepared as array_record (network once): `tfds build cifar10
   --file_format=array_record`, or `--config.dataset.data_dir=<dir>` pointing at it. Without
   it the run stops with an error saying so; it never substitutes other data.
@@ -9,29 +11,16 @@ COMMAND:
 EXPECTED: not measured on this machine (offline); an accelerator is recommended.
 """
 
-import ml_collections
-
-from regime_jax.config import base_config, smoke, variant
+from regime_jax.config import smoke, variant
+from regime_jax.configs import cnn_mnist
 
 
 def get_config(arg: str | None = None):
     arg = variant(arg)
-    c = base_config()
+    c = cnn_mnist.get_config()
     c.dataset.name = "cifar10"
     c.probe.size = 512
-    c.model = ml_collections.ConfigDict(
-        dict(
-            name="cnn",
-            dims=2,
-            channels=(64, 128, 256),
-            kernel_size=3,
-            pool="max",
-            pool_size=2,
-            dense=(256,),
-            activation="relu",
-        )
-    )
-    c.optimizer.name, c.optimizer.learning_rate = "adam", 1e-3
+    c.model.channels, c.model.dense = (64, 128, 256), (256,)
     c.optimizer.schedule, c.optimizer.warmup_steps = "cosine", 500
     c.num_steps = 10000
     c.record.snapshot_every_steps = 500

@@ -5,10 +5,10 @@ seeds); the report gives, per setting and optimizer, the mean lag ratio with a 9
 over seeds, per rule and per layer, a verdict against 3.85, and figures.
 
 COMMAND:
-  python -m regime_jax.sweep --config experiments/reproduce.py --workdir runs/reproduce
+  python -m regime_jax.sweep --config reproduce --workdir runs/reproduce
   python -m regime_jax.report --workdir runs/reproduce   # rebuild the report from finished runs
-  (smoke test: --config experiments/reproduce.py:quick --workdir /tmp/reproduce_quick)
-  (accelerator + tfds: --config experiments/reproduce.py:full --workdir runs/reproduce_full)
+  (smoke test: --config reproduce:quick --workdir /tmp/reproduce_quick)
+  (accelerator + tfds: --config reproduce:full --workdir runs/reproduce_full)
   Interrupted sweeps resume: finished runs (summary.json present) are skipped.
 
 EXPECTED (2 CPU cores shared with other jobs):
@@ -18,13 +18,9 @@ EXPECTED (2 CPU cores shared with other jobs):
   :full   needs the tfds datasets and an accelerator; not run here.
 """
 
-from pathlib import Path
-
 import ml_collections
 
 from regime_jax.config import variant
-
-HERE = Path(__file__).resolve().parent
 
 # Shared by every offline run: flips every step, a 256-example probe, sparse host logging,
 # mask snapshots every 10 steps (the per-unit flip raster needs consecutive snapshots).
@@ -41,12 +37,8 @@ _SMALL_TRANSFORMER = {"num_layers": 1, "dim": 32, "num_heads": 2, "mlp_dim": 64}
 
 
 def _setting(name: str, overrides: dict, arg: str | None = None) -> dict:
-    return {
-        "name": name,
-        "experiment": str(HERE / f"{name}.py"),
-        "arg": arg,
-        "overrides": overrides,
-    }
+    # experiment: a packaged config's name (regime_jax.configs), loaded by the sweep.
+    return {"name": name, "experiment": name, "arg": arg, "overrides": overrides}
 
 
 def _offline_settings() -> list[dict]:
@@ -57,7 +49,7 @@ def _offline_settings() -> list[dict]:
         _setting("mlp_mnist1d", {"num_steps": 3000}),
         _setting("mlp_digits", {"num_steps": 3000}),
         _setting("cnn_digits", {"num_steps": 2000}),
-        # experiments/transformer_mnist1d.py (4 blocks) takes ~4 min alone: 1 block here.
+        # transformer_mnist1d (4 blocks) takes ~4 min alone: 1 block here.
         _setting(
             "transformer_mnist1d",
             {"num_steps": 2000, "batch_size": 64, "probe.size": 128, "model": _SMALL_TRANSFORMER},
