@@ -3,7 +3,9 @@
 Host-side (pure numpy) analysis of per-step series such as the activation-pattern
 flip rate ``h_t`` and the weight step size ``s_t = ||theta_t - theta_{t-1}||``.
 The claim under test (arXiv 2602.08333) is that ``h`` settles about 3x earlier
-than ``s``; the lag ratio is ``T_s / T_h``.
+than ``s``; the lag ratio is ``T_s / T_h``. Statistics over seeds are in
+:mod:`regime_jax.seeds`, the causal (online) settle detector in :mod:`regime_jax.online`;
+both are still importable from here.
 
 Smoothing (:func:`smooth`): a centered moving average of odd width
 ``w = 2*h + 1`` with ``h = (min(window, n) - 1) // 2`` (even windows lose one
@@ -52,8 +54,9 @@ status ``undefined`` (no inf).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -81,18 +84,21 @@ class _DictMixin:
         return _to_jsonable(self)
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
+def _check_int(name: str, value: Any, low: int, owner: str = "DecayConfig") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"DecayConfig.{name} must be an integer >= {low}, got {value!r}")
+        raise ValueError(f"{owner}.{name} must be an integer >= {low}, got {value!r}")
 
 
-def _check_open(name: str, value: Any, low: float, high: float, closed_high: bool = False) -> None:
+def _check_open(
+    name: str, value: Any, low: float, high: float, closed_high: bool = False, owner: str = ""
+) -> None:
     ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
     ok = ok and low < value and (value <= high if closed_high else value < high)
     if not ok:
         bracket = "]" if closed_high else ")"
         raise ValueError(
-            f"DecayConfig.{name} must be a number in ({low}, {high}{bracket}, got {value!r}"
+            f"{owner or 'DecayConfig'}.{name} must be a number in ({low}, {high}{bracket}, "
+            f"got {value!r}"
         )
 
 
@@ -138,20 +144,6 @@ class LagResult(_DictMixin):
     t_flip: DecayResult
     status: str
     message: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class SeedStats(_DictMixin):
-    """Summary of a per-seed quantity with a bootstrap CI of the mean."""
-
-    values: tuple[float, ...]
-    n: int
-    n_dropped: int
-    mean: float
-    median: float
-    ci_low: float
-    ci_high: float
-    method: str
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -316,126 +308,17 @@ def lag_ratio(
     return LagResult(d_s / d_h, t_s, t_h, "ok")
 
 
-def seed_stats(
-    values: Iterable[float | None],
-    confidence: float = 0.95,
-    num_bootstrap: int = 2000,
-    seed: int = 0,
-) -> SeedStats:
-    """Mean, median and percentile-bootstrap CI of the mean over seeds.
-
-    None and non-finite entries are dropped and counted in ``n_dropped``. The
-    bootstrap uses ``np.random.default_rng(seed)`` so results are deterministic.
-    n == 1 gives a (nan, nan) CI with method "none"; n == 0 gives all-nan stats.
-
-    >>> s = seed_stats([1.0, 2.0, None, 3.0])
-    >>> (s.n, s.n_dropped, s.mean, s.median)
-    (3, 1, 2.0, 2.0)
-    """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    if num_bootstrap < 1:
-        raise ValueError(f"num_bootstrap must be >= 1, got {num_bootstrap!r}")
-    items = list(values)
-    kept = [float(v) for v in items if v is not None and math.isfinite(float(v))]
-    n, dropped, nan = len(kept), len(items) - len(kept), float("nan")
-    if n == 0:
-        return SeedStats((), 0, dropped, nan, nan, nan, nan, "none")
-    arr = np.asarray(kept)
-    mean, median = float(np.mean(arr)), float(np.median(arr))
-    if n == 1:
-        return SeedStats(tuple(kept), 1, dropped, mean, median, nan, nan, "none")
-    idx = np.random.default_rng(seed).integers(0, n, size=(num_bootstrap, n))
-    boot = arr[idx].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
-    return SeedStats(tuple(kept), n, dropped, mean, median, float(lo), float(hi), "bootstrap")
+# moved to their own modules; still importable from here
+_MOVED = {
+    "OnlineConfig": "online",
+    "OnlineSettle": "online",
+    "online_settle_time": "online",
+    "SeedStats": "seeds",
+    "seed_stats": "seeds",
+}
 
 
-# ----------------------------------------------------------------------------- online
-
-
-@dataclasses.dataclass(frozen=True)
-class OnlineConfig(_DictMixin):
-    """Parameters of the causal settle detector :class:`OnlineSettle`.
-
-    Attributes:
-      window: trailing moving-average width (points), >= 1.
-      fraction: settled once the trailing average is at most ``fraction`` x its running peak,
-        in (0, 1).
-      patience: ... for this many consecutive points, >= 1.
-    """
-
-    window: int = 25
-    fraction: float = 0.1
-    patience: int = 10
-
-    def __post_init__(self) -> None:
-        _check_int("window", self.window, 1)
-        _check_open("fraction", self.fraction, 0.0, 1.0)
-        _check_int("patience", self.patience, 1)
-
-
-class OnlineSettle:
-    """Causal settle detector for a decaying series (e.g. the flip rate), fed one point at a time.
-
-    Rule: ``a_t`` = mean of the last ``window`` values (defined once ``window`` values have
-    arrived: a trailing, "valid" window, never an extrapolation); ``P_t = max_{u<=t} a_u``
-    (the running peak: a series that first rises is measured from its top). The detector
-    triggers at the first step ``t`` at which ``a_u <= fraction * P_u`` has held for the last
-    ``patience`` consecutive points. It reads no value after ``t``, so truncating the series
-    after the trigger cannot move it, and it can drive a decision during training (freezing
-    the patterns once they settle). On ``x_t = exp(-t / tau)`` it triggers at the first step
-    ``>= (window - 1) + tau * ln(1 / fraction) + (patience - 1)``: the offline ``threshold``
-    rule's ``tau * ln(1 / fraction)`` plus the points it must wait for (tested).
-
-    >>> detector = OnlineSettle(OnlineConfig(window=5, fraction=0.1, patience=3))
-    >>> [t for t in range(200) if detector.update(t, float(np.exp(-t / 20)))][:1]
-    [53]
-    """
-
-    def __init__(self, config: OnlineConfig = OnlineConfig()):
-        self.config = config
-        self._recent: list[float] = []
-        self._peak = -math.inf
-        self._run = 0
-        self.trigger: float | None = None
-
-    def update(self, step: float, value: float) -> bool:
-        """Feeds one point; True exactly once, at the step where the series has settled."""
-        if self.trigger is not None:
-            return False
-        if not math.isfinite(value):
-            raise ValueError(f"value {value!r} at step {step} is not finite")
-        cfg = self.config
-        self._recent = [*self._recent[-(cfg.window - 1) :], value] if cfg.window > 1 else [value]
-        if len(self._recent) < cfg.window:
-            return False
-        avg = sum(self._recent) / cfg.window
-        self._peak = max(self._peak, avg)
-        self._run = self._run + 1 if self._peak > 0 and avg <= cfg.fraction * self._peak else 0
-        if self._run >= cfg.patience:
-            self.trigger = float(step)
-            return True
-        return False
-
-
-def online_settle_time(
-    steps: Any, values: Any, config: OnlineConfig = OnlineConfig()
-) -> DecayResult:
-    """:class:`OnlineSettle` run over a recorded series: the step at which it would trigger.
-
-    >>> t = np.arange(3000)
-    >>> online_settle_time(t, np.exp(-t / 100.0)).time
-    264.0
-    """
-    s, v = _validate(steps, values)
-    if not np.all(np.isfinite(v)):
-        bad = int(np.sum(~np.isfinite(v)))
-        return DecayResult(None, "nonfinite", "online", f"{bad} of {v.size} values are NaN or inf")
-    detector = OnlineSettle(config)
-    for step, value in zip(s, v, strict=True):
-        if detector.update(float(step), float(value)):
-            return DecayResult(detector.trigger, "ok", "online")
-    msg = f"the trailing average never stayed <= {config.fraction} x its peak for {config.patience}"
-    return DecayResult(None, "never_settles", "online", msg + " points")
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(f"regime_jax.{_MOVED[name]}"), name)
+    raise AttributeError(f"module 'regime_jax.timescales' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Tests for regime_jax.timescales (decay times, lag ratio, seed statistics)."""
+"""Tests for regime_jax.timescales (smoothing, decay times, lag ratio)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,10 @@ from regime_jax.timescales import (
     RULES,
     DecayConfig,
     DecayResult,
-    OnlineConfig,
-    OnlineSettle,
     analyze_series,
     decay_time,
     decay_times_all_rules,
     lag_ratio,
-    online_settle_time,
-    seed_stats,
     smooth,
 )
 
@@ -264,45 +260,6 @@ def test_analyze_series_and_all_rules() -> None:
     assert rules["settle"].time < decay_time(STEPS, _exp(100.0)).time
 
 
-# --------------------------------------------------------------- seed stats
-
-
-def test_seed_stats_basic() -> None:
-    s = seed_stats([3.1, 2.9, None, 3.4, float("nan"), 2.6, 3.0])
-    assert s.n == 5 and s.n_dropped == 2 and s.values == (3.1, 2.9, 3.4, 2.6, 3.0)
-    assert s.mean == pytest.approx(3.0) and s.median == pytest.approx(3.0)
-    assert s.method == "bootstrap"
-    assert s.ci_low < s.mean < s.ci_high
-    assert s.ci_low >= 2.6 and s.ci_high <= 3.4
-
-
-def test_seed_stats_ci_narrows_with_confidence() -> None:
-    vals = list(np.random.default_rng(0).normal(3.85, 0.5, size=10))
-    wide, narrow = seed_stats(vals, 0.99), seed_stats(vals, 0.5)
-    assert wide.ci_high - wide.ci_low > narrow.ci_high - narrow.ci_low
-
-
-def test_seed_stats_deterministic() -> None:
-    vals = list(np.random.default_rng(1).normal(size=8))
-    assert seed_stats(vals, seed=3) == seed_stats(vals, seed=3)
-    assert seed_stats(vals, seed=3).ci_low != seed_stats(vals, seed=4).ci_low
-
-
-def test_seed_stats_small_n() -> None:
-    one = seed_stats([None, 2.5])
-    assert (one.n, one.n_dropped, one.mean, one.median, one.method) == (1, 1, 2.5, 2.5, "none")
-    assert math.isnan(one.ci_low) and math.isnan(one.ci_high)
-    zero = seed_stats([None, float("inf")])
-    assert zero.n == 0 and zero.n_dropped == 2 and zero.values == ()
-    assert all(math.isnan(v) for v in (zero.mean, zero.median, zero.ci_low, zero.ci_high))
-    assert zero.to_dict()["values"] == []
-
-
-def test_seed_stats_validation() -> None:
-    with pytest.raises(ValueError, match="confidence"):
-        seed_stats([1.0, 2.0], confidence=1.5)
-
-
 # ----------------------------------------------------------- config checks
 
 
@@ -329,61 +286,3 @@ def test_config_rule_error_lists_allowed_values() -> None:
     with pytest.raises(ValueError) as err:
         DecayConfig(rule="foo")
     assert "['cumsum', 'settle', 'threshold']" in str(err.value) and "'foo'" in str(err.value)
-
-
-# ----------------------------------------------------------------------------- online detector
-
-
-@pytest.mark.parametrize(
-    ("tau", "window", "fraction", "patience"),
-    [(100, 25, 0.1, 10), (37, 5, 0.3, 1), (250, 40, 0.05, 20)],
-)
-def test_online_detector_on_an_exponential_matches_the_analytic_step(
-    tau, window, fraction, patience
-):
-    t = np.arange(5000)
-    cfg = OnlineConfig(window=window, fraction=fraction, patience=patience)
-    got = online_settle_time(t, np.exp(-t / tau), cfg)
-    expected = math.ceil((window - 1) + tau * math.log(1 / fraction) + (patience - 1) - 1e-9)
-    assert got.status == "ok" and got.time == pytest.approx(expected, abs=1)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    window=st.integers(1, 30),
-    patience=st.integers(1, 15),
-    fraction=st.floats(0.05, 0.6),
-)
-def test_online_detector_uses_no_future_data(seed, window, patience, fraction):
-    rng = np.random.default_rng(seed)
-    n = 600
-    t = np.arange(n)
-    values = np.exp(-t / rng.uniform(20, 200)) * rng.uniform(0.5, 1.5, n) + rng.uniform(0, 0.02)
-    cfg = OnlineConfig(window=window, fraction=fraction, patience=patience)
-    full = online_settle_time(t, values, cfg)
-    if full.status != "ok":
-        return
-    k = int(full.time)
-    truncated = online_settle_time(t[: k + 1], values[: k + 1], cfg)
-    assert truncated.time == full.time  # nothing after the trigger was read
-    # and changing every value after the trigger changes nothing either
-    changed = values.copy()
-    changed[k + 1 :] = rng.uniform(0, 10, n - k - 1)
-    assert online_settle_time(t, changed, cfg).time == full.time
-
-
-def test_online_detector_measures_from_the_peak_and_reports_never_and_nonfinite():
-    t = np.arange(400)
-    rise_then_fall = np.where(t < 50, t / 50.0, np.exp(-(t - 50) / 30.0))
-    got = online_settle_time(t, rise_then_fall, OnlineConfig(window=5, fraction=0.1, patience=1))
-    assert got.status == "ok" and 50 + 30 * math.log(10) <= got.time <= 50 + 30 * math.log(10) + 10
-    flat = online_settle_time(t, np.ones(400), OnlineConfig())
-    assert flat.status == "never_settles" and flat.time is None
-    bad = online_settle_time(t, np.where(t == 7, np.nan, 1.0), OnlineConfig())
-    assert bad.status == "nonfinite"
-    detector = OnlineSettle(OnlineConfig(window=1, fraction=0.5, patience=1))
-    assert [detector.update(s, v) for s, v in enumerate([1.0, 0.4, 0.1])] == [False, True, False]
-    assert detector.trigger == 1.0  # fires once, then stays fired
-    with pytest.raises(ValueError, match="fraction"):
-        OnlineConfig(fraction=1.5)
