@@ -13,7 +13,10 @@ point to stay centered). In the interior ``y_i = mean(x_{i-h} .. x_{i+h})``.
 Within ``h`` points of either end the straight line least-squares fitted to the
 first (last) ``w`` points is evaluated at ``i`` (Savitzky-Golay order 1, which
 equals the moving average in the interior), so the ends are not biased by
-linear trends and are still averaged over ``w`` points.
+linear trends and are still averaged over ``w`` points. The edge line is an
+extrapolation: where the series bends inside the first window (a plateau, then a
+drop) it can put ``y[0]`` above every observed value, so no *level* is read off
+an edge: the threshold rule's start level is a plain window mean (below).
 
 Decay rules (``y`` = smoothed series, ``n`` points, index ``i`` -> ``steps[i]``):
 
@@ -28,13 +31,23 @@ Decay rules (``y`` = smoothed series, ``n`` points, index ``i`` -> ``steps[i]``)
   with ``c_k >= cumsum_fraction * c_{n-1}``. ``c_{n-1} <= 0`` gives ``flat``.
   It depends on the series length and on any floor: a noisy tail around zero
   still adds positive mass after clipping and pushes ``T`` later.
-* ``threshold``: initial level ``I = y[0]`` (the smoothed value at the first step,
-  i.e. the edge line fitted over the first ``w`` points); ``T = steps[k]`` for the
-  first ``k`` with ``y_k <= threshold_fraction * I``. The final level is NOT used.
-  Never reached, or ``I <= 0``, gives ``never_settles``.
+* ``threshold``: start level ``I = mean(x[0:w])``, the mean of the first full
+  window of raw values (:func:`start_level`; ``= y[h]``, the first smoothed value
+  that is a plain average): never an extrapolation, never above ``max(x[0:w])``.
+  ``T = steps[k]`` for the first ``k > h`` with ``y_k <= threshold_fraction * I``
+  (``y_h = I`` itself is above the threshold). The final level is NOT used. Never
+  reached, or ``I <= 0``, gives ``never_settles``. ``I`` is the level around step
+  ``h`` (the window's center), not step 0, so ``T`` counts the ``h`` steps before
+  it too: the price of not extrapolating. It moves the threshold lag ratio
+  towards 1, by little when ``h`` is small against both decay times
+  (:func:`lag_ratio_curves` shows the dependence on ``window``).
 
-For ``x_t = exp(-t / tau)`` on a long series all three default rules give
-``T ~= tau * ln(10)``. Every rule is invariant under ``x -> c * x`` for ``c > 0``;
+Analytic answers for ``x_t = exp(-t / tau)``, ``t = 0, 1, ..`` on a long series
+(the smoothed interior is ``S * x_t`` with ``S`` a constant, which cancels):
+``settle`` ``tau * ln(1 / delta)``; ``cumsum`` ``tau * ln(1 / (1 - cumsum_fraction))``;
+``threshold`` ``h + ceil(tau * ln(1 / threshold_fraction))``. With the defaults
+the first two are ``tau * ln(10)``, the third ``12 + tau * ln(10)`` (tested with
+the tolerances stated there). Every rule is invariant under ``x -> c * x`` for ``c > 0``;
 adding a constant changes ``cumsum`` and ``threshold`` (they measure decay towards
 zero) but not ``settle``.
 
@@ -56,7 +69,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -213,16 +226,34 @@ def _cumsum(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig) -> DecayResult:
     return DecayResult(float(steps[k]), "ok", "cumsum")
 
 
-def _threshold(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig) -> DecayResult:
-    initial = float(y[0])
+def start_level(values: Any, window: int) -> float:
+    """The threshold rule's start level: the mean of the first full smoothing window.
+
+    ``mean(values[0:w])`` with ``w`` the odd width :func:`smooth` uses for ``window``
+    (the smoothed value at the window's center, ``h = (w - 1) // 2``). A mean of observed
+    values, never an extrapolation: it lies within ``[min, max]`` of that window.
+
+    >>> start_level([4.0, 2.0, 0.0, 0.0, 0.0], 3)
+    2.0
+    """
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D series, got shape {x.shape}")
+    h = (min(int(window), x.size) - 1) // 2
+    return float(np.mean(x[: 2 * h + 1]))
+
+
+def _threshold(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig, x: np.ndarray) -> DecayResult:
+    initial = start_level(x, cfg.window)
     if initial <= 0:
-        msg = f"initial level {initial:.3g} <= 0; threshold rule needs a positive start"
+        msg = f"start level {initial:.3g} <= 0; threshold rule needs a positive start"
         return DecayResult(None, "never_settles", "threshold", msg)
-    below = y <= cfg.threshold_fraction * initial
+    h = (min(cfg.window, y.size) - 1) // 2
+    below = y[h + 1 :] <= cfg.threshold_fraction * initial
     if not below.any():
-        msg = f"never falls below {cfg.threshold_fraction} x initial level {initial:.3g}"
+        msg = f"never falls below {cfg.threshold_fraction} x start level {initial:.3g}"
         return DecayResult(None, "never_settles", "threshold", msg)
-    return DecayResult(float(steps[int(np.argmax(below))]), "ok", "threshold")
+    return DecayResult(float(steps[h + 1 + int(np.argmax(below))]), "ok", "threshold")
 
 
 def decay_time(steps: Any, values: Any, config: DecayConfig = DecayConfig()) -> DecayResult:
@@ -235,6 +266,9 @@ def decay_time(steps: Any, values: Any, config: DecayConfig = DecayConfig()) -> 
 
     Returns:
       DecayResult; ``time`` is a value from ``steps`` when status is "ok", else None.
+      Levels are never read off the extrapolated edges of :func:`smooth`: the threshold
+      rule's start level is :func:`start_level`, the mean of the first window, so its time
+      includes the ``h = (w - 1) // 2`` steps to that window's center (module docstring).
 
     >>> t = np.arange(3000)
     >>> round(decay_time(t, np.exp(-t / 100.0)).time / 100, 1)
@@ -256,7 +290,7 @@ def decay_time(steps: Any, values: Any, config: DecayConfig = DecayConfig()) -> 
         return _settle(s, y, config, rng)
     if rule == "cumsum":
         return _cumsum(s, y, config)
-    return _threshold(s, y, config)
+    return _threshold(s, y, config, v)
 
 
 def decay_times_all_rules(
@@ -306,6 +340,56 @@ def lag_ratio(
         msg = f"flip decay time is 0 (settles at the first step {first:g}); ratio undefined"
         return LagResult(None, t_s, t_h, "undefined", msg)
     return LagResult(d_s / d_h, t_s, t_h, "ok")
+
+
+# parameter grids of lag_ratio_curves: {parameter: (rule it belongs to, default values)}
+CURVE_GRIDS: dict[str, tuple[str | None, tuple[float, ...]]] = {
+    "threshold_fraction": ("threshold", tuple(np.round(np.linspace(0.05, 0.5, 10), 3))),
+    "delta": ("settle", tuple(np.round(np.linspace(0.02, 0.2, 10), 3))),
+    "cumsum_fraction": ("cumsum", tuple(np.round(np.linspace(0.5, 0.95, 10), 3))),
+    "window": (None, (10, 14, 19, 26, 36, 50, 70, 100, 141, 200)),  # None: config.rule
+}
+
+
+def lag_ratio_curves(
+    steps: Any,
+    step_size: Any,
+    flip_rate: Any,
+    config: DecayConfig = DecayConfig(),
+    grids: Mapping[str, Iterable[float]] | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The lag ratio as a function of each rule's parameter, the others taken from ``config``.
+
+    Args:
+      steps, step_size, flip_rate: as for :func:`lag_ratio`.
+      config: the base rule and parameters.
+      grids: ``{parameter: values}`` overriding :data:`CURVE_GRIDS` (threshold_fraction
+        0.05-0.5 under the threshold rule, delta 0.02-0.2 under settle, cumsum_fraction
+        0.5-0.95 under cumsum, window 10-200 under ``config.rule``); only these parameters.
+
+    Returns:
+      ``{parameter: (values, ratios)}``, float arrays of equal length; a ratio is NaN where
+      :func:`lag_ratio` has no ratio (a series that does not settle at that value, ...).
+
+    >>> t = np.arange(3000)
+    >>> values, ratios = lag_ratio_curves(t, np.exp(-t / 300), np.exp(-t / 100))["delta"]
+    >>> np.round(ratios[[0, -1]], 1).tolist()
+    [3.0, 3.0]
+    """
+    chosen = {p: values for p, (_, values) in CURVE_GRIDS.items()} if grids is None else grids
+    out = {}
+    for param, values in chosen.items():
+        if param not in CURVE_GRIDS:
+            raise ValueError(f"no lag-ratio curve for {param!r}; allowed: {sorted(CURVE_GRIDS)}")
+        rule = CURVE_GRIDS[param][0] or config.rule
+        grid = np.asarray(list(values), dtype=int if param == "window" else float)
+        ratios = np.full(grid.size, np.nan)
+        for i, value in enumerate(grid.tolist()):
+            cfg = dataclasses.replace(config, rule=rule, **{param: value})
+            ratio = lag_ratio(steps, step_size, flip_rate, cfg).ratio
+            ratios[i] = np.nan if ratio is None else ratio
+        out[param] = (grid.astype(float), ratios)
+    return out
 
 
 # moved to their own modules; still importable from here

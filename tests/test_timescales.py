@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -18,7 +19,9 @@ from regime_jax.timescales import (
     decay_time,
     decay_times_all_rules,
     lag_ratio,
+    lag_ratio_curves,
     smooth,
+    start_level,
 )
 
 LN10 = math.log(10.0)
@@ -64,14 +67,99 @@ def test_settle_exponential_matches_tau_ln10(tau: float) -> None:
     assert abs(res.time - tau * LN10) <= 0.02 * tau * LN10 + 2.0
 
 
-@pytest.mark.parametrize("rule", ["cumsum", "threshold"])
-@pytest.mark.parametrize("tau", [50.0, 150.0, 300.0])
-def test_other_rules_exponential_match_tau_ln10(rule: str, tau: float) -> None:
-    # threshold: exp(-T/tau) = 0.1; cumsum: 1 - exp(-T/tau) = 0.9 (tail beyond 3000
-    # steps is < e^-10). Same error budget as the settle rule.
-    res = decay_time(STEPS, _exp(tau), DecayConfig(rule=rule))
-    assert res.status == "ok", res
-    assert abs(res.time - tau * LN10) <= 0.02 * tau * LN10 + 2.0
+# Analytic answers on x_t = exp(-t / tau), t = 0 .. 2999 (module docstring). The smoothed
+# interior is S * x_t (S a constant that cancels); the edges are the only approximations.
+CONFIGS = [
+    DecayConfig(),
+    DecayConfig(window=11, delta=0.05, cumsum_fraction=0.8, threshold_fraction=0.3),
+]
+
+
+def _analytic(rule: str, tau: float, cfg: DecayConfig, noise: float = 0.0) -> float:
+    h = (cfg.window - 1) // 2
+    if rule == "settle":  # |S x_T - L| = delta * R with L ~ 0, R ~ S x_0
+        return tau * math.log(1 / cfg.delta)
+    if rule == "threshold":  # start level S x_h (first window's mean); S x_T <= f S x_h
+        return h + math.ceil(tau * math.log(1 / cfg.threshold_fraction))
+    if not noise:  # 1 - exp(-T / tau) = cumsum_fraction
+        return tau * math.log(1 / (1 - cfg.cumsum_fraction))
+    # With noise the rule sums max(y, 0), y ~ N(s, sy^2) with s = exp(-t / tau) and
+    # sy = noise / sqrt(w) (w-point average): E max(y, 0) = s Phi(s/sy) + sy phi(s/sy).
+    # The tail around zero adds mass and moves T later (documented); apply the rule to it.
+    sy = noise / math.sqrt(2 * h + 1)
+    sig = np.exp(-STEPS / tau)
+    u = sig / sy
+    cdf = 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) for v in u]))
+    mass = np.cumsum(sig * cdf + sy * np.exp(-(u**2) / 2) / math.sqrt(2 * math.pi))
+    return float(np.argmax(mass >= cfg.cumsum_fraction * mass[-1]))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["default", "w11"])
+@pytest.mark.parametrize("tau", [50.0, 77.7, 150.0, 300.0])
+def test_every_rule_matches_its_analytic_answer_noise_free(cfg: DecayConfig, tau: float) -> None:
+    # Tolerance: threshold exact (1 step for rounding: its level and its crossing are both
+    # plain window means, S cancels); settle and cumsum 2% + 2 steps (1 step of
+    # discretization, the edge line fit under-reading the convex start, so the range R
+    # shrinks by < 1.5% at tau = 50, and S's shift tau * ln(S) ~ h^2 / (6 tau) <= 0.5 steps).
+    for rule, res in decay_times_all_rules(STEPS, _exp(tau), cfg).items():
+        expected = _analytic(rule, tau, cfg)
+        assert res.status == "ok", res
+        tol = 1.0 if rule == "threshold" else 0.02 * expected + 2.0
+        assert abs(res.time - expected) <= tol, (rule, res.time, expected)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["default", "w11"])
+@pytest.mark.parametrize(("tau", "seed"), [(50.0, 1), (100.0, 2), (300.0, 3), (300.0, 4)])
+def test_every_rule_matches_its_analytic_answer_with_noise(
+    cfg: DecayConfig, tau: float, seed: int
+) -> None:
+    # Noise sigma = 0.01 (seeded) -> sigma / sqrt(w) after smoothing; a level f is crossed
+    # with slope f / tau per step, so the crossing jitters by ~ (sigma / sqrt(w)) tau / f,
+    # a few % of T; tolerance 8% of the analytic answer for every rule (cumsum's answer
+    # includes the clipped noise floor; measured worst case 5%).
+    x = _exp(tau, noise=0.01, seed=seed)
+    for rule, res in decay_times_all_rules(STEPS, x, cfg).items():
+        expected = _analytic(rule, tau, cfg, noise=0.01)
+        assert res.status == "ok", res
+        assert abs(res.time - expected) <= 0.08 * expected, (rule, res.time, expected)
+
+
+def test_threshold_start_level_is_the_first_window_mean_not_an_extrapolation() -> None:
+    # a plateau, then a drop inside the first window: the edge line of smooth() projects
+    # y[0] above every observed value; the start level is the window's mean
+    x = np.where(STEPS < 8, 1.0, np.exp(-np.maximum(STEPS - 8, 0) / 5.0))
+    assert smooth(x, 25)[0] > 1.1 > x[:25].max()
+    assert start_level(x, 25) == pytest.approx(np.mean(x[:25]))
+    res = decay_time(STEPS, x, DecayConfig(rule="threshold"))
+    y = smooth(x, 25)
+    k = int(res.time)
+    assert y[k] <= 0.1 * start_level(x, 25) < y[k - 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    window=st.integers(1, 60),
+    n=st.integers(2, 300),
+    shape=st.sampled_from(["noise", "plateau_drop", "spike", "exp"]),
+)
+def test_start_level_never_leaves_the_first_window(seed, window, n, shape) -> None:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n, dtype=float)
+    x = {
+        "noise": rng.standard_normal(n),
+        "plateau_drop": np.where(t < rng.integers(1, 30), 1.0, 0.01),
+        "spike": np.where(t == rng.integers(0, 10), 10.0, rng.uniform(0, 1, n)),
+        "exp": np.exp(-t / rng.uniform(1, 100)) + 0.05 * rng.standard_normal(n),
+    }[shape]
+    w = 2 * ((min(window, n) - 1) // 2) + 1
+    level = start_level(x, window)
+    assert x[:w].min() - 1e-12 <= level <= x[:w].max() + 1e-12
+    if n >= 20 and level > 0:
+        res = decay_time(t, x, DecayConfig(rule="threshold", window=window))
+        assert res.status != "ok" or res.time > t[(w - 1) // 2]
+    with pytest.raises(ValueError, match="non-empty"):
+        start_level(np.array([]), window)
 
 
 def test_cumsum_clips_negative_values() -> None:
@@ -105,6 +193,53 @@ def test_lag_ratio_of_exponentials_is_three(rule: str) -> None:
     assert res.status == "ok", res
     assert abs(res.ratio - 3.0) <= 0.1 * 3.0
     assert res.t_step.rule == rule and res.t_flip.rule == rule
+
+
+def test_lag_ratio_curves_match_the_analytic_ratios() -> None:
+    curves = lag_ratio_curves(STEPS, _exp(300.0), _exp(100.0))
+    assert list(curves) == ["threshold_fraction", "delta", "cumsum_fraction", "window"]
+    for param, lo, hi in [
+        ("threshold_fraction", 0.05, 0.5),
+        ("delta", 0.02, 0.2),
+        ("cumsum_fraction", 0.5, 0.95),
+        ("window", 10, 200),
+    ]:
+        values, ratios = curves[param]
+        assert values.shape == ratios.shape and values[0] == lo and values[-1] == hi
+        assert np.all(np.isfinite(ratios))
+    # threshold: (h + ceil(300 ln 1/f)) / (h + ceil(100 ln 1/f)), both times exact to a step;
+    # h = 12 pulls it below 3, the more the larger f (the start level sits at step h)
+    values, ratios = curves["threshold_fraction"]
+    cfg = DecayConfig(rule="threshold")
+    expected = [
+        _analytic("threshold", 300.0, dataclasses.replace(cfg, threshold_fraction=f))
+        / _analytic("threshold", 100.0, dataclasses.replace(cfg, threshold_fraction=f))
+        for f in values
+    ]
+    np.testing.assert_allclose(ratios, expected, rtol=0.01)
+    # settle and cumsum: each time within 2% + 2 steps of tau * const, so the ratio is 3 +- 3%
+    for param in ("delta", "cumsum_fraction"):
+        np.testing.assert_allclose(curves[param][1], 3.0, rtol=0.03)
+    # window (settle rule): 3 for small windows; wider ones shift the faster series' time
+    # more (the smoothing shift ~ h^2 / (6 tau)), down to 2.67 at w = 199: within 12%
+    values, ratios = curves["window"]
+    np.testing.assert_allclose(ratios[values <= 26], 3.0, rtol=0.01)
+    np.testing.assert_allclose(ratios, 3.0, rtol=0.12)
+    assert ratios[-1] < ratios[0]
+
+
+def test_lag_ratio_curves_grids_and_failures() -> None:
+    cfg = DecayConfig(rule="threshold")
+    got = lag_ratio_curves(STEPS, _exp(300.0), _exp(100.0), cfg, grids={"window": [10, 51]})
+    (values, ratios) = got["window"]
+    assert list(got) == ["window"] and values.tolist() == [10.0, 51.0]
+    # the window sweep uses config.rule: threshold, h = 4 and 25
+    assert ratios[0] == pytest.approx((4 + 691) / (4 + 231), rel=0.01)
+    assert ratios[1] == pytest.approx((25 + 691) / (25 + 231), rel=0.01)
+    flat = lag_ratio_curves(STEPS, np.full(3000, 2.0), _exp(100.0), grids={"delta": [0.1, 0.2]})
+    assert np.isnan(flat["delta"][1]).all()  # step size flat: no ratio, NaN
+    with pytest.raises(ValueError, match="no lag-ratio curve for 'final_fraction'"):
+        lag_ratio_curves(STEPS, _exp(300.0), _exp(100.0), grids={"final_fraction": [0.1]})
 
 
 def test_lag_ratio_uses_durations_from_first_step() -> None:
