@@ -301,6 +301,30 @@ def test_gradients_reach_values_only():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["transformer", "scan_remat", "nnx"])
+def test_gradient_at_the_current_step_is_the_ordinary_gradient(name):
+    """gates == values: d/dvalues of the gated loss is the network's own (paired scan, remat)."""
+    apply_fn, params, x = _case(name)
+    gated = rj.gate_relus(apply_fn)
+    loss = lambda out: jnp.sum(jnp.sin(out))
+    g_gated = jax.jit(jax.grad(lambda v: loss(gated(v, params, x)[0])))(params)
+    g_plain = jax.jit(jax.grad(lambda v: loss(apply_fn(v, x))))(params)
+    for a, b in zip(jax.tree.leaves(g_gated), jax.tree.leaves(g_plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gated_fn_vmaps_over_examples():
+    apply_fn, values, x = _case("mlp")
+    gates = _perturb(values, 0.3, 2)
+    gated = rj.gate_relus(apply_fn)
+    out, z_values, z_gates = jax.vmap(lambda xi: gated(values, gates, xi[None]))(x)
+    ref_out, ref_v, ref_g = gated(values, gates, x)
+    np.testing.assert_allclose(out[:, 0], ref_out, rtol=1e-5, atol=1e-6)
+    for k in ref_v:
+        np.testing.assert_allclose(z_values[k][:, 0], ref_v[k], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(z_gates[k][:, 0], ref_g[k], rtol=1e-5, atol=1e-6)
+
+
 def test_gates_get_no_gradient_even_at_a_tie():
     """At z_g == 0 max's derivative is 1/2: only stop_gradient keeps it from the gates."""
     fn = lambda p, x: jnp.maximum(x @ p["w"] + p["b"], 0.0).sum()
