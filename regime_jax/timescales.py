@@ -34,22 +34,21 @@ Decay rules (``y`` = smoothed series, ``n`` points, index ``i`` -> ``steps[i]``)
 * ``threshold``: start level ``I = mean(x[0:w])``, the mean of the first full
   window of raw values (:func:`start_level`; ``= y[h]``, the first smoothed value
   that is a plain average): never an extrapolation, never above ``max(x[0:w])``.
-  ``T = steps[k]`` for the first ``k > h`` with ``y_k <= threshold_fraction * I``
-  (``y_h = I`` itself is above the threshold). The final level is NOT used. Never
-  reached, or ``I <= 0``, gives ``never_settles``. ``I`` is the level around step
-  ``h`` (the window's center), not step 0, so ``T`` counts the ``h`` steps before
-  it too: the price of not extrapolating. It moves the threshold lag ratio
-  towards 1, by little when ``h`` is small against both decay times
-  (:func:`lag_ratio_curves` shows the dependence on ``window``).
+  With ``k`` the first index ``> h`` where ``y_k <= threshold_fraction * I``
+  (``y_h = I`` itself is above it), ``T = steps[k - h]``: ``I`` is the level at
+  the window's center, point ``h``, so the decay is counted from there, as
+  ``k - h`` points after the first step (for evenly spaced steps ``T - steps[0]
+  = steps[k] - steps[h]``). The final level is NOT used. Never reached, or
+  ``I <= 0``, gives ``never_settles``.
 
 Analytic answers for ``x_t = exp(-t / tau)``, ``t = 0, 1, ..`` on a long series
 (the smoothed interior is ``S * x_t`` with ``S`` a constant, which cancels):
 ``settle`` ``tau * ln(1 / delta)``; ``cumsum`` ``tau * ln(1 / (1 - cumsum_fraction))``;
-``threshold`` ``h + ceil(tau * ln(1 / threshold_fraction))``. With the defaults
-the first two are ``tau * ln(10)``, the third ``12 + tau * ln(10)`` (tested with
-the tolerances stated there). Every rule is invariant under ``x -> c * x`` for ``c > 0``;
-adding a constant changes ``cumsum`` and ``threshold`` (they measure decay towards
-zero) but not ``settle``.
+``threshold`` ``ceil(tau * ln(1 / threshold_fraction))``, whatever the window (while
+the crossing lies in the interior). With the defaults all three are ``tau * ln(10)``
+(tested, with the tolerances stated there). Every rule is invariant under
+``x -> c * x`` for ``c > 0``; adding a constant changes ``cumsum`` and ``threshold``
+(they measure decay towards zero) but not ``settle``.
 
 Config ranges: ``window >= 1``, ``min_points >= 2``, ``delta``, ``cumsum_fraction``,
 ``threshold_fraction`` in (0, 1), ``final_fraction`` in (0, 0.5] (the drift check
@@ -253,7 +252,8 @@ def _threshold(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig, x: np.ndarray
     if not below.any():
         msg = f"never falls below {cfg.threshold_fraction} x start level {initial:.3g}"
         return DecayResult(None, "never_settles", "threshold", msg)
-    return DecayResult(float(steps[h + 1 + int(np.argmax(below))]), "ok", "threshold")
+    k = h + 1 + int(np.argmax(below))  # the crossing; the start level sits at point h
+    return DecayResult(float(steps[k - h]), "ok", "threshold")
 
 
 def decay_time(steps: Any, values: Any, config: DecayConfig = DecayConfig()) -> DecayResult:
@@ -267,8 +267,8 @@ def decay_time(steps: Any, values: Any, config: DecayConfig = DecayConfig()) -> 
     Returns:
       DecayResult; ``time`` is a value from ``steps`` when status is "ok", else None.
       Levels are never read off the extrapolated edges of :func:`smooth`: the threshold
-      rule's start level is :func:`start_level`, the mean of the first window, so its time
-      includes the ``h = (w - 1) // 2`` steps to that window's center (module docstring).
+      rule's start level is :func:`start_level`, the mean of the first window, and its
+      decay is counted from that window's center (module docstring).
 
     >>> t = np.arange(3000)
     >>> round(decay_time(t, np.exp(-t / 100.0)).time / 100, 1)
