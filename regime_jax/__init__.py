@@ -44,6 +44,7 @@ __version__ = "0.2.0"
 _API = {
     "CaptureError": ("regime_jax.capture", "CaptureError"),
     "capture_relus": ("regime_jax.capture", "capture_relus"),
+    "gate_relus": ("regime_jax.capture", "gate_relus"),
     "MonitorState": ("regime_jax.analyzer", "MonitorState"),
     "PatternMonitor": ("regime_jax.analyzer", "PatternMonitor"),
     "pattern_monitor": ("regime_jax.analyzer", "pattern_monitor"),
@@ -51,6 +52,7 @@ _API = {
     "nnx_apply": ("regime_jax.models.adapt", "nnx_apply"),
     "load_run": ("regime_jax.records", "load_run"),
     "bitmask": ("regime_jax.bitmask", None),
+    "decouple": ("regime_jax.decouple", None),
     "stability": ("regime_jax.stability", None),
     "timescales": ("regime_jax.timescales", None),
 }
@@ -63,6 +65,8 @@ __all__ = [
     "__version__",
     "bitmask",
     "capture_relus",
+    "decouple",
+    "gate_relus",
     "load_run",
     "nnx_apply",
     "pattern_monitor",
@@ -86,8 +90,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from regime_jax import bitmask, stability, timescales
+    from regime_jax import bitmask, decouple, stability, timescales
     from regime_jax.analyzer import MonitorState, PatternMonitor, pattern_monitor
-    from regime_jax.capture import CaptureError, capture_relus
+    from regime_jax.capture import CaptureError, capture_relus, gate_relus
     from regime_jax.models.adapt import Net, nnx_apply
     from regime_jax.records import load_run

@@ -3,7 +3,9 @@
 Host-side (pure numpy) analysis of per-step series such as the activation-pattern
 flip rate ``h_t`` and the weight step size ``s_t = ||theta_t - theta_{t-1}||``.
 The claim under test (arXiv 2602.08333) is that ``h`` settles about 3x earlier
-than ``s``; the lag ratio is ``T_s / T_h``.
+than ``s``; the lag ratio is ``T_s / T_h``. Statistics over seeds are in
+:mod:`regime_jax.seeds`, the causal (online) settle detector in :mod:`regime_jax.online`;
+both are still importable from here.
 
 Smoothing (:func:`smooth`): a centered moving average of odd width
 ``w = 2*h + 1`` with ``h = (min(window, n) - 1) // 2`` (even windows lose one
@@ -11,7 +13,10 @@ point to stay centered). In the interior ``y_i = mean(x_{i-h} .. x_{i+h})``.
 Within ``h`` points of either end the straight line least-squares fitted to the
 first (last) ``w`` points is evaluated at ``i`` (Savitzky-Golay order 1, which
 equals the moving average in the interior), so the ends are not biased by
-linear trends and are still averaged over ``w`` points.
+linear trends and are still averaged over ``w`` points. The edge line is an
+extrapolation: where the series bends inside the first window (a plateau, then a
+drop) it can put ``y[0]`` above every observed value, so no *level* is read off
+an edge: the threshold rule's start level is a plain window mean (below).
 
 Decay rules (``y`` = smoothed series, ``n`` points, index ``i`` -> ``steps[i]``):
 
@@ -26,15 +31,24 @@ Decay rules (``y`` = smoothed series, ``n`` points, index ``i`` -> ``steps[i]``)
   with ``c_k >= cumsum_fraction * c_{n-1}``. ``c_{n-1} <= 0`` gives ``flat``.
   It depends on the series length and on any floor: a noisy tail around zero
   still adds positive mass after clipping and pushes ``T`` later.
-* ``threshold``: initial level ``I = y[0]`` (the smoothed value at the first step,
-  i.e. the edge line fitted over the first ``w`` points); ``T = steps[k]`` for the
-  first ``k`` with ``y_k <= threshold_fraction * I``. The final level is NOT used.
-  Never reached, or ``I <= 0``, gives ``never_settles``.
+* ``threshold``: start level ``I = mean(x[0:w])``, the mean of the first full
+  window of raw values (:func:`start_level`; ``= y[h]``, the first smoothed value
+  that is a plain average): never an extrapolation, never above ``max(x[0:w])``.
+  With ``k`` the first index ``> h`` where ``y_k <= threshold_fraction * I``
+  (``y_h = I`` itself is above it), ``T = steps[k - h]``: ``I`` is the level at
+  the window's center, point ``h``, so the decay is counted from there, as
+  ``k - h`` points after the first step (for evenly spaced steps ``T - steps[0]
+  = steps[k] - steps[h]``). The final level is NOT used. Never reached, or
+  ``I <= 0``, gives ``never_settles``.
 
-For ``x_t = exp(-t / tau)`` on a long series all three default rules give
-``T ~= tau * ln(10)``. Every rule is invariant under ``x -> c * x`` for ``c > 0``;
-adding a constant changes ``cumsum`` and ``threshold`` (they measure decay towards
-zero) but not ``settle``.
+Analytic answers for ``x_t = exp(-t / tau)``, ``t = 0, 1, ..`` on a long series
+(the smoothed interior is ``S * x_t`` with ``S`` a constant, which cancels):
+``settle`` ``tau * ln(1 / delta)``; ``cumsum`` ``tau * ln(1 / (1 - cumsum_fraction))``;
+``threshold`` ``ceil(tau * ln(1 / threshold_fraction))``, whatever the window (while
+the crossing lies in the interior). With the defaults all three are ``tau * ln(10)``
+(tested, with the tolerances stated there). Every rule is invariant under
+``x -> c * x`` for ``c > 0``; adding a constant changes ``cumsum`` and ``threshold``
+(they measure decay towards zero) but not ``settle``.
 
 Config ranges: ``window >= 1``, ``min_points >= 2``, ``delta``, ``cumsum_fraction``,
 ``threshold_fraction`` in (0, 1), ``final_fraction`` in (0, 0.5] (the drift check
@@ -52,6 +66,7 @@ status ``undefined`` (no inf).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -81,18 +96,21 @@ class _DictMixin:
         return _to_jsonable(self)
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
+def _check_int(name: str, value: Any, low: int, owner: str = "DecayConfig") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"DecayConfig.{name} must be an integer >= {low}, got {value!r}")
+        raise ValueError(f"{owner}.{name} must be an integer >= {low}, got {value!r}")
 
 
-def _check_open(name: str, value: Any, low: float, high: float, closed_high: bool = False) -> None:
+def _check_open(
+    name: str, value: Any, low: float, high: float, closed_high: bool = False, owner: str = ""
+) -> None:
     ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
     ok = ok and low < value and (value <= high if closed_high else value < high)
     if not ok:
         bracket = "]" if closed_high else ")"
         raise ValueError(
-            f"DecayConfig.{name} must be a number in ({low}, {high}{bracket}, got {value!r}"
+            f"{owner or 'DecayConfig'}.{name} must be a number in ({low}, {high}{bracket}, "
+            f"got {value!r}"
         )
 
 
@@ -138,20 +156,6 @@ class LagResult(_DictMixin):
     t_flip: DecayResult
     status: str
     message: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class SeedStats(_DictMixin):
-    """Summary of a per-seed quantity with a bootstrap CI of the mean."""
-
-    values: tuple[float, ...]
-    n: int
-    n_dropped: int
-    mean: float
-    median: float
-    ci_low: float
-    ci_high: float
-    method: str
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -221,16 +225,35 @@ def _cumsum(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig) -> DecayResult:
     return DecayResult(float(steps[k]), "ok", "cumsum")
 
 
-def _threshold(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig) -> DecayResult:
-    initial = float(y[0])
+def start_level(values: Any, window: int) -> float:
+    """The threshold rule's start level: the mean of the first full smoothing window.
+
+    ``mean(values[0:w])`` with ``w`` the odd width :func:`smooth` uses for ``window``
+    (the smoothed value at the window's center, ``h = (w - 1) // 2``). A mean of observed
+    values, never an extrapolation: it lies within ``[min, max]`` of that window.
+
+    >>> start_level([4.0, 2.0, 0.0, 0.0, 0.0], 3)
+    2.0
+    """
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D series, got shape {x.shape}")
+    h = (min(int(window), x.size) - 1) // 2
+    return float(np.mean(x[: 2 * h + 1]))
+
+
+def _threshold(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig, x: np.ndarray) -> DecayResult:
+    initial = start_level(x, cfg.window)
     if initial <= 0:
-        msg = f"initial level {initial:.3g} <= 0; threshold rule needs a positive start"
+        msg = f"start level {initial:.3g} <= 0; threshold rule needs a positive start"
         return DecayResult(None, "never_settles", "threshold", msg)
-    below = y <= cfg.threshold_fraction * initial
+    h = (min(cfg.window, y.size) - 1) // 2
+    below = y[h + 1 :] <= cfg.threshold_fraction * initial
     if not below.any():
-        msg = f"never falls below {cfg.threshold_fraction} x initial level {initial:.3g}"
+        msg = f"never falls below {cfg.threshold_fraction} x start level {initial:.3g}"
         return DecayResult(None, "never_settles", "threshold", msg)
-    return DecayResult(float(steps[int(np.argmax(below))]), "ok", "threshold")
+    k = h + 1 + int(np.argmax(below))  # the crossing; the start level sits at point h
+    return DecayResult(float(steps[k - h]), "ok", "threshold")
 
 
 def decay_time(steps: Any, values: Any, config: DecayConfig = DecayConfig()) -> DecayResult:
@@ -243,6 +266,9 @@ def decay_time(steps: Any, values: Any, config: DecayConfig = DecayConfig()) -> 
 
     Returns:
       DecayResult; ``time`` is a value from ``steps`` when status is "ok", else None.
+      Levels are never read off the extrapolated edges of :func:`smooth`: the threshold
+      rule's start level is :func:`start_level`, the mean of the first window, and its
+      decay is counted from that window's center (module docstring).
 
     >>> t = np.arange(3000)
     >>> round(decay_time(t, np.exp(-t / 100.0)).time / 100, 1)
@@ -264,7 +290,7 @@ def decay_time(steps: Any, values: Any, config: DecayConfig = DecayConfig()) -> 
         return _settle(s, y, config, rng)
     if rule == "cumsum":
         return _cumsum(s, y, config)
-    return _threshold(s, y, config)
+    return _threshold(s, y, config, v)
 
 
 def decay_times_all_rules(
@@ -316,126 +342,67 @@ def lag_ratio(
     return LagResult(d_s / d_h, t_s, t_h, "ok")
 
 
-def seed_stats(
-    values: Iterable[float | None],
-    confidence: float = 0.95,
-    num_bootstrap: int = 2000,
-    seed: int = 0,
-) -> SeedStats:
-    """Mean, median and percentile-bootstrap CI of the mean over seeds.
-
-    None and non-finite entries are dropped and counted in ``n_dropped``. The
-    bootstrap uses ``np.random.default_rng(seed)`` so results are deterministic.
-    n == 1 gives a (nan, nan) CI with method "none"; n == 0 gives all-nan stats.
-
-    >>> s = seed_stats([1.0, 2.0, None, 3.0])
-    >>> (s.n, s.n_dropped, s.mean, s.median)
-    (3, 1, 2.0, 2.0)
-    """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    if num_bootstrap < 1:
-        raise ValueError(f"num_bootstrap must be >= 1, got {num_bootstrap!r}")
-    items = list(values)
-    kept = [float(v) for v in items if v is not None and math.isfinite(float(v))]
-    n, dropped, nan = len(kept), len(items) - len(kept), float("nan")
-    if n == 0:
-        return SeedStats((), 0, dropped, nan, nan, nan, nan, "none")
-    arr = np.asarray(kept)
-    mean, median = float(np.mean(arr)), float(np.median(arr))
-    if n == 1:
-        return SeedStats(tuple(kept), 1, dropped, mean, median, nan, nan, "none")
-    idx = np.random.default_rng(seed).integers(0, n, size=(num_bootstrap, n))
-    boot = arr[idx].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
-    return SeedStats(tuple(kept), n, dropped, mean, median, float(lo), float(hi), "bootstrap")
+# parameter grids of lag_ratio_curves: {parameter: (rule it belongs to, default values)}
+CURVE_GRIDS: dict[str, tuple[str | None, tuple[float, ...]]] = {
+    "threshold_fraction": ("threshold", tuple(np.round(np.linspace(0.05, 0.5, 10), 3))),
+    "delta": ("settle", tuple(np.round(np.linspace(0.02, 0.2, 10), 3))),
+    "cumsum_fraction": ("cumsum", tuple(np.round(np.linspace(0.5, 0.95, 10), 3))),
+    "window": (None, (10, 14, 19, 26, 36, 50, 70, 100, 141, 200)),  # None: config.rule
+}
 
 
-# ----------------------------------------------------------------------------- online
+def lag_ratio_curves(
+    steps: Any,
+    step_size: Any,
+    flip_rate: Any,
+    config: DecayConfig = DecayConfig(),
+    grids: Mapping[str, Iterable[float]] | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The lag ratio as a function of each rule's parameter, the others taken from ``config``.
 
+    Args:
+      steps, step_size, flip_rate: as for :func:`lag_ratio`.
+      config: the base rule and parameters.
+      grids: ``{parameter: values}`` overriding :data:`CURVE_GRIDS` (threshold_fraction
+        0.05-0.5 under the threshold rule, delta 0.02-0.2 under settle, cumsum_fraction
+        0.5-0.95 under cumsum, window 10-200 under ``config.rule``); only these parameters.
 
-@dataclasses.dataclass(frozen=True)
-class OnlineConfig(_DictMixin):
-    """Parameters of the causal settle detector :class:`OnlineSettle`.
-
-    Attributes:
-      window: trailing moving-average width (points), >= 1.
-      fraction: settled once the trailing average is at most ``fraction`` x its running peak,
-        in (0, 1).
-      patience: ... for this many consecutive points, >= 1.
-    """
-
-    window: int = 25
-    fraction: float = 0.1
-    patience: int = 10
-
-    def __post_init__(self) -> None:
-        _check_int("window", self.window, 1)
-        _check_open("fraction", self.fraction, 0.0, 1.0)
-        _check_int("patience", self.patience, 1)
-
-
-class OnlineSettle:
-    """Causal settle detector for a decaying series (e.g. the flip rate), fed one point at a time.
-
-    Rule: ``a_t`` = mean of the last ``window`` values (defined once ``window`` values have
-    arrived: a trailing, "valid" window, never an extrapolation); ``P_t = max_{u<=t} a_u``
-    (the running peak: a series that first rises is measured from its top). The detector
-    triggers at the first step ``t`` at which ``a_u <= fraction * P_u`` has held for the last
-    ``patience`` consecutive points. It reads no value after ``t``, so truncating the series
-    after the trigger cannot move it, and it can drive a decision during training (freezing
-    the patterns once they settle). On ``x_t = exp(-t / tau)`` it triggers at the first step
-    ``>= (window - 1) + tau * ln(1 / fraction) + (patience - 1)``: the offline ``threshold``
-    rule's ``tau * ln(1 / fraction)`` plus the points it must wait for (tested).
-
-    >>> detector = OnlineSettle(OnlineConfig(window=5, fraction=0.1, patience=3))
-    >>> [t for t in range(200) if detector.update(t, float(np.exp(-t / 20)))][:1]
-    [53]
-    """
-
-    def __init__(self, config: OnlineConfig = OnlineConfig()):
-        self.config = config
-        self._recent: list[float] = []
-        self._peak = -math.inf
-        self._run = 0
-        self.trigger: float | None = None
-
-    def update(self, step: float, value: float) -> bool:
-        """Feeds one point; True exactly once, at the step where the series has settled."""
-        if self.trigger is not None:
-            return False
-        if not math.isfinite(value):
-            raise ValueError(f"value {value!r} at step {step} is not finite")
-        cfg = self.config
-        self._recent = [*self._recent[-(cfg.window - 1) :], value] if cfg.window > 1 else [value]
-        if len(self._recent) < cfg.window:
-            return False
-        avg = sum(self._recent) / cfg.window
-        self._peak = max(self._peak, avg)
-        self._run = self._run + 1 if self._peak > 0 and avg <= cfg.fraction * self._peak else 0
-        if self._run >= cfg.patience:
-            self.trigger = float(step)
-            return True
-        return False
-
-
-def online_settle_time(
-    steps: Any, values: Any, config: OnlineConfig = OnlineConfig()
-) -> DecayResult:
-    """:class:`OnlineSettle` run over a recorded series: the step at which it would trigger.
+    Returns:
+      ``{parameter: (values, ratios)}``, float arrays of equal length; a ratio is NaN where
+      :func:`lag_ratio` has no ratio (a series that does not settle at that value, ...).
 
     >>> t = np.arange(3000)
-    >>> online_settle_time(t, np.exp(-t / 100.0)).time
-    264.0
+    >>> values, ratios = lag_ratio_curves(t, np.exp(-t / 300), np.exp(-t / 100))["delta"]
+    >>> np.round(ratios[[0, -1]], 1).tolist()
+    [3.0, 3.0]
     """
-    s, v = _validate(steps, values)
-    if not np.all(np.isfinite(v)):
-        bad = int(np.sum(~np.isfinite(v)))
-        return DecayResult(None, "nonfinite", "online", f"{bad} of {v.size} values are NaN or inf")
-    detector = OnlineSettle(config)
-    for step, value in zip(s, v, strict=True):
-        if detector.update(float(step), float(value)):
-            return DecayResult(detector.trigger, "ok", "online")
-    msg = f"the trailing average never stayed <= {config.fraction} x its peak for {config.patience}"
-    return DecayResult(None, "never_settles", "online", msg + " points")
+    chosen = {p: values for p, (_, values) in CURVE_GRIDS.items()} if grids is None else grids
+    out = {}
+    for param, values in chosen.items():
+        if param not in CURVE_GRIDS:
+            raise ValueError(f"no lag-ratio curve for {param!r}; allowed: {sorted(CURVE_GRIDS)}")
+        rule = CURVE_GRIDS[param][0] or config.rule
+        grid = np.asarray(list(values), dtype=int if param == "window" else float)
+        ratios = np.full(grid.size, np.nan)
+        for i, value in enumerate(grid.tolist()):
+            cfg = dataclasses.replace(config, rule=rule, **{param: value})
+            ratio = lag_ratio(steps, step_size, flip_rate, cfg).ratio
+            ratios[i] = np.nan if ratio is None else ratio
+        out[param] = (grid.astype(float), ratios)
+    return out
+
+
+# moved to their own modules; still importable from here
+_MOVED = {
+    "OnlineConfig": "online",
+    "OnlineSettle": "online",
+    "online_settle_time": "online",
+    "SeedStats": "seeds",
+    "seed_stats": "seeds",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(f"regime_jax.{_MOVED[name]}"), name)
+    raise AttributeError(f"module 'regime_jax.timescales' has no attribute {name!r}")

@@ -1,0 +1,250 @@
+"""Find every ReLU in any JAX function, with no edit to it: ``capture_relus(apply_fn)``; and
+run the function with its ReLUs gated by a second set of parameters: ``gate_relus(apply_fn)``.
+
+The only package that touches JAX internals (jaxpr equations, primitive names and params,
+source info); the interpreter is in ``_jaxpr.py``. Tested on jax 0.10.2; the primitive names
+it relies on are listed below.
+
+How it works. ``capture_relus(apply_fn)`` returns ``preacts_fn(params, x, **kw) -> (out,
+preacts)``. Each call traces ``apply_fn`` to a jaxpr and evaluates that jaxpr again, equation
+by equation, binding the very same primitives (so ``out`` is bit-identical to
+``apply_fn(params, x, **kw)``), and keeps the input ``z`` of every ReLU it meets.
+
+What counts as a ReLU:
+  * ``max(z, 0)`` with a zero on either side: ``jnp.maximum(z, 0.)``, ``jnp.maximum(0., z)``,
+    ``jnp.clip(z, 0)``, and ``jax.nn.relu`` (= ``flax.linen.relu`` = ``flax.nnx.relu``, whose
+    body is ``jnp.maximum(z, 0)``). "Zero" is a literal 0, a broadcast / reshape / cast of
+    one (``jnp.zeros_like(z)``), or an all-zero constant.
+  * Not the clamps that libraries write with ``max(., 0)`` but that are no ReLU: the variance
+    clamp of flax's LayerNorm / GroupNorm / BatchNorm (``_compute_stats``) and every
+    ``jax.nn`` function other than ``relu`` (``relu6`` and ``hard_tanh`` have a second kink,
+    ``standardize`` clamps a variance). ``jnp.where(z > 0, z, 0)`` is not recognised.
+
+Sub-computations (primitive names as of jax 0.10):
+  * ``jit`` / ``pjit``, ``closed_call``, ``core_call``: evaluated inline.
+  * ``custom_jvp_call``, ``custom_vjp_call``: the output comes from the original call (so its
+    custom derivative rule is kept); the pre-activations inside are read off its body.
+  * ``remat2`` / ``checkpoint`` (``jax.checkpoint``, ``nn.remat``, ``nnx.remat``): re-wrapped
+    in ``jax.checkpoint`` with the same policy.
+  * ``scan`` (``lax.scan``, ``nn.scan``, ``nnx.scan``): re-run through ``lax.scan`` with the
+    pre-activations as extra stacked outputs; **each iteration becomes its own key**,
+    ``<name>[i]`` (``i`` = index along the scanned axis, also with ``reverse=True``).
+  * ``cond`` (``lax.cond``, ``lax.switch``) and ``while`` (``lax.while_loop``,
+    ``lax.fori_loop`` with a traced trip count) holding a ReLU are **refused**
+    (:class:`CaptureError` naming the construct): which units exist would depend on the data.
+    Without a ReLU inside they are evaluated unchanged.
+  * Any other primitive that holds a sub-computation with a ReLU inside is refused, naming
+    the primitive and the jax version; one without a ReLU inside is evaluated unchanged.
+    ReLUs are never skipped silently.
+
+Names. A pre-activation is named by the path of the module that produced it: the JAX name
+stack of the equation that computed ``z`` (linen pushes every module's path; ``nn.Dense(4,
+name="a")`` gives ``a``, a Dense ``fc1`` inside ``block0/ffn`` gives ``block0/ffn/fc1``).
+The leading component shared by every named equation of the function (linen's root module
+class, e.g. ``MLP``) is dropped. Where there is no name (NNX, plain JAX, or ``z`` computed
+in the root scope) the name is ``relu_<k>``, ``k`` the ReLU's index in trace order (counting
+every ReLU). A name taken by an earlier ReLU gets ``#<n>`` appended (``fc1#1``). Names depend
+only on the function, never on the values: every trace gives the same names.
+
+Gating (:func:`gate_relus`). ``gated_fn(values, gates, *args, **kw)`` evaluates the same
+jaxpr twice in lockstep, once with ``gates`` in place of the params (the *gate network*, an
+ordinary ReLU net) and once with ``values`` (the *value network*), the other arguments shared.
+At every ReLU the value stream takes ``h_v = where(z_g > 0, z_v, max(z_g, 0))``: ``z_v`` where
+the gate network's unit is on, else 0 (the gate's own ReLU output, which is 0 there; a NaN
+gate stays NaN). This is ``z_v * [z_g > 0]``, and with ``gates`` equal to ``values`` it is
+``max(z_v, 0)`` bit for bit (-0.0 and NaN included): the gated function is then the function.
+Inside ``custom_jvp`` / ``custom_vjp`` calls holding a ReLU the body is evaluated for both
+streams (the value stream is gated, so the custom rule gives way to the gating); ``jit``,
+``remat`` and ``scan`` are handled as above (a scan's carries run paired, one per stream);
+``cond`` / ``while`` holding a ReLU are refused the same way. ``gates`` is wrapped in
+``lax.stop_gradient``: gradients flow to ``values`` only.
+
+>>> import jax, jax.numpy as jnp
+>>> def apply_fn(params, x):
+...     return jnp.maximum(x @ params["w"], 0.0) @ params["v"]
+>>> params = {"w": jnp.ones((3, 4)), "v": jnp.ones((4, 2))}
+>>> out, preacts = capture_relus(apply_fn)(params, jnp.ones((5, 3)))
+>>> {k: z.shape for k, z in preacts.items()}
+{'relu_0': (5, 4)}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from regime_jax.capture._jaxpr import (
+    WHAT_IS_RECOGNISED,
+    CaptureError,
+    Recorder,
+    evaluate,
+    has_relu,
+    names,
+    root,
+)
+
+__all__ = ["CaptureError", "GatedFn", "PreactsFn", "capture_relus", "gate_relus"]
+
+PreactsFn = Callable[..., tuple[Any, dict[str, jax.Array]]]
+GatedFn = Callable[..., tuple[Any, dict[str, jax.Array], dict[str, jax.Array]]]
+
+
+def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Array-valued keyword arguments are traced; the rest (``train=False``) stay static."""
+    dynamic, static = {}, {}
+    for k, v in kwargs.items():
+        leaves = jax.tree.leaves(v)
+        is_array = leaves and all(isinstance(leaf, jax.Array | np.ndarray) for leaf in leaves)
+        (dynamic if is_array else static)[k] = v
+    return dynamic, static
+
+
+def _check_callable(apply_fn: Any, who: str) -> None:
+    """A module object is not ``apply_fn(params, x)``: say which function to pass instead."""
+    kind = type(apply_fn).__module__ or ""
+    if kind.startswith("flax.") or any(
+        c.__module__.startswith("flax.") for c in type(apply_fn).__mro__[1:-1]
+    ):
+        if hasattr(apply_fn, "apply"):  # linen
+            raise TypeError(f"{who} takes apply_fn(params, x): pass model.apply")
+        raise TypeError(
+            f"{who} takes apply_fn(params, x): for an NNX module pass "
+            "rj.nnx_apply(module)[0] (with params = rj.nnx_apply(module)[1])"
+        )
+    if not callable(apply_fn):
+        raise TypeError(f"{who} takes a function apply_fn(params, x), got {apply_fn!r}")
+
+
+def _trace(apply_fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict[str, Any]):
+    """``(closed jaxpr, output shape, flat non-param inputs)``; refuses a function with no ReLU."""
+    dynamic, static = _split_kwargs(kwargs)
+
+    def flat_fn(params, args, dynamic):
+        return apply_fn(params, *args, **dynamic, **static)
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(params, args, dynamic)
+    if not has_relu(closed.jaxpr, closed.consts):
+        raise CaptureError(
+            f"no ReLU found in {getattr(apply_fn, '__qualname__', apply_fn)!r}: activation "
+            f"patterns are defined for ReLU units only ({WHAT_IS_RECOGNISED})"
+        )
+    return closed, out_shape, jax.tree.leaves((args, dynamic))
+
+
+def _run(closed, out_shape, inputs: list[tuple[Any, ...]], streams: int):
+    """Evaluates the traced function per stream: ``(out of stream 0, {name: per-stream z})``."""
+    rec = Recorder([0], streams)
+    outs, _ = evaluate(closed.jaxpr, closed.consts, inputs, [""] * len(inputs), "", rec)
+    out = jax.tree.unflatten(jax.tree.structure(out_shape), [o[0] for o in outs])
+    return out, names(rec.entries, root(closed.jaxpr))
+
+
+def capture_relus(apply_fn: Callable[..., Any]) -> PreactsFn:
+    """Wraps ``apply_fn`` so that it also returns the pre-activation of every ReLU it applies.
+
+    Args:
+      apply_fn: ``apply_fn(params, x, **kw) -> out``, any JAX-traceable function, left as
+        its author wrote it (a linen ``model.apply`` with variables, an NNX forward through
+        ``nnx.merge``, plain JAX).
+
+    Returns:
+      ``preacts_fn(params, x, **kw) -> (out, preacts)``: ``out`` is bit-identical to
+      ``apply_fn(params, x, **kw)``; ``preacts`` maps each ReLU's name (module docstring) to
+      its pre-activation ``z`` (units on the last axis), in trace order. A unit is on iff
+      ``z > 0``. Pure and jit-able; keyword arguments pass through (array values are traced,
+      others are static).
+
+    Raises:
+      CaptureError: (a ValueError) when tracing finds no ReLU, or a ReLU inside a construct
+        that cannot be captured (``lax.cond``, ``lax.while_loop``, an unknown primitive).
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> class MLP(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return nn.Dense(2, name="head")(nn.relu(nn.Dense(8, name="fc1")(x)))
+    >>> model, x = MLP(), jnp.ones((4, 3))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> out, preacts = capture_relus(model.apply)(variables, x)
+    >>> list(preacts), preacts["fc1"].shape
+    (['fc1'], (4, 8))
+    """
+
+    _check_callable(apply_fn, "capture_relus")
+
+    def preacts_fn(params: Any, x: Any, **kwargs: Any) -> tuple[Any, dict[str, jax.Array]]:
+        closed, out_shape, rest = _trace(apply_fn, params, (x,), kwargs)
+        inputs = [(leaf,) for leaf in (*jax.tree.leaves(params), *rest)]
+        out, preacts = _run(closed, out_shape, inputs, streams=1)
+        return out, {name: zs[0] for name, zs in preacts.items()}
+
+    preacts_fn.__wrapped__ = apply_fn  # type: ignore[attr-defined]
+    return preacts_fn
+
+
+def _check_gates(values: Any, gates: Any) -> None:
+    v_def, g_def = jax.tree.structure(values), jax.tree.structure(gates)
+    if v_def != g_def:
+        raise ValueError(f"gates must be a tree like values: got {g_def} for values {v_def}")
+    for (path, v), g in zip(
+        jax.tree_util.tree_leaves_with_path(values), jax.tree.leaves(gates), strict=True
+    ):
+        v_type, g_type = (np.shape(v), jnp.result_type(v)), (np.shape(g), jnp.result_type(g))
+        if v_type != g_type:
+            raise ValueError(
+                f"gates{jax.tree_util.keystr(path)} has (shape, dtype) {g_type} but values has "
+                f"{v_type}: gates must be parameters of the same network"
+            )
+
+
+def gate_relus(apply_fn: Callable[..., Any]) -> GatedFn:
+    """The gated transform of ``apply_fn``: ReLUs switched by frozen gates, values trained.
+
+    Args:
+      apply_fn: ``apply_fn(params, *args, **kw) -> out``, as for :func:`capture_relus`.
+
+    Returns:
+      ``gated_fn(values, gates, *args, **kw) -> (out, z_values, z_gates)``. ``values`` and
+      ``gates`` are two parameter sets of the same network (same tree, shapes and dtypes);
+      ``*args`` / ``**kw`` are shared by both. Every ReLU ``max(z, 0)`` of the value network
+      becomes ``z_v * [z_g > 0]``, its unit switched by the gate network (the same function
+      run on ``gates``, an ordinary ReLU net) on the same input (module docstring). ``out`` is
+      the value network's output; ``z_values`` / ``z_gates`` map each ReLU's name (the names
+      of :func:`capture_relus`) to the value / gate network's pre-activation there.
+      Invariants: with ``gates`` equal to ``values``, ``out`` is bit-identical to
+      ``apply_fn(values, *args, **kw)`` and ``z_values``, ``z_gates`` to capture's
+      ``preacts``; no gradient reaches ``gates`` (``lax.stop_gradient``). Pure and jit-able;
+      under ``jax.jit`` it traces once per input signature.
+
+    Raises:
+      CaptureError: as :func:`capture_relus` (no ReLU; a ReLU in ``cond`` / ``while``).
+      ValueError: ``gates`` not a tree of the same shapes and dtypes as ``values``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> apply_fn = lambda p, x: jnp.maximum(x @ p["w"], 0.0) @ p["v"]
+    >>> values = {"w": jnp.array([[1.0, -1.0]]), "v": jnp.ones((2, 1))}
+    >>> gates = {"w": jnp.array([[-1.0, 1.0]]), "v": jnp.ones((2, 1))}
+    >>> out, z_values, z_gates = gate_relus(apply_fn)(values, gates, jnp.array([[2.0]]))
+    >>> out.tolist(), z_values["relu_0"].tolist(), z_gates["relu_0"].tolist()
+    ([[-2.0]], [[2.0, -2.0]], [[-2.0, 2.0]])
+    """
+
+    _check_callable(apply_fn, "gate_relus")
+
+    def gated_fn(
+        values: Any, gates: Any, *args: Any, **kwargs: Any
+    ) -> tuple[Any, dict[str, jax.Array], dict[str, jax.Array]]:
+        closed, out_shape, rest = _trace(apply_fn, values, args, kwargs)
+        _check_gates(values, gates)
+        gates = jax.lax.stop_gradient(gates)
+        pairs = zip(jax.tree.leaves(values), jax.tree.leaves(gates), strict=True)
+        inputs = [*pairs, *((leaf, leaf) for leaf in rest)]
+        out, preacts = _run(closed, out_shape, inputs, streams=2)
+        return out, {n: z[0] for n, z in preacts.items()}, {n: z[1] for n, z in preacts.items()}
+
+    gated_fn.__wrapped__ = apply_fn  # type: ignore[attr-defined]
+    return gated_fn

@@ -1,0 +1,129 @@
+"""Gate freezing: ReLU on/off decided by frozen gate parameters, values trained (issue 15).
+
+The causal test of the regime change hypothesis (PAPER.md, claim 4): copy the parameters at
+step F as *gates*, freeze them, and train a second copy, the *values*, through a network whose
+every ReLU unit is switched by the gate network on the same input::
+
+    h_values = z_values * [z_gates > 0],    h_gates = max(z_gates, 0)
+
+(:func:`regime_jax.capture.gate_relus`; names and the bit ``z > 0`` as in
+:func:`regime_jax.capture_relus`). If the patterns have settled by F, training the values
+under frozen gates should reach the accuracy of ordinary training. With ``gates == values``
+(F = the current step) the gated network *is* the network, bit for bit.
+
+:func:`gated_net` turns a model (a :class:`regime_jax.Net`, a linen or NNX module, or a
+plain ``apply_fn(params, x)``) into ``GatedNet(apply, preacts_fn)``;
+:func:`disagreement` measures how far the values' own patterns ``z_values > 0`` have drifted
+from the frozen gates ``z_gates > 0``, per layer and over all bits. Everything is pure and
+jit-able; nothing here reads or writes files.
+
+>>> import jax.numpy as jnp
+>>> apply_fn = lambda p, x: jnp.maximum(x @ p, 0.0).sum(-1)
+>>> net = gated_net(apply_fn)
+>>> values, gates, x = jnp.array([[1.0, -1.0]]), jnp.array([[1.0, 1.0]]), jnp.ones((3, 1))
+>>> net.apply(values, gates, x).tolist()  # unit 1: gate on, value -1 passes
+[0.0, 0.0, 0.0]
+>>> {k: float(v) for k, v in disagreement_metrics(*net.preacts_fn(values, gates, x)[1:]).items()}
+{'decouple/disagree/relu_0': 0.5, 'decouple/disagree/all': 0.5}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+
+from regime_jax import analyzer
+from regime_jax.capture import GatedFn, gate_relus
+from regime_jax.models import adapt
+
+PREFIX = "decouple/disagree"
+
+
+class GatedNet(NamedTuple):
+    """A model's gated transform (see :func:`gated_net`).
+
+    Attributes:
+      apply: ``apply(values, gates, x) -> out``, the value network's output.
+      preacts_fn: ``preacts_fn(values, gates, x) -> (out, {layer: z_values}, {layer:
+        z_gates})``.
+    """
+
+    apply: Callable[[Any, Any, Any], Any]
+    preacts_fn: GatedFn
+
+
+def gated_net(model: Any) -> GatedNet:
+    """The gated transform of a model, as the functions a training step needs.
+
+    Args:
+      model: a :class:`regime_jax.Net`, a linen module (params are its ``"params"``
+        collection), an initialized NNX module (params are its ``nnx.Param`` state), or any
+        ``apply_fn(params, x)``.
+
+    Returns:
+      ``GatedNet(apply, preacts_fn)``: with ``gates`` the frozen parameters and ``values``
+      the trained ones (same tree). ``apply(values, values, x)`` equals the model's forward
+      bit for bit; ``jax.grad`` of ``apply`` reaches ``values`` only.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> model, x = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)]), jnp.ones((3, 5))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> out = gated_net(model).apply(params, params, x)
+    >>> bool((out == model.apply({"params": params}, x)).all())
+    True
+    """
+    apply_fn = adapt.as_net(model).apply if adapt.is_model(model) else model
+    preacts_fn = gate_relus(apply_fn)
+
+    def apply(values: Any, gates: Any, x: Any) -> Any:
+        return preacts_fn(values, gates, x)[0]
+
+    return GatedNet(apply, preacts_fn)
+
+
+def disagreement(
+    z_values: Mapping[str, jax.Array], z_gates: Mapping[str, jax.Array]
+) -> dict[str, jax.Array]:
+    """Fraction of bits on which the values' own pattern differs from the frozen gates.
+
+    Args:
+      z_values: ``{layer: z}`` of the value network, ``[P, positions..., units]`` (float).
+      z_gates: ``{layer: z}`` of the gate network, same layers and shapes.
+
+    Returns:
+      ``{layer: rate, "all": rate}``: ``popcount((z_v > 0) XOR (z_g > 0)) / (P x positions x
+      units)`` per layer, and over every bit of every layer (bits-weighted), as float32
+      scalars. Bits are :func:`regime_jax.bitmask.active` (exact zero is off), packed and
+      counted like :func:`regime_jax.analyzer.flip_rates` (integer counts summed before the
+      division, so a sharded probe reduces exactly). 0 when gates == values.
+
+    Raises:
+      ValueError: no layer, a layer with no bit (an empty probe set), different layers, or
+        different shapes in the two dicts.
+
+    >>> import jax.numpy as jnp
+    >>> rates = disagreement({"fc1": jnp.array([[1.0, -1.0]])}, {"fc1": jnp.array([[1.0, 1.0]])})
+    >>> {k: float(v) for k, v in rates.items()}
+    {'fc1': 0.5, 'all': 0.5}
+    """
+    if set(z_values) != set(z_gates):
+        raise ValueError(
+            f"z_values has layers {sorted(z_values)} but z_gates has {sorted(z_gates)}: pass "
+            f"both pre-activation dicts of one gated forward"
+        )
+    for name, z in z_values.items():
+        if z.shape != z_gates[name].shape:
+            raise ValueError(
+                f"layer {name!r}: z_values has shape {z.shape} but z_gates {z_gates[name].shape}"
+            )
+    gates = analyzer.patterns_from_preacts(z_gates)
+    return analyzer.flip_rates(gates, analyzer.patterns_from_preacts(z_values))
+
+
+def disagreement_metrics(
+    z_values: Mapping[str, jax.Array], z_gates: Mapping[str, jax.Array]
+) -> dict[str, jax.Array]:
+    """:func:`disagreement` as metrics: ``decouple/disagree/<layer>``, ``decouple/disagree/all``."""
+    return {f"{PREFIX}/{k}": v for k, v in disagreement(z_values, z_gates).items()}
