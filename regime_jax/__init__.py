@@ -23,8 +23,8 @@ per axis joined by ``x`` (``logits_BxK``, nanodo's convention); the letters mean
   B    training / eval batch           K    classes (logits)
   P    probe examples (fixed set)      U    ReLU units of one layer (last axis)
   S    spatial positions (CNN)         Y    packed bytes per row, ``ceil(U / 8)``
-  T    tokens (Transformer)            R    radii (stability probe)
-  I    input features (flattened)      V    random directions (stability probe)
+  T    tokens (Transformer)            R    radii (stability test)
+  I    input features (flattened)      V    random directions (stability test)
   C    conv channels                   D    model width (hidden features)
   F    FFN hidden width                1    a kept singleton axis
   ===  ==============================  ===  =====================================
@@ -38,7 +38,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # public name -> (module, attribute or None for the module itself)
 _API = {

@@ -52,7 +52,7 @@ def active(z: jax.Array) -> jax.Array:
     """A unit's bit: ``z > 0`` for its pre-activation ``z``; exact zero is *off*.
 
     The one definition of a bit, shared by the training step, the monitor, the analyzer and
-    the stability probe.
+    the stability test.
 
     >>> active(jnp.array([-1.0, 0.0, 2.0])).tolist()
     [False, False, True]

@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     Every packaged config (``regime_jax.configs``) starts here. The defaults are literals, so
     building a config imports no implementation module; the ``stability`` and ``timescales``
-    blocks equal ``stability.ProbeConfig()`` and ``timescales.DecayConfig()`` (tested).
+    blocks equal ``stability.StabilityConfig()`` and ``timescales.DecayConfig()`` (tested).
     """
     c = ml_collections.ConfigDict()
     c.seed = 0  # parameter init and batch order: the only seed a sweep varies
@@ -74,12 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel = dict(devices=0)
     # every_steps=0: save only at the end (and on Ctrl-C); keep: how many to keep.
     c.checkpoint = dict(every_steps=500, keep=3)
-    # Finite-difference stability probe during training (regime_jax.stability): at step 0,
+    # Finite-difference stability test during training (regime_jax.stability): at step 0,
     # the last step and num_points log-spaced steps between. The fields after `seed` are
-    # stability.ProbeConfig's, with its defaults.
+    # stability.StabilityConfig's, with its defaults.
     c.stability = dict(
         num_points=0,  # 0 disables the probe
-        probe_size=0,  # the first probe_size examples of the probe set (<= probe.size; 0: all)
+        num_examples=0,  # the first num_examples examples of the probe set (<= probe.size; 0: all)
         seed=0,  # the random directions
         num_directions=16,  # random unit directions (per layer if per_layer)
         min_radius=1e-6,  # smallest tested radius (parameter-space L2 norm)
@@ -210,9 +210,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     st = c.stability
     if not isinstance(st.num_points, int) or st.num_points < 0:
         raise ConfigError(f"stability.num_points={st.num_points!r} must be an int >= 0")
-    if not isinstance(st.probe_size, int) or not 0 <= st.probe_size <= c.probe.size:
+    if not isinstance(st.num_examples, int) or not 0 <= st.num_examples <= c.probe.size:
         raise ConfigError(
-            f"stability.probe_size={st.probe_size!r}; allowed values: 0..{c.probe.size} "
+            f"stability.num_examples={st.num_examples!r}; allowed values: 0..{c.probe.size} "
             f"(probe.size; 0 means the whole probe set)"
         )
     if c.record.snapshot_every_steps % c.record.every_steps:

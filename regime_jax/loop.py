@@ -85,10 +85,12 @@ class NonFinite(FloatingPointError):
 # ------------------------------------------------------------------------------ building a run
 
 
-def stability_config(config: ml_collections.ConfigDict) -> stability.ProbeConfig:
-    """The stability probe's static settings from ``config.stability``."""
-    extra = ("num_points", "probe_size", "seed")
-    return stability.ProbeConfig(**{k: v for k, v in config.stability.items() if k not in extra})
+def stability_config(config: ml_collections.ConfigDict) -> stability.StabilityConfig:
+    """The stability test's static settings from ``config.stability``."""
+    extra = ("num_points", "num_examples", "seed")
+    return stability.StabilityConfig(
+        **{k: v for k, v in config.stability.items() if k not in extra}
+    )
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -337,7 +339,7 @@ class _Run:
         return start, state
 
     def _measures(self) -> None:
-        """The jitted step variants, evaluation and stability probe of this run."""
+        """The jitted step variants, evaluation and stability test of this run."""
         s, c = self.setup, self.config
         self.step_fns = step.make_step_fns(s.net, s.tx, s.loss_fn)
         eval_fn = jax.jit(functools.partial(step.eval_step, model=s.net, loss_fn=s.loss_fn))
@@ -345,9 +347,11 @@ class _Run:
         self.evaluate = lambda params: step.evaluate(eval_fn, params, batches, len(s.ds.y_val))
         self.stab_steps = log_spaced_steps(c.num_steps, c.stability.num_points)
         self.stab_fn = jax.jit(
-            functools.partial(stability.probe_metrics, s.net.preacts_fn, config=stability_config(c))
+            functools.partial(
+                stability.perturbation_metrics, s.net.preacts_fn, config=stability_config(c)
+            )
         )
-        self.stab_x = self.probe["x"][: c.stability.probe_size or None]
+        self.stab_x = self.probe["x"][: c.stability.num_examples or None]
         self.stab_key = jax.random.key(c.stability.seed)
 
     def _stability(self, step_: int, params: Any) -> dict:

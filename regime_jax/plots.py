@@ -1,12 +1,12 @@
-"""Every figure: one run's, a probe's and a sweep's, as matplotlib Figures; the numbers are
+"""Every figure: one run's, a stability test's and a sweep's, as matplotlib Figures; the numbers are
 :mod:`regime_jax.summary`'s.
 
 Each figure function takes a :class:`regime_jax.records.Run` (or its workdir), a summary or
-probe outputs, and returns a bare matplotlib ``Figure`` (Agg; no pyplot, nothing accumulates in
-pyplot's figure list). A notebook shows it as PNG when it is a cell's value (``_repr_png_``, no
-``%matplotlib`` needed); a script calls ``fig.savefig("x.png")``. :func:`run_figures` and
-:func:`sweep_figures` yield the figures :mod:`regime_jax.report` saves. matplotlib is imported
-when a figure is made, not with this module.
+stability test outputs, and returns a bare matplotlib ``Figure`` (Agg; no pyplot, nothing
+accumulates in pyplot's figure list). A notebook shows it as PNG when it is a cell's value
+(``_repr_png_``, no ``%matplotlib`` needed); a script calls ``fig.savefig("x.png")``.
+:func:`run_figures` and :func:`sweep_figures` yield the figures :mod:`regime_jax.report`
+saves. matplotlib is imported when a figure is made, not with this module.
 
 Example (needs a run directory, so not a doctest)::
 
@@ -55,12 +55,12 @@ RunLike = records.Run | str | os.PathLike  # a loaded run or its workdir
 # (key, label, style) of stability_radius_figure: outer quantiles thin, the median thick.
 _BLUE = "tab:blue"
 _RADIUS_LINES = (
-    ("probe/radius_q10", "radius q10", dict(color=_BLUE, lw=1, ls=":")),
-    ("probe/radius_q25", "radius q25", dict(color=_BLUE, lw=1, ls="--")),
-    ("probe/radius_q50", "radius q50", dict(color=_BLUE, lw=2.2)),
-    ("probe/radius_q75", "radius q75", dict(color=_BLUE, lw=1, ls="--")),
-    ("probe/radius_q90", "radius q90", dict(color=_BLUE, lw=1, ls=":")),
-    ("probe/first_order_q50", "first-order q50", dict(color="tab:orange", ls="-.")),
+    ("stability/radius_q10", "radius q10", dict(color=_BLUE, lw=1, ls=":")),
+    ("stability/radius_q25", "radius q25", dict(color=_BLUE, lw=1, ls="--")),
+    ("stability/radius_q50", "radius q50", dict(color=_BLUE, lw=2.2)),
+    ("stability/radius_q75", "radius q75", dict(color=_BLUE, lw=1, ls="--")),
+    ("stability/radius_q90", "radius q90", dict(color=_BLUE, lw=1, ls=":")),
+    ("stability/first_order_q50", "first-order q50", dict(color="tab:orange", ls="-.")),
 )
 
 
@@ -176,9 +176,11 @@ def layer_flips_figure(run: RunLike):
 
 
 def _kept_curve(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """``(radii, kept)`` from a row's ``probe/kept@<radius>`` keys, sorted by radius."""
+    """``(radii, kept)`` from a row's ``stability/kept@<radius>`` keys, sorted by radius."""
     pairs = sorted(
-        (float(k.split("@")[1]), float(v)) for k, v in row.items() if k.startswith("probe/kept@")
+        (float(k.split("@")[1]), float(v))
+        for k, v in row.items()
+        if k.startswith("stability/kept@")
     )
     return np.asarray([r for r, _ in pairs]), np.asarray([v for _, v in pairs])
 
@@ -195,9 +197,9 @@ def stability_kept_figure(run: RunLike):
 
     run = _as_run(run)
     fig, ax = _axes()
-    rows = [r for r in run.rows if any(k.startswith("probe/kept@") for k in r)]
+    rows = [r for r in run.rows if any(k.startswith("stability/kept@") for k in r)]
     if not rows:
-        return _empty(fig, ax, "no probe/kept@<r> metrics: set stability.num_points > 0")
+        return _empty(fig, ax, "no stability/kept@<r> metrics: set stability.num_points > 0")
     norm = SymLogNorm(1, vmin=0, vmax=max(rows[-1]["step"], 1))
     cmap = colormaps["viridis"]
     for i, row in enumerate(rows):
@@ -220,7 +222,7 @@ def _kept_axes(fig, ax, title: str):
 
 
 def stability_radius_figure(run: RunLike):
-    """Radius quantiles ``probe/radius_q10..q90`` and ``probe/first_order_q50`` vs step.
+    """Radius quantiles ``stability/radius_q10..q90`` and ``stability/first_order_q50`` vs step.
 
     Log y, symmetric-log x (so step 0 shows); ``inf`` (unbroken within the tested radii) and
     non-positive values cannot sit on a log axis and are dropped. A dotted line marks the
@@ -244,15 +246,15 @@ def stability_radius_figure(run: RunLike):
 
 
 def kept_vs_eps_figure(results: Mapping[str, Mapping[str, Any]]):
-    """Kept fraction vs radius of direct :func:`regime_jax.stability.fd_probe` outputs.
+    """Kept fraction vs radius of direct :func:`regime_jax.stability.perturb` outputs.
 
-    ``results``: ``{label: fd_probe output}`` (its ``"radii"`` and ``"kept/all"``), e.g.
+    ``results``: ``{label: perturb output}`` (its ``"radii"`` and ``"kept/all"``), e.g.
     ``{"init": out0, "trained": out1}``; one curve each.
     """
     fig, ax = _axes()
     for label, out in results.items():
         ax.plot(np.asarray(out["radii"]), np.asarray(out["kept/all"]), marker="o", label=label)
-    return _kept_axes(fig, ax, "finite-difference stability probe")
+    return _kept_axes(fig, ax, "finite-difference stability test")
 
 
 def lag_summary_figure(summary: SummaryLike):
@@ -347,14 +349,15 @@ def sweep_figures(sweep: analysis.Sweep) -> Iterator[tuple[str, Any]]:
 
 def run_figures(run: RunLike) -> Iterator[tuple[str, Any]]:
     """``(name, Figure)`` of one run: ``timescales``, ``layer_flips``, ``raster``, and with
-    ``probe/*`` metrics (``stability.num_points > 0``) ``stability_kept``, ``stability_radius``."""
+    ``stability/*`` metrics (``stability.num_points > 0``) ``stability_kept`` and
+    ``stability_radius``."""
     run = _as_run(run)
     makers = {
         "timescales": timescales_figure,
         "layer_flips": layer_flips_figure,
         "raster": mask_raster_figure,
     }
-    if run.keys("probe/"):
+    if run.keys("stability/"):
         makers |= {
             "stability_kept": stability_kept_figure,
             "stability_radius": stability_radius_figure,

@@ -35,7 +35,7 @@ def _normal_like(key: jax.Array, params: Any, num: int) -> Any:
             raise ValueError(f"params leaves must be floating point, got {dt}")
     sizes = [int(np.prod(jnp.shape(leaf))) for leaf in leaves]
     # float32 draw (cast per leaf, normalised later in the leaf dtype): the float64 normal
-    # sampler's erf_inv expansion multiplies the XLA compile time of the probe.
+    # sampler's erf_inv expansion multiplies the XLA compile time of the stability test.
     flat = jax.random.normal(key, (num, sum(sizes)), jnp.float32)
     flat = jax.lax.optimization_barrier(flat)  # keep XLA from re-fusing the RNG into each slice
     offsets = np.cumsum([0, *sizes])
@@ -175,7 +175,7 @@ def as_preacts_fn(preacts_fn: Any) -> PreactsFn:
 def _forward(preacts_fn: PreactsFn, params: Any, x: jax.Array):
     out, preacts = preacts_fn(params, x)
     if not preacts:
-        raise CaptureError("the model has no ReLU pre-activation: there is no pattern to probe")
+        raise CaptureError("the model has no ReLU pre-activation: there is no pattern to test")
     return out, preacts
 
 
@@ -240,7 +240,7 @@ def empirical_breaking_radius(
     """Smallest tested radius at which ``theta + eps * u`` changes each example's pattern.
 
     Args:
-      preacts_fn, params: as in :func:`fd_probe`.
+      preacts_fn, params: as in :func:`perturb`.
       x: probe inputs ``[P, ...]``.
       u: one direction, params-shaped (no leading axis).
       radii: increasing tested radii ``[R]``.

@@ -358,12 +358,43 @@ class Run:
         return read_masks(mask_path(self.workdir, step))
 
 
+# Names before regime_jax 0.3 (the stability test was called a "probe", like the probe set).
+OLD_KEY_PREFIXES = {"probe/": "stability/"}
+OLD_CONFIG_FIELDS = {("stability", "probe_size"): ("stability", "num_examples")}
+
+
+def upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row with the stability test's pre-0.3 keys (``probe/...``) renamed (``stability/...``).
+
+    >>> upgrade_row({"step": 0, "probe/kept@1e-06": 1.0})
+    {'step': 0, 'stability/kept@1e-06': 1.0}
+    """
+    out = {}
+    for key, value in row.items():
+        for old, new in OLD_KEY_PREFIXES.items():
+            key = new + key.removeprefix(old) if key.startswith(old) else key
+        out[key] = value
+    return out
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with pre-0.3 field names renamed (``stability.probe_size``)."""
+    for (block, old), (_, new) in OLD_CONFIG_FIELDS.items():
+        if isinstance(config.get(block), dict) and old in config[block]:
+            config[block][new] = config[block].pop(old)
+    return config
+
+
 def load_run(workdir: str | os.PathLike) -> Run:
-    """Reads ``config.json``, ``metrics.jsonl`` and the list of mask snapshots."""
+    """Reads ``config.json``, ``metrics.jsonl`` and the list of mask snapshots.
+
+    Runs written before 0.3 are read with their stability keys renamed (:func:`upgrade_row`,
+    :func:`upgrade_config`); they are read, not resumed.
+    """
     workdir = Path(workdir)
-    config = json.loads((workdir / CONFIG).read_text())
+    config = upgrade_config(json.loads((workdir / CONFIG).read_text()))
     with open(workdir / METRICS, encoding="utf-8") as f:
-        rows = [parse_row(json.loads(line)) for line in f if line.strip()]
+        rows = [upgrade_row(parse_row(json.loads(line))) for line in f if line.strip()]
     steps = sorted(
         int(p.stem.removeprefix("step_"))
         for p in (workdir / MASKS_DIR).glob("step_[0-9][0-9][0-9][0-9][0-9][0-9][0-9].npz")

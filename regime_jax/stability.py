@@ -1,4 +1,4 @@
-"""Finite-difference probe of the local stability of ReLU activation patterns.
+"""Finite-difference test of the local stability of ReLU activation patterns.
 
 Local-stability theorem: outside measure-zero sets of parameters ``theta`` and inputs ``x``
 there is ``r(x, theta) > 0`` such that every perturbation ``||delta|| < r`` keeps the
@@ -24,14 +24,14 @@ Analytic cross-check. Along ``u`` the pre-activation moves, to first order, as
 (turns off), or ``z_i <= 0`` and ``J_i u > 0`` (turns on; with ``z_i == 0`` this is
 ``eps_i = 0``). :func:`first_order_radius` is the minimum over such units. It is the
 one-sided (``+eps``) version of ``min_i |z_i| / |J_i u|`` so it can be compared with the
-probe; ``two_sided=True`` gives the symmetric ``min_i |z_i| / |J_i u|`` (the radius on the
+test; ``two_sided=True`` gives the symmetric ``min_i |z_i| / |J_i u|`` (the radius on the
 line ``theta + eps u``, ``eps`` of either sign). As the radius goes to zero the empirical
 breaking radius along ``u`` agrees with it (ratio -> 1 on a fine grid).
 
 Caveats.
   * Measure zero: the theorem excludes a null set. On it (e.g. a unit with ``z == 0``
     exactly: zero biases meeting a zero input row, or a layer whose inputs are all dead
-    meeting a zero bias) a pattern can break at *every* ``eps > 0``; the probe reports this
+    meeting a zero bias) a pattern can break at *every* ``eps > 0``; the test reports this
     as breaking at the smallest tested radius and :func:`first_order_radius` as ``0``.
     Default linen init (zero biases) puts models on such a set for some inputs.
   * Grid: the empirical radius is known only to the bracket ``(lower, upper]`` of
@@ -40,7 +40,7 @@ Caveats.
     fine grid the first-order cross-check needs (``refine=24`` on 1e-4..1e-1: x1.1 per step).
   * Precision: in float32 a step ``eps * u_j`` below ~1e-7 relative to ``theta_j`` is lost to
     rounding; with ``~1e5`` parameters ``|u_j| ~ 3e-3``, so radii below ~1e-4 mostly test
-    rounding. Use float64 (``jax.enable_x64``) to probe tiny radii.
+    rounding. Use float64 (``jax.enable_x64``) to test tiny radii.
 """
 
 from __future__ import annotations
@@ -71,12 +71,12 @@ from regime_jax.radius import (
 
 __all__ = [
     "ALL",
-    "ProbeConfig",
+    "StabilityConfig",
     "empirical_breaking_radius",
-    "fd_probe",
     "first_order_radius",
     "param_layers",
-    "probe_metrics",
+    "perturb",
+    "perturbation_metrics",
     "radius_quantiles",
     "random_directions",
     "random_layer_directions",
@@ -86,7 +86,7 @@ ALL = "all"  # key of the every-layer-together summaries
 
 
 @dataclasses.dataclass(frozen=True)
-class ProbeConfig:
+class StabilityConfig:
     """Static probe settings (frozen and hashable: usable as a static ``jax.jit`` argument).
 
     The coarse radius grid is ``np.geomspace(min_radius, max_radius, num_radii)`` (default:
@@ -106,9 +106,9 @@ class ProbeConfig:
       radius_batch: radii evaluated together (``jax.lax.map(..., batch_size=)``); bounds the
         memory at ``radius_batch x directions`` forward passes. ``None``: all at once.
 
-    >>> ProbeConfig(num_radii=3, max_radius=1e-4).radii.round(9).tolist()
+    >>> StabilityConfig(num_radii=3, max_radius=1e-4).radii.round(9).tolist()
     [1e-06, 1e-05, 0.0001]
-    >>> ProbeConfig(num_radii=2, refine=1).fine_radii.round(9).tolist()
+    >>> StabilityConfig(num_radii=2, refine=1).fine_radii.round(9).tolist()
     [1e-06, 0.001, 1.0]
     """
 
@@ -125,7 +125,7 @@ class ProbeConfig:
             if not ok:
                 value = getattr(self, field)
                 raise ValueError(
-                    f"ProbeConfig.{field}={value!r} invalid; allowed values: {allowed}"
+                    f"StabilityConfig.{field}={value!r} invalid; allowed values: {allowed}"
                 )
 
         def is_int(v: Any) -> bool:
@@ -170,16 +170,16 @@ class ProbeConfig:
         return np.concatenate([*inner, coarse[-1:]])
 
 
-def fd_probe(
+def perturb(
     preacts_fn: PreactsFn,
     params: Any,
     x: jax.Array,
     key: jax.Array,
-    config: ProbeConfig = ProbeConfig(),
+    config: StabilityConfig = StabilityConfig(),
 ) -> dict[str, jax.Array]:
-    """Finite-difference stability probe of the activation patterns of ``x`` at ``params``.
+    """Finite-difference stability test of the activation patterns of ``x`` at ``params``.
 
-    Pure; ``jax.jit(fd_probe, static_argnames=("preacts_fn", "config"))`` compiles it into one
+    Pure; ``jax.jit(perturb, static_argnames=("preacts_fn", "config"))`` compiles it into one
     computation. ``V = num_directions`` (``L * num_directions`` with ``per_layer``), ``R`` =
     ``len(config.radii)``, ``F = len(config.fine_radii)``, ``P = x.shape[0]``; "layer" below
     is a recorded ReLU site (``fc1``, ``block0/ffn``), "param layer" a top-level params key.
@@ -191,7 +191,7 @@ def fd_probe(
       params: params pytree (what ``preacts_fn`` takes).
       x: probe inputs ``[P, ...]``.
       key: PRNG key for the directions.
-      config: :class:`ProbeConfig` (static).
+      config: :class:`StabilityConfig` (static).
 
     Returns:
       Flat dict of arrays (float in the params dtype unless noted):
@@ -221,8 +221,8 @@ def fd_probe(
     >>> model = create_model({"name": "mlp", "hidden": [8]}, 3)
     >>> x = jax.random.normal(jax.random.key(0), (5, 4))
     >>> params = model.init(jax.random.key(1), x)["params"]
-    >>> probe = jax.jit(fd_probe, static_argnames=("preacts_fn", "config"))
-    >>> out = probe(model, params, x, jax.random.key(2), ProbeConfig(num_directions=3))
+    >>> probe = jax.jit(perturb, static_argnames=("preacts_fn", "config"))
+    >>> out = probe(model, params, x, jax.random.key(2), StabilityConfig(num_directions=3))
     >>> out["kept/all"].shape, out["kept/fc1"].shape, out["first_order_radius"].shape
     ((12,), (12,), (3, 5))
     """
@@ -242,7 +242,7 @@ def fd_probe(
     changed_all = any_layer(changed, shape)
     total_bits = sum(bits.values())
     if total_bits == 0:
-        raise ValueError(f"no pattern bit to probe: x has shape {tuple(x.shape)}")
+        raise ValueError(f"no pattern bit to test: x has shape {tuple(x.shape)}")
     flips_all = sum(flips.values(), jnp.zeros(shape[:2], jnp.int32))
 
     def summaries(sel, prefix: str = "") -> dict[str, jax.Array]:
@@ -284,37 +284,38 @@ def _radius_labels(radii: np.ndarray) -> list[str]:
     return labels
 
 
-def probe_metrics(
+def perturbation_metrics(
     preacts_fn: PreactsFn,
     params: Any,
     x: jax.Array,
     key: jax.Array,
-    config: ProbeConfig = ProbeConfig(),
+    config: StabilityConfig = StabilityConfig(),
 ) -> dict[str, jax.Array]:
-    """Flat scalar summary of :func:`fd_probe` for ``metrics.jsonl`` (pure, jit-able).
+    """Flat scalar summary of :func:`perturb` for ``metrics.jsonl`` (pure, jit-able).
 
     Keys (``<r>`` = ``f"{radius:.0e}"``, or ``.2e`` if two coarse radii would share a label):
-      ``probe/kept@<r>``, ``probe/flip@<r>``, ``probe/output_change@<r>``;
-      ``probe/kept/<layer>@<r>``, ``probe/flip/<layer>@<r>`` per recorded layer;
-      ``probe/radius_q{10,25,50,75,90}`` (censored quantiles of ``breaking_radius``, inf when
-      beyond the grid), ``probe/radius_frac_inf``;
-      ``probe/first_order_q{10,25,50,75,90}`` of the per-example first-order radius (min over
+      ``stability/kept@<r>``, ``stability/flip@<r>``, ``stability/output_change@<r>``;
+      ``stability/kept/<layer>@<r>``, ``stability/flip/<layer>@<r>`` per recorded layer;
+      ``stability/radius_q{10,25,50,75,90}`` (censored quantiles of ``breaking_radius``, inf when
+      beyond the grid), ``stability/radius_frac_inf``;
+      ``stability/first_order_q{10,25,50,75,90}`` of the per-example first-order radius (min over
       directions, comparable with ``breaking_radius``);
-      ``probe/ratio_q50``, ``probe/ratio_lower_q50``: medians over finite (direction, example)
-      pairs of ``ratio`` / ``ratio_lower`` (nan if none); ``probe/first_order_in_bracket``:
-      fraction of those pairs whose first-order radius lies in the empirical bracket;
-      with ``per_layer``: ``probe/by_param/<param layer>/{kept,flip,output_change}@<r>``.
+      ``stability/ratio_q50``, ``stability/ratio_lower_q50``: medians over finite (direction,
+      example) pairs of ``ratio`` / ``ratio_lower`` (nan if none);
+      ``stability/first_order_in_bracket``: fraction of those pairs whose first-order radius
+      lies in the empirical bracket;
+      with ``per_layer``: ``stability/by_param/<param layer>/{kept,flip,output_change}@<r>``.
 
     >>> from regime_jax.models import create_model
     >>> model = create_model({"name": "mlp", "hidden": [8]}, 3)
     >>> x = jax.random.normal(jax.random.key(0), (5, 4))
     >>> params = model.init(jax.random.key(1), x)["params"]
-    >>> metrics = jax.jit(probe_metrics, static_argnames=("preacts_fn", "config"))
-    >>> m = metrics(model, params, x, jax.random.key(2), ProbeConfig(num_directions=3))
-    >>> float(m["probe/kept@1e-06"]), "probe/radius_q50" in m
+    >>> metrics = jax.jit(perturbation_metrics, static_argnames=("preacts_fn", "config"))
+    >>> m = metrics(model, params, x, jax.random.key(2), StabilityConfig(num_directions=3))
+    >>> float(m["stability/kept@1e-06"]), "stability/radius_q50" in m
     (1.0, True)
     """
-    out = fd_probe(preacts_fn, params, x, key, config)
+    out = perturb(preacts_fn, params, x, key, config)
     labels = _radius_labels(config.radii)
     metrics: dict[str, jax.Array] = {}
     for name, value in out.items():
@@ -322,18 +323,20 @@ def probe_metrics(
         if name.startswith(("kept/", "flip/", "by_param/")) or name == "output_change":
             base = head if tail == ALL else name  # kept/all -> kept
             for i, lab in enumerate(labels):
-                metrics[f"probe/{base}@{lab}"] = value[i]
+                metrics[f"stability/{base}@{lab}"] = value[i]
     for k, v in radius_quantiles(out["breaking_radius"]).items():
         if not k.startswith("finite_") and k != "num_inf":
-            metrics[f"probe/radius_{k}"] = v
+            metrics[f"stability/radius_{k}"] = v
     first_order = jnp.min(out["first_order_radius"], axis=0)
     for k, v in radius_quantiles(first_order).items():
         if k.startswith("q"):
-            metrics[f"probe/first_order_{k}"] = v
+            metrics[f"stability/first_order_{k}"] = v
     ratio, ratio_lower = out["ratio"], out["ratio_lower"]
-    metrics["probe/ratio_q50"] = jnp.nanmedian(ratio)
-    metrics["probe/ratio_lower_q50"] = jnp.nanmedian(ratio_lower)
+    metrics["stability/ratio_q50"] = jnp.nanmedian(ratio)
+    metrics["stability/ratio_lower_q50"] = jnp.nanmedian(ratio_lower)
     finite = jnp.isfinite(ratio)
     in_bracket = finite & (ratio_lower <= 1) & (ratio >= 1)
-    metrics["probe/first_order_in_bracket"] = jnp.sum(in_bracket) / jnp.maximum(jnp.sum(finite), 1)
+    metrics["stability/first_order_in_bracket"] = jnp.sum(in_bracket) / jnp.maximum(
+        jnp.sum(finite), 1
+    )
     return metrics

@@ -282,7 +282,7 @@ def test_no_relu_is_a_clear_error_everywhere():
     with pytest.raises(ValueError, match="no ReLU found"):
         rj.pattern_monitor(rj.capture_relus(apply_fn), x).init(params)
     with pytest.raises(ValueError, match="no ReLU found"):
-        rj.stability.fd_probe(rj.capture_relus(apply_fn), params, x, KEY)
+        rj.stability.perturb(rj.capture_relus(apply_fn), params, x, KEY)
     with pytest.raises(ValueError, match="no ReLU found"):  # relu6 has a second kink
         rj.capture_relus(lambda p, x: jax.nn.relu6(x @ p))(params, x)
 

@@ -99,8 +99,8 @@ def test_base_config_stability_and_timescales_are_the_dataclass_defaults():
         return {k: (type(v), v) for k, v in d.items()}
 
     c = base_config()
-    own = {"num_points": 0, "probe_size": 0, "seed": 0}  # the in-training probe's own fields
+    own = {"num_points": 0, "num_examples": 0, "seed": 0}  # the in-training test's own fields
     probe = {k: v for k, v in c.stability.to_dict().items() if k not in own}
     assert {k: c.stability[k] for k in own} == own
-    assert typed(probe) == typed(dataclasses.asdict(stability.ProbeConfig()))
+    assert typed(probe) == typed(dataclasses.asdict(stability.StabilityConfig()))
     assert typed(c.timescales.to_dict()) == typed(dataclasses.asdict(timescales.DecayConfig()))

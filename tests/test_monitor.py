@@ -162,8 +162,8 @@ def test_fd_probe_captured_equals_site(family):
     params = jax.tree.map(
         lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params
     )
-    config = rj.stability.ProbeConfig(num_directions=4, num_radii=6)
-    probe = jax.jit(rj.stability.fd_probe, static_argnames=("preacts_fn", "config"))
+    config = rj.stability.StabilityConfig(num_directions=4, num_radii=6)
+    probe = jax.jit(rj.stability.perturb, static_argnames=("preacts_fn", "config"))
     captured = probe(
         rj.capture_relus(lambda p, x: model.apply({"params": p}, x)),
         params,

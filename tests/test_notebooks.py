@@ -17,7 +17,7 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
-EXPECTED = {"00_quickstart", "01_stability_probe", "02_reproduce", "03_your_model"}
+EXPECTED = {"00_quickstart", "01_stability_test", "02_reproduce", "03_your_model"}
 BADGE = (
     "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
     "(https://colab.research.google.com/github/regime-jax/regime_jax/blob/main/colab/{name})"

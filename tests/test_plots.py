@@ -19,7 +19,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 TINY = {
     "dataset.num_samples": 1000,  # generated in a fraction of the default 5000's time
     "stability.num_points": 2,
-    "stability.probe_size": 8,
+    "stability.num_examples": 8,
     "stability.num_directions": 2,
     "stability.num_radii": 4,
     "stability.radius_batch": None,
@@ -120,7 +120,7 @@ def test_layer_flips_figure(run, tmp_path):
 
 
 def test_stability_kept_figure(run, tmp_path):
-    probed = [r["step"] for r in run.rows if "probe/kept@1e+00" in r]
+    probed = [r["step"] for r in run.rows if "stability/kept@1e+00" in r]
     assert probed == [0, 1, 12]
     fig = plots.stability_kept_figure(run)
     ax, _colorbar = fig.axes
@@ -135,7 +135,7 @@ def test_stability_kept_figure(run, tmp_path):
 
 def test_stability_figures_without_probe(run):
     bare = dataclasses.replace(
-        run, rows=[{k: v for k, v in r.items() if not k.startswith("probe/")} for r in run.rows]
+        run, rows=[{k: v for k, v in r.items() if not k.startswith("stability/")} for r in run.rows]
     )
     (ax,) = plots.stability_kept_figure(bare).axes
     assert not ax.get_lines() and "num_points" in ax.texts[0].get_text()
@@ -159,8 +159,8 @@ def test_kept_vs_eps_figure(tmp_path):
     x = jax.random.normal(jax.random.key(0), (5, 4))
     params = model.init(jax.random.key(1), x)["params"]
     moved = jax.tree.map(lambda p: 1.5 * p, params)
-    config = stability.ProbeConfig(num_directions=2, num_radii=4, radius_batch=None)
-    probe = jax.jit(stability.fd_probe, static_argnames=("preacts_fn", "config"))
+    config = stability.StabilityConfig(num_directions=2, num_radii=4, radius_batch=None)
+    probe = jax.jit(stability.perturb, static_argnames=("preacts_fn", "config"))
     results = {
         name: probe(model, p, x, jax.random.key(2), config)
         for name, p in (("init", params), ("moved", moved))

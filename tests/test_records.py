@@ -85,3 +85,17 @@ def test_summary_of_a_run_with_nan_metrics_is_strict_json(tmp_path):
 def test_config_diff_treats_nonfinite_values_as_equal():
     assert records.config_diff({"a": math.nan, "b": (1, 2)}, {"a": math.nan, "b": [1, 2]}) == []
     assert records.config_diff({"a": {"x": 1}}, {"a": {"x": 2}}) == ["a.x"]
+
+
+def test_a_run_stored_before_the_rename_reads_with_the_new_names(tmp_path):
+    (tmp_path / records.CONFIG).write_text(
+        json.dumps({"stability": {"probe_size": 8, "num_points": 2}, "num_steps": 1})
+    )
+    rows = [{"step": 0, "flip/all": 0.1, "probe/kept@1e-06": 1.0, "probe/radius_q50": "inf"}]
+    (tmp_path / records.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = records.load_run(tmp_path)
+    assert run.config["stability"] == {"num_examples": 8, "num_points": 2}
+    assert run.rows == [
+        {"step": 0, "flip/all": 0.1, "stability/kept@1e-06": 1.0, "stability/radius_q50": math.inf}
+    ]
+    assert run.keys("probe/") == []

@@ -1,4 +1,4 @@
-"""Finite-difference stability probe: local stability, the measure-zero exception, agreement of
+"""Finite-difference stability test: local stability, the measure-zero exception, agreement of
 the first-order radius with the empirical one, jit/no-jit, directions, summaries.
 
 float64 cases run inside ``jax.enable_x64(True)`` (a context manager: nothing leaks into other
@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from regime_jax import stability as S
 from regime_jax.models import MODELS, create_model, preacts_of, relu, site_preacts_fn
 
-probe = jax.jit(S.fd_probe, static_argnames=("preacts_fn", "config"))
-metrics_jit = jax.jit(S.probe_metrics, static_argnames=("preacts_fn", "config"))
+probe = jax.jit(S.perturb, static_argnames=("preacts_fn", "config"))
+metrics_jit = jax.jit(S.perturbation_metrics, static_argnames=("preacts_fn", "config"))
 first_order_jit = jax.jit(S.first_order_radius, static_argnames=("preacts_fn", "two_sided"))
 breaking_jit = jax.jit(S.empirical_breaking_radius, static_argnames=("preacts_fn", "radius_batch"))
 directions_jit = jax.jit(S.random_directions, static_argnums=2)
@@ -30,7 +30,7 @@ layer_directions_jit = jax.jit(S.random_layer_directions, static_argnums=2)
 quantiles_jit = jax.jit(S.radius_quantiles, static_argnames="qs")
 preacts_jit = jax.jit(preacts_of, static_argnums=0)
 # Shared by the property test and the measure-zero test (one compile per architecture).
-SMALL_RADII = S.ProbeConfig(num_directions=4, min_radius=1e-9, max_radius=1.0, num_radii=10)
+SMALL_RADII = S.StabilityConfig(num_directions=4, min_radius=1e-9, max_radius=1.0, num_radii=10)
 
 
 def random_params(model, x, seed, scale=1.0):
@@ -81,16 +81,16 @@ def global_norms(dirs):
 )
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"{field}=.*allowed values"):
-        S.ProbeConfig(**{field: value})
+        S.StabilityConfig(**{field: value})
 
 
 def test_config_grids():
-    cfg = S.ProbeConfig()
+    cfg = S.StabilityConfig()
     np.testing.assert_allclose(cfg.radii, np.logspace(-6, 0, 12))
-    fine = S.ProbeConfig(refine=3).fine_radii
+    fine = S.StabilityConfig(refine=3).fine_radii
     assert fine.shape == (45,) and np.all(np.diff(fine) > 0)
     np.testing.assert_array_equal(fine[::4], cfg.radii)  # coarse radii kept exactly
-    assert hash(cfg) == hash(S.ProbeConfig())  # static jit argument
+    assert hash(cfg) == hash(S.StabilityConfig())  # static jit argument
 
 
 # ----------------------------------------------------------------------------- directions
@@ -128,7 +128,7 @@ def test_layer_directions_touch_only_their_layer():
 def test_per_layer_probe_head_directions_never_change_patterns():
     with jax.enable_x64(True):
         model, params, x = mlp_case([8, 8], num=16)
-        cfg = S.ProbeConfig(
+        cfg = S.StabilityConfig(
             num_directions=4, min_radius=1e-6, max_radius=10.0, num_radii=5, per_layer=True
         )
         out = probe(model, params, x, jax.random.key(0), cfg)
@@ -217,7 +217,7 @@ def test_first_order_radius_matches_empirical_breaking_radius():
     with jax.enable_x64(True):
         model, params, x = mlp_case([16, 16], seed=7, num=32, dim=8)
         # fine grid: 25 steps per decade (ratio 1.096 between tested radii)
-        cfg = S.ProbeConfig(
+        cfg = S.StabilityConfig(
             num_directions=8,
             min_radius=1e-4,
             max_radius=1e-1,
@@ -256,8 +256,8 @@ class JitTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_jit_and_eager_agree_and_keys_matter(self):
         model, params, x = mlp_case([4], num=6, dim=3)
-        cfg = S.ProbeConfig(num_directions=3, num_radii=4, radius_batch=2)
-        fn = self.variant(S.fd_probe, static_argnames=("preacts_fn", "config"))
+        cfg = S.StabilityConfig(num_directions=3, num_radii=4, radius_batch=2)
+        fn = self.variant(S.perturb, static_argnames=("preacts_fn", "config"))
         out = fn(model, params, x, jax.random.key(5), cfg)
         ref = probe(model, params, x, jax.random.key(5), cfg)
         self.assertEqual(set(out), set(ref))
@@ -272,7 +272,7 @@ def test_radius_batching_does_not_change_results():
     model, params, x = mlp_case([8, 8], num=12)
     # all radii in one vmap vs the default lax.map in batches of 4 (the first-order test runs
     # a lax.map with a remainder and checks it against the all-at-once helper)
-    cfgs = [S.ProbeConfig(num_directions=4, radius_batch=b) for b in (None, 4)]
+    cfgs = [S.StabilityConfig(num_directions=4, radius_batch=b) for b in (None, 4)]
     full, batched = (probe(model, params, x, jax.random.key(2), c) for c in cfgs)
     chex.assert_trees_all_close(full, batched, rtol=1e-5)
     assert full["kept/all"][-1] < 1  # something to compare
@@ -335,7 +335,7 @@ def test_probe_is_generic_over_models(name, make, shape, layers):
         model = make()
         x = jnp.asarray(np.random.default_rng(0).normal(size=shape))
         params = random_params(model, x, seed=1)
-        cfg = S.ProbeConfig(num_directions=3, min_radius=1e-9, num_radii=6, per_layer=True)
+        cfg = S.StabilityConfig(num_directions=3, min_radius=1e-9, num_radii=6, per_layer=True)
         # Through the explicit sites: TokenNet names its block by the site, not the producer.
         out = probe(site_preacts_fn(model), params, x, jax.random.key(0), cfg)
         num_dirs = 3 * len(params)
@@ -372,16 +372,16 @@ def test_radius_quantiles_censors_inf():
 
 def test_probe_metrics_keys_and_values():
     model, params, x = mlp_case([8, 8], num=12)
-    cfg = S.ProbeConfig(num_directions=4)
+    cfg = S.StabilityConfig(num_directions=4)
     m = metrics_jit(model, params, x, jax.random.key(0), cfg)
     out = probe(model, params, x, jax.random.key(0), cfg)
     labels = [f"{r:.0e}" for r in cfg.radii]
     assert labels[:3] == ["1e-06", "4e-06", "1e-05"] and len(set(labels)) == 12
     for i, lab in enumerate(labels):
-        assert float(m[f"probe/kept@{lab}"]) == float(out["kept/all"][i])
-        assert float(m[f"probe/flip@{lab}"]) == float(out["flip/all"][i])
-        assert float(m[f"probe/kept/fc2@{lab}"]) == float(out["kept/fc2"][i])
-        assert f"probe/output_change@{lab}" in m
+        assert float(m[f"stability/kept@{lab}"]) == float(out["kept/all"][i])
+        assert float(m[f"stability/flip@{lab}"]) == float(out["flip/all"][i])
+        assert float(m[f"stability/kept/fc2@{lab}"]) == float(out["kept/fc2"][i])
+        assert f"stability/output_change@{lab}" in m
     for k in (
         "radius_q50",
         "radius_frac_inf",
@@ -389,11 +389,11 @@ def test_probe_metrics_keys_and_values():
         "ratio_q50",
         "first_order_in_bracket",
     ):
-        assert f"probe/{k}" in m
+        assert f"stability/{k}" in m
     fo = np.min(out["first_order_radius"], axis=0)
-    np.testing.assert_allclose(m["probe/first_order_q50"], np.quantile(fo, 0.5), rtol=1e-5)
+    np.testing.assert_allclose(m["stability/first_order_q50"], np.quantile(fo, 0.5), rtol=1e-5)
     assert all(np.shape(v) == () for v in m.values())
     # a grid finer than one digit falls back to distinct 3-digit labels
-    fine = S.ProbeConfig(min_radius=1e-3, max_radius=1e-2, num_radii=12)
+    fine = S.StabilityConfig(min_radius=1e-3, max_radius=1e-2, num_radii=12)
     labels = S._radius_labels(fine.radii)
     assert labels[:2] == ["1.00e-03", "1.23e-03"] and len(set(labels)) == 12

@@ -146,17 +146,17 @@ def test_rerun_with_a_different_config_is_refused_naming_fields(tmp_path):
 def test_stability_probe_runs_at_log_spaced_steps_and_matches_a_direct_call(tmp_path):
     overrides = {
         "stability.num_points": 3,
-        "stability.probe_size": 8,
+        "stability.num_examples": 8,
         "stability.num_directions": 2,
         "stability.num_radii": 4,
     }
     config = tiny_config(**overrides)
     loop.train_and_evaluate(config, tmp_path)
     run = records.load_run(tmp_path)
-    probed = [r["step"] for r in run.rows if "probe/radius_q50" in r]
+    probed = [r["step"] for r in run.rows if "stability/radius_q50" in r]
     assert probed == sorted(records.log_spaced_steps(12, 3)) == [0, 1, 3, 12]
     _, model, _, probe, state = _setup(config)
-    direct = stability.probe_metrics(
+    direct = stability.perturbation_metrics(
         model,
         state.params,
         probe["x"][:8],
@@ -167,7 +167,7 @@ def test_stability_probe_runs_at_log_spaced_steps_and_matches_a_direct_call(tmp_
     for key, value in direct.items():
         want = float(value) if np.isfinite(value) else np.nan  # JSON null, read back as NaN
         np.testing.assert_allclose(float(row0[key]), want, rtol=1e-5, err_msg=key)
-    kept = [row0[k] for k in sorted(k for k in row0 if k.startswith("probe/kept@"))]
+    kept = [row0[k] for k in sorted(k for k in row0 if k.startswith("stability/kept@"))]
     assert len(kept) == 4 and kept != [kept[0]] * 4  # the radii span stable and broken
 
 

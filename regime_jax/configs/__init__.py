@@ -8,12 +8,12 @@ names one; ``--config path/to/file.py[:arg]`` loads a file of your own written t
 Variants inherit, as in the Flax examples: a config starts from its parent's full config
 (``cnn_digits.get_config()``), sets what differs and defines its own ``:quick``; one that only
 adds fields its parent's ``:quick`` leaves alone passes ``arg`` through
-(``stability_mlp_mnist1d`` is ``mlp_mnist1d.get_config(arg)`` plus the stability probe). The
+(``stability_mlp_mnist1d`` is ``mlp_mnist1d.get_config(arg)`` plus the stability test). The
 root is :func:`regime_jax.config.base_config`, where every field is documented::
 
   base_config                     regime_jax/config.py
   └─ mlp_mnist1d                  the main job
-     ├─ stability_mlp_mnist1d     + the stability probe (with_probe)
+     ├─ stability_mlp_mnist1d     + the stability test (with_probe)
      ├─ mlp_mnist
      ├─ transformer_mnist1d
      │  └─ vit_cifar10

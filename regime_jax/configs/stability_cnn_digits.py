@@ -1,4 +1,4 @@
-r"""The local-stability probe during training: the 2-D CNN of cnn_digits on 8x8 digits.
+r"""The local-stability test during training: the 2-D CNN of cnn_digits on 8x8 digits.
 
 ``cnn_digits`` (its ``:quick`` too) with the probe of ``stability_mlp_mnist1d`` (16 random
 unit directions, 12 radii 1e-6 .. 1, at step 0, the last step and 12 log-spaced steps between)

@@ -1,9 +1,9 @@
-r"""The local-stability probe during training: MLP 40-256-256-10 on MNIST-1D.
+r"""The local-stability test during training: MLP 40-256-256-10 on MNIST-1D.
 
 At step 0, the last step and 12 log-spaced steps between, parameters are perturbed along 16
-random unit directions at 12 log-spaced radii (1e-6 .. 1); ``probe/kept@<r>`` is the fraction
-of (direction, example) pairs whose whole pattern is unchanged, ``probe/radius_q50`` the
-median empirical stability radius, ``probe/first_order_q50`` the analytic one.
+random unit directions at 12 log-spaced radii (1e-6 .. 1); ``stability/kept@<r>`` is the fraction
+of (direction, example) pairs whose whole pattern is unchanged, ``stability/radius_q50`` the
+median empirical stability radius, ``stability/first_order_q50`` the analytic one.
 
 ``mlp_mnist1d`` (its ``:quick`` too) with the probe on: :func:`with_probe`, which
 ``stability_cnn_digits`` reuses.
@@ -30,11 +30,11 @@ def get_config(arg: str | None = None):
 
 
 def with_probe(c, arg: str | None):
-    """``c`` with the stability probe at 14 steps (``arg="quick"``: a small probe at 5)."""
+    """``c`` with the stability test at 14 steps (``arg="quick"``: a small probe at 5)."""
     c.stability.num_points = 12
-    c.stability.probe_size = min(256, c.probe.size)
+    c.stability.num_examples = min(256, c.probe.size)
     c.stability.refine = 2  # finer breaking radii for the first-order cross-check
     if arg == "quick":
-        c.stability.probe_size, c.stability.num_points = 32, 3
+        c.stability.num_examples, c.stability.num_points = 32, 3
         c.stability.num_directions, c.stability.num_radii, c.stability.refine = 4, 6, 0
     return c

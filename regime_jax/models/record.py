@@ -7,7 +7,7 @@ the name :func:`regime_jax.capture_relus` gives the same ReLU, so both paths giv
 layers and bits (tested). The site sows the pre-activation ``z`` into the ``"preacts"``
 collection at that path and returns ``nn.relu(z)`` (which capture recognises). A unit's bit
 is ``z > 0``, :func:`regime_jax.bitmask.active`: exact zero is *off*. Sowing ``z`` (not only
-its sign) lets the stability probe read the margin ``|z|`` from the very same site.
+its sign) lets the stability test read the margin ``|z|`` from the very same site.
 
 Recording is free when not asked for: ``model.apply(params, x)`` ignores the sow, so the
 outputs are identical with and without recording; ``model.apply(params, x,
