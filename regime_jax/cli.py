@@ -110,7 +110,8 @@ def load_with_overrides(spec: str, overrides: list[tuple[str, str | None]], swee
     kind is refused in one line naming the program that runs it.
     """
     from regime_jax import configs
-    from regime_jax.config import ConfigError, override
+    from regime_jax.config import ConfigError
+    from regime_jax.overrides import override
 
     config = configs.load(spec)
     if ("settings" in config) != sweep:

@@ -8,10 +8,7 @@ names the field and the allowed values.
 
 from __future__ import annotations
 
-import ast
-import difflib
 import math
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -115,7 +112,8 @@ def smoke(c: ml_collections.ConfigDict, num_steps: int, probe_size: int, batch_s
         c.batch_size = batch_size
 
 
-def _get(c: ml_collections.ConfigDict, field: str) -> Any:
+def get_field(c: ml_collections.ConfigDict, field: str) -> Any:
+    """The value at dotted ``field`` (``"optimizer.name"``)."""
     for part in field.split("."):
         c = c[part]
     return c
@@ -174,7 +172,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             f"parallel.devices={devices!r}; allowed values: an int >= 0 (0: all local devices)"
         )
     for field in ("seed", "probe.seed", "stability.seed"):
-        _seed(field, _get(c, field))
+        _seed(field, get_field(c, field))
     if c.dataset.name != CUSTOM:  # a user's Dataset object has none of these fields
         _seed("dataset.seed", c.dataset.seed)
         _choice("dataset.name", c.dataset.name, registry.DATASETS.names())
@@ -189,7 +187,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if isinstance(momentum, bool) or not isinstance(momentum, float | int) or not 0 <= momentum < 1:
         raise ConfigError(f"optimizer.momentum={momentum!r} must be a number in [0, 1)")
     for field in ("batch_size", "num_steps", "probe.size", "eval_batch_size"):
-        _positive(field, _get(c, field))
+        _positive(field, get_field(c, field))
     warmup = c.optimizer.get("warmup_steps", 0)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < c.num_steps:
         raise ConfigError(
@@ -202,7 +200,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         "log_every_steps",
         "eval_every_steps",
     ):
-        _cadence(field, _get(c, field), c.num_steps)
+        _cadence(field, get_field(c, field), c.num_steps)
     ck = c.checkpoint
     if not isinstance(ck.every_steps, int) or ck.every_steps < 0:
         raise ConfigError(f"checkpoint.every_steps={ck.every_steps!r} must be an int >= 0")
@@ -233,159 +231,3 @@ def variant(arg: str | None, allowed: tuple[str, ...] = VARIANTS) -> str | None:
         return arg
     names = ", ".join(f"':{a}'" for a in allowed)
     raise ConfigError(f"unknown config variant ':{arg}'; allowed: none (the full run), {names}")
-
-
-def fields(c: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``(dotted name, value)`` of every leaf field, in definition order."""
-    for key, value in c.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            yield from fields(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def field_type(c: ml_collections.ConfigDict, key: str) -> type:
-    """The type a field accepts (a placeholder's declared type when its value is None)."""
-    value = c[key]
-    if value is None:
-        try:
-            return c.get_ref(key).get_type()  # placeholders are references already
-        except Exception:  # a plain None field: no declared type
-            return type(None)
-    return type(value)
-
-
-_SCALARS = (bool, int, float, str)
-_TRUE, _FALSE = ("true", "t", "yes", "y", "1", "on"), ("false", "f", "no", "n", "0", "off")
-
-
-def _parse_scalar(text: str, kind: type) -> Any:
-    if kind is bool:
-        if text.lower() in _TRUE + _FALSE:
-            return text.lower() in _TRUE
-        raise ValueError("expected true or false")
-    if kind is int:
-        return int(text)
-    if kind is float:
-        return float(text)
-    if kind is str:
-        return text
-    raise ValueError(f"fields of type {kind.__name__} cannot be set from the command line")
-
-
-def _parse_tuple(text: str, default: tuple) -> tuple:
-    """``(8, 8)``, ``[8, 8]``, ``8,8`` or ``8``; elements typed like the default's."""
-    kind = type(default[0]) if default else None
-    stripped = text.strip()
-    if stripped[:1] in "([":
-        value = ast.literal_eval(stripped)
-        items = list(value) if isinstance(value, list | tuple) else [value]
-    else:
-        items = [_parse_scalar(t.strip(), kind or str) for t in stripped.split(",") if t.strip()]
-    if kind is float:
-        items = [float(i) if type(i) is int else i for i in items]
-    if kind is not None and not all(type(i) is kind for i in items):
-        raise ValueError(f"expected a tuple of {kind.__name__}")
-    return tuple(items)
-
-
-def _example(kind: type, default: Any) -> str:
-    if kind is list:
-        return ",".join(map(str, default or (0, 1)))
-    if kind is tuple:
-        return "'(" + ", ".join(map(str, default or (8, 8))) + ")'"
-    if kind is bool:
-        return str(default).lower() if isinstance(default, bool) else "true"
-    if isinstance(default, kind):
-        return str(default)
-    return {int: "1", float: "0.1", str: "text"}.get(kind, "?")
-
-
-def _resolve(c: ml_collections.ConfigDict, field: str) -> tuple[ml_collections.ConfigDict, str]:
-    """The ConfigDict holding ``field`` and its last key; a did-you-mean ConfigError if absent."""
-    parts, node = field.split("."), c
-    for i, part in enumerate(parts):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            prefix = ".".join(parts[:i])
-            if not isinstance(node, ml_collections.ConfigDict):
-                raise ConfigError(f"--config.{field}: {prefix!r} is a value, not a group of fields")
-            keys = sorted(node.keys())
-            close = difflib.get_close_matches(part, keys, n=1, cutoff=0.6)
-            hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
-            where = f"config.{prefix}" if prefix else "the config"
-            raise ConfigError(
-                f"--config.{field}: {where} has no field {part!r}; "
-                + (hint or f"its fields: {', '.join(keys)}")
-            )
-        if i < len(parts) - 1:
-            node = node[part]
-    if isinstance(node[parts[-1]], ml_collections.ConfigDict):
-        sub = ", ".join(sorted(node[parts[-1]].keys()))
-        raise ConfigError(f"--config.{field} is a group of fields; set one of them: {sub}")
-    return node, parts[-1]
-
-
-def override(c: ml_collections.ConfigDict, field: str, text: str | None) -> None:
-    """Sets ``field`` (dotted) from its command-line text, parsed by the field's type.
-
-    ``text=None`` means a bare ``--config.<field>`` (true for a bool field). Raises a one-line
-    :class:`ConfigError`: an unknown field (with a did-you-mean), a value of the wrong type.
-    """
-    node, key = _resolve(c, field)
-    kind, default = field_type(node, key), node[key]
-    if text is None:
-        if kind is not bool:
-            raise ConfigError(f"--config.{field} needs a value, e.g. --config.{field}=...")
-        text = "true"
-    # ConfigDict has no public "is this a placeholder" query; _fields holds the reference.
-    nullable = isinstance(node._fields.get(key), config_dict.FieldReference)
-    if (default is None or nullable) and text.lower() in ("none", "null"):
-        node[key] = None  # a placeholder (e.g. dataset.data_dir) back to its default
-        return
-    if kind is list and not all(isinstance(v, _SCALARS) for v in default):
-        raise ConfigError(
-            f"--config.{field} is a list of {type(default[0]).__name__}s: it cannot be set "
-            f"from the command line; edit the config file"
-        )
-    try:
-        if kind is list:  # e.g. a sweep's seeds: like a tuple, items typed like the default's
-            value = list(_parse_tuple(text, tuple(default)))
-        elif kind is tuple:
-            value = _parse_tuple(text, default)
-        else:
-            value = _parse_scalar(text, kind)
-    except (ValueError, SyntaxError, TypeError) as err:
-        reason = str(err).splitlines()[0] if str(err) else "malformed"
-        if kind in (int, float, bool):
-            reason = f"expected {'an' if kind is int else 'a'} {kind.__name__}"
-        elif kind in (tuple, list):
-            elem = type(default[0]).__name__ if default else "value"
-            reason = f"expected a {kind.__name__} of {elem}"
-        raise ConfigError(
-            f"--config.{field}={text}: {reason}, e.g. --config.{field}={_example(kind, default)}"
-        ) from None
-    try:
-        node[key] = value
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"--config.{field}={text}: {str(err).splitlines()[0]}") from None
-
-
-def describe(c: ml_collections.ConfigDict) -> str:
-    """Every field as ``--config.<name>=<default>``, one per line (for ``--help``)."""
-    lines = []
-    for name, value in fields(c):
-        if value is None:
-            parent, _, key = name.rpartition(".")
-            kind = field_type(_get(c, parent) if parent else c, key).__name__
-            shown = f"None   ({kind} or None)"
-        elif isinstance(value, list) and not all(isinstance(v, _SCALARS) for v in value):
-            maps = (Mapping, ml_collections.ConfigDict)
-            names = [str(v.get("name", "?")) if isinstance(v, maps) else "?" for v in value]
-            kinds = type(value[0]).__name__
-            shown = f"[{', '.join(names)}]   (a list of {kinds}s: edit the config file)"
-        elif isinstance(value, tuple | list | str):
-            shown = f"'{value}'" if isinstance(value, str) else f"'{value}'".replace(",)", ")")
-        else:
-            shown = value
-        lines.append(f"  --config.{name}={shown}")
-    return "\n".join(lines)

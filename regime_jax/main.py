@@ -39,7 +39,8 @@ PROG = "regime_jax"
 
 def _help(args: list[str]) -> str:
     from regime_jax import configs
-    from regime_jax.config import base_config, describe
+    from regime_jax.config import base_config
+    from regime_jax.overrides import describe
 
     config, source = cli.help_config(
         args,

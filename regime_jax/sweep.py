@@ -44,6 +44,7 @@ from absl import flags
 
 from regime_jax import cli, configs, loop, records, report
 from regime_jax.config import ConfigError
+from regime_jax.overrides import apply_overrides
 from regime_jax.summary import SUMMARY, main_ratio
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -70,38 +71,6 @@ class RunSpec:
 def load_experiment(experiment: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
     """``get_config(arg)`` of a packaged config's name or a file's path (``configs.load``)."""
     return configs.load(str(experiment) if arg is None else f"{experiment}:{arg}")
-
-
-def flatten(overrides: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
-    """Nested and/or dotted override mappings as ``{"a.b.c": value}``.
-
-    >>> flatten({"record": {"every_steps": 1}, "optimizer.name": "adam"})
-    {'record.every_steps': 1, 'optimizer.name': 'adam'}
-    """
-    out = {}
-    for key, value in (overrides or {}).items():
-        if _is_map(value):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping, where: str) -> None:
-    """Sets each dotted field in place; an unknown field or a bad type raises ConfigError."""
-    for field, value in flatten(overrides).items():
-        *parents, leaf = field.split(".")
-        target = config
-        for part in parents:
-            target = target.get(part) if _is_map(target) else None
-        if not _is_map(target) or leaf not in target:
-            raise ConfigError(f"{where}: override {field!r} is not a field of the config")
-        if isinstance(target[leaf], tuple) and isinstance(value, list):
-            value = tuple(value)
-        try:
-            target[leaf] = value
-        except TypeError as err:
-            raise ConfigError(f"{where}: override {field}={value!r}: {err}") from err
 
 
 def _check_names(sweep: ml_collections.ConfigDict) -> None:
@@ -233,7 +202,7 @@ REPRODUCE = "reproduce"  # the packaged sweep config --help describes by default
 
 
 def _help(args: list[str]) -> str:
-    from regime_jax.config import describe
+    from regime_jax.overrides import describe
 
     config, source = cli.help_config(args, lambda: configs.load(REPRODUCE), REPRODUCE)
     described = describe(config)

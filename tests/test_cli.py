@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from regime_jax import configs, main, report
-from regime_jax.config import fields
+from regime_jax.overrides import fields
 
 EXPERIMENTS = [n for n in configs.names() if n != "reproduce"]  # reproduce: a sweep config
 QUICK = "--config=mlp_mnist1d:quick"
@@ -164,7 +164,7 @@ def test_every_field_of_every_experiment_can_be_overridden(name):
         overrides, rest = main.split_overrides([f"--config.{name}={text}"])
         assert not rest
         for field, raw in overrides:
-            from regime_jax.config import override
+            from regime_jax.overrides import override
 
             override(config, field, raw)
         got = config
@@ -180,7 +180,7 @@ def test_data_dir_none_round_trips_through_config_json():
 
     config = configs.load("mlp_mnist1d:quick")
     assert json.loads(json.dumps(config.to_dict()))["dataset"]["data_dir"] is None
-    from regime_jax.config import override
+    from regime_jax.overrides import override
 
     override(config, "dataset.data_dir", "/d")
     override(config, "dataset.data_dir", "None")

@@ -15,6 +15,7 @@ from conftest import tiny_config
 
 from regime_jax import checkpoint, loop, models, records, step, sweep
 from regime_jax.config import ConfigError
+from regime_jax.overrides import apply_overrides
 
 ROOT = Path(__file__).parent.parent
 EXPERIMENT = "mlp_mnist1d"
@@ -33,7 +34,7 @@ OVERRIDES = {
 
 def _config(**extra):
     config = sweep.load_experiment(EXPERIMENT, "quick")
-    sweep.apply_overrides(config, {**OVERRIDES, **extra}, "test_resume")
+    apply_overrides(config, {**OVERRIDES, **extra}, "test_resume")
     return config
 
 
