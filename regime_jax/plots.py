@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from regime_jax import records, timescales
+from regime_jax import curves, records, timescales
 from regime_jax import summary as analysis
 from regime_jax.summary import SummaryLike, table_frame, table_rows
 
 # table_rows / table_frame are data (regime_jax.summary), re-exported for older callers.
 __all__ = [
     "kept_vs_eps_figure",
+    "lag_curves_figure",
     "lag_summary_figure",
     "layer_flips_figure",
     "mask_raster_figure",
@@ -284,6 +285,36 @@ def lag_summary_figure(summary: SummaryLike):
     return fig
 
 
+def lag_curves_figure(summary: SummaryLike):
+    """The lag ratio (abs step) over each rule's parameter, one panel per parameter: per
+    (setting, optimizer) the seed mean with its 95% CI band, lines at the paper's 3.85x and 1x.
+
+    Takes what :func:`table_rows` does (groups' ``curves``, :mod:`regime_jax.curves`).
+    """
+    groups = sorted(analysis.load_sweep_summary(summary)["groups"].items())
+    fig = _figure_class()(figsize=(13, 8.5), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    for ax, param in zip(axes, curves.PARAMS, strict=True):
+        rules = set()
+        for i, (name, agg) in enumerate(groups):
+            curve = agg.get("curves", {}).get(param)
+            if not curve:
+                continue
+            rules.add(curve["rule"])
+            x, mean, lo, hi = curves.as_arrays(curve)
+            style = dict(color=f"C{i % 10}", ls=("-", "--", ":", "-.")[i // 10 % 4])
+            ax.plot(x, mean, marker="o", ms=3, label=name, **style)
+            ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15)
+        ax.axhline(analysis.PAPER_RATIO, color="tab:red", lw=2, ls="--", label="paper 3.85x")
+        ax.axhline(1.0, color="k", ls=":", lw=1, label="no lag (1x)")
+        ax.set(xlabel=param, ylabel="lag ratio T_step / T_flip (abs step)")
+        ax.set_xscale("log" if param == "window" else "linear")
+        ax.set_title(f"{param} (rule: {', '.join(sorted(rules)) or '-'})", fontsize=10)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle("lag ratio vs decay-rule parameter: seed mean, band = 95% CI", fontsize=11)
+    return fig
+
+
 # ------------------------------------------------------------------------ the sweep report
 
 
@@ -335,7 +366,8 @@ def setting_figure(setting: str, members: Mapping[str, Sequence[tuple[Mapping, A
 def sweep_figures(sweep: analysis.Sweep) -> Iterator[tuple[str, Any]]:
     """``(name, Figure)`` of the sweep report, per setting in name order: ``<setting>`` (its
     :func:`setting_figure`) and ``<setting>_raster`` (:func:`mask_raster_figure` of the first
-    optimizer's first seed; left out when that run has fewer than two mask snapshots)."""
+    optimizer's first seed; left out when that run has fewer than two mask snapshots), then
+    ``lag_curves`` (:func:`lag_curves_figure`) where a group has curves."""
     by_setting: dict[str, dict[str, list]] = {}
     for (setting, opt), items in sweep.members.items():
         by_setting.setdefault(setting, {})[opt] = items
@@ -345,6 +377,8 @@ def sweep_figures(sweep: analysis.Sweep) -> Iterator[tuple[str, Any]]:
         if len(first.mask_steps) >= 2:
             name = "/".join(first.workdir.parts[-3:])
             yield f"{setting}_raster", mask_raster_figure(first, name=name)
+    if any(agg.get("curves") for agg in sweep.groups.values()):
+        yield "lag_curves", lag_curves_figure(sweep.to_dict())
 
 
 def run_figures(run: RunLike) -> Iterator[tuple[str, Any]]:

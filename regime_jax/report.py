@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from regime_jax import plots, records
+from regime_jax import curves, plots, records
 from regime_jax.summary import KINDS, PAPER_RATIO, Sweep, find_runs, summarize_sweep, verdict
 from regime_jax.timescales import RULES
 
@@ -50,6 +50,30 @@ def table_row(setting: str, optimizer: str, agg: dict[str, Any], runs: int) -> s
     return "| " + " | ".join([*cells, _fmt_ci(r), f"{PAPER_RATIO}x"]) + " |"
 
 
+def curves_table(aggs: dict) -> str:
+    """Per (setting, optimizer) and rule parameter: where along the parameter's grid the mean
+    lag ratio's 95% CI contains 3.85 (:func:`regime_jax.curves.paper_ranges`), or "nowhere"."""
+    heads = [f"{p} ({curves.grid_span(p)})" for p in curves.PARAMS]
+    lines = ["| setting | optimizer | " + " | ".join(heads) + " |", "|---" * (2 + len(heads)) + "|"]
+    for (s, o), agg in sorted(aggs.items()):
+        ranges = curves.paper_ranges(agg.get("curves") or {})
+        lines.append(f"| {s} | {o} | " + " | ".join(ranges[p] for p in curves.PARAMS) + " |")
+    return "\n".join(lines)
+
+
+def _curves_section(aggs: dict, figures: list[Path]) -> list[str]:
+    lines = ["", "## Lag ratio over each rule's parameter", ""]
+    lines += [
+        f"Where the mean lag ratio's 95% CI (over seeds) contains {PAPER_RATIO}:",
+        "threshold_fraction under the threshold rule, delta under settle, cumsum_fraction under",
+        "cumsum, window under the main rule (others at their configured values); abs step.",
+        "",
+        curves_table(aggs),
+    ]
+    lines += [f"\n![{f.stem}](figures/{f.name})" for f in figures if f.stem == "lag_curves"]
+    return lines
+
+
 def _markdown(table: str, aggs: dict, notes: list[str], figures: list[Path]) -> str:
     main = ", ".join(sorted({a["main_rule"] for a in aggs.values()}))
     lines = ["# Lag ratio T_step / T_flip (regime change hypothesis, arXiv 2602.08333)", ""]
@@ -60,8 +84,10 @@ def _markdown(table: str, aggs: dict, notes: list[str], figures: list[Path]) -> 
     for (s, o), agg in sorted(aggs.items()):
         cells = [f"{k} {_fmt_ci(v)}" for k, v in agg["layers"].items()]
         lines.append(f"- {s} / {o}: " + ("; ".join(cells) or "none"))
+    lines += _curves_section(aggs, figures)
     lines += ["", "## Notes", "", *(f"- {n}" for n in notes or ["none"]), "", "## Figures", ""]
-    return "\n".join(lines + [f"![{f.stem}](figures/{f.name})" for f in figures]) + "\n"
+    rest = [f"![{f.stem}](figures/{f.name})" for f in figures if f.stem != "lag_curves"]
+    return "\n".join(lines + rest) + "\n"
 
 
 def markdown_table(sweep: Sweep) -> str:

@@ -4,7 +4,8 @@
 ``step/rel/all`` under every rule of :mod:`regime_jax.timescales` (the run's
 ``config.timescales`` rule is the main one), lag ratios ``T_step / T_flip`` overall and per layer
 (layer ``fc1`` vs parameter part ``fc1``, ``block0/ffn`` vs ``block0``), MVA and the 1.1x-loss
-step. Failed measurements stay in the output as statuses with messages.
+step, and the abs lag ratio as curves over each rule's parameter (:mod:`regime_jax.curves`).
+Failed measurements stay in the output as statuses with messages.
 :func:`summarize_sweep` walks ``<sweep>/<setting>/<optimizer>/seed_<k>/`` and aggregates the lag
 ratios over seeds (:func:`aggregate`, :func:`verdict`, :func:`table_rows`).
 :func:`normalized_curves` and :func:`flip_raster` are the arrays the figures of
@@ -28,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from regime_jax import records, timescales
+from regime_jax import curves, records, timescales
+from regime_jax.curves import PAPER_RATIO
 from regime_jax.timescales import RULES, DecayConfig, decay_times_all_rules
 
-PAPER_RATIO = 3.85
 SUMMARY = records.SUMMARY
 KINDS = ("abs", "rel")
 SERIES = ("flip/all", "step/abs/all", "step/rel/all")
@@ -125,7 +126,8 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
 
     Returns:
       JSON-serializable dict (non-finite numbers as None): ``decay[series][rule]``,
-      ``lag[abs|rel][rule]`` (LagResult dicts, ``ratio`` None unless status "ok"), ``layers``,
+      ``lag[abs|rel][rule]`` (LagResult dicts, ``ratio`` None unless status "ok"),
+      ``lag_ratio_curves`` (abs step; :func:`regime_jax.curves.run_curves`), ``layers``,
       ``reference``, ``main_rule``, ``final``, ``complete``, ``notes``.
     """
     run = records.load_run(workdir)
@@ -135,6 +137,7 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
     for kind in KINDS:
         steps, (s, h) = _aligned(run, f"step/{kind}/all", "flip/all")
         lag[kind] = {rule: _guard(_lag, steps, s, h, cfg, rule) for rule in RULES}
+    steps, (s, h) = _aligned(run, "step/abs/all", "flip/all")
     last_step = run.rows[-1]["step"] if run.rows else None
     final = {k: run.series(k)[1][-1:].tolist() for k in ("train/loss", "eval/acc")}
     out = {
@@ -148,6 +151,7 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
         "decay_config": cfg.to_dict(),
         "decay": _decays(run, cfg, notes),
         "lag": lag,
+        curves.KEY: _guard(curves.run_curves, steps, s, h, cfg),
         "layers": _layer_lags(run, cfg, notes),
         "reference": reference_points(run, cfg),
         "notes": notes,
@@ -194,7 +198,8 @@ def load_or_summarize(rundir: Path) -> tuple[dict[str, Any] | None, str]:
 
 
 def aggregate(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """seed_stats of the lag ratios of one (setting, optimizer) group, per kind and rule."""
+    """seed_stats of the lag ratios of one (setting, optimizer) group, per kind and rule, and
+    of its lag-ratio curves (``curves``: :func:`regime_jax.curves.aggregate_curves`)."""
     main = summaries[0]["main_rule"]
     out = {"main_rule": main, "seeds": [s["seed"] for s in summaries], "lag": {}, "layers": {}}
     for kind in KINDS:
@@ -207,6 +212,7 @@ def aggregate(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for layer in layers:
         vals = [s["layers"].get(layer, {}).get("abs", {}).get("ratio") for s in summaries]
         out["layers"][layer] = timescales.seed_stats(vals).to_dict() | {"per_seed": vals}
+    out["curves"] = curves.aggregate_curves(summaries)
     return records.jsonable(out)
 
 
@@ -326,15 +332,15 @@ def table_frame(summary: SummaryLike):
 def normalized_curves(runs: Sequence[records.Run], key: str, window: int):
     """Smoothed, min-max normalized ``key`` per run on the first run's steps: (steps, [R, T])."""
     steps = runs[0].series(key)[0].astype(float)
-    curves = []
+    rows = []
     for run in runs:
         s, v = run.series(key)
         if v.size < 2 or not np.all(np.isfinite(v)):
             continue
         y = timescales.smooth(v, window)
         span = float(y.max() - y.min())
-        curves.append(np.interp(steps, s, (y - y.min()) / span if span > 0 else 0 * y))
-    return steps, np.asarray(curves).reshape(len(curves), steps.size)
+        rows.append(np.interp(steps, s, (y - y.min()) / span if span > 0 else 0 * y))
+    return steps, np.asarray(rows).reshape(len(rows), steps.size)
 
 
 def smoothed_seed_mean(runs: Sequence[records.Run], key: str, window: int):

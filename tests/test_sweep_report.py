@@ -12,7 +12,7 @@ import ml_collections
 import pytest
 from conftest import write_synthetic_run
 
-from regime_jax import loop, records, report, summary, sweep
+from regime_jax import loop, records, report, summary, sweep, timescales
 from regime_jax.config import ConfigError, base_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,9 +73,32 @@ def test_build_report_on_synthetic_sweep(tmp_path, monkeypatch):
     assert (tmp_path / "alpha" / "sgd" / "seed_0" / "summary.json").exists()
 
     pngs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
-    assert pngs == ["alpha.png", "alpha_raster.png", "beta.png", "beta_raster.png"]
+    assert pngs == [
+        "alpha.png",
+        "alpha_raster.png",
+        "beta.png",
+        "beta_raster.png",
+        "lag_curves.png",
+    ]
     assert all((tmp_path / "figures" / p).stat().st_size > 5_000 for p in pngs)
     assert sorted(Path(p).name for p in out["figures"]) == pngs
+
+    # lag-ratio curves: per-group aggregates in summary.json, the table and figure in report.md
+    curves = written["groups"]["alpha/sgd"]["curves"]
+    assert sorted(curves) == sorted(timescales.CURVE_GRIDS)
+    assert curves["delta"]["n"] == [3] * 10 and curves["delta"]["rule"] == "settle"
+    assert (
+        "## Lag ratio over each rule's parameter" in md
+        and "![lag_curves](figures/lag_curves.png)" in md
+    )
+    head = "| setting | optimizer | threshold_fraction (0.05–0.5) | delta (0.02–0.2) |"
+    assert head in md
+    last = {}  # each group's last row: its row in the curves table
+    for line in md.splitlines():
+        if line.startswith("| alpha | "):
+            last[line.split(" | ")[1]] = line
+    assert last["adam"].count("nowhere") == 4  # ratios ~0.55: 3.85 is never in the CI
+    assert "nowhere" not in last["sgd"]  # ratios 3.5-4.2 around 3.85
 
 
 def test_report_cli_prints_table_and_path(tmp_path, capsys):
