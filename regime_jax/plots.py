@@ -295,7 +295,7 @@ def lag_curves_figure(summary: SummaryLike):
     fig = _figure_class()(figsize=(13, 8.5), layout="constrained")
     axes = fig.subplots(2, 2).ravel()
     for ax, param in zip(axes, curves.PARAMS, strict=True):
-        rules = set()
+        rules, drawn = set(), False
         for i, (name, agg) in enumerate(groups):
             curve = agg.get("curves", {}).get(param)
             if not curve:
@@ -305,10 +305,13 @@ def lag_curves_figure(summary: SummaryLike):
             style = dict(color=f"C{i % 10}", ls=("-", "--", ":", "-.")[i // 10 % 4])
             ax.plot(x, mean, marker="o", ms=3, label=name, **style)
             ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15)
+            drawn |= bool(np.isfinite(mean).any())
         ax.axhline(analysis.PAPER_RATIO, color="tab:red", lw=2, ls="--", label="paper 3.85x")
         ax.axhline(1.0, color="k", ls=":", lw=1, label="no lag (1x)")
         ax.set(xlabel=param, ylabel="lag ratio T_step / T_flip (abs step)")
-        ax.set_xscale("log" if param == "window" else "linear")
+        if not drawn:  # nothing on a log axis; say so
+            ax.text(0.5, 0.5, "no lag ratio at any value", ha="center", transform=ax.transAxes)
+        ax.set_xscale("log" if param == "window" and drawn else "linear")
         ax.set_title(f"{param} (rule: {', '.join(sorted(rules)) or '-'})", fontsize=10)
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle("lag ratio vs decay-rule parameter: seed mean, band = 95% CI", fontsize=11)

@@ -224,8 +224,20 @@ def test_reproduce_config_variants_expand_and_validate():
 
     quick = sweep.expand_grid(module.get_config("quick"))
     assert len(quick) == 8 and {s.setting for s in quick} == {"mlp_mnist1d", "mlp_digits"}
-    grid = sweep.expand_grid(module.get_config())
-    assert len(grid) == 10 * len(module.get_config().settings) >= 20
+    assert {s.optimizer for s in quick} == {"sgd", "adam"}
+    default = module.get_config()
+    grid = sweep.expand_grid(default)
+    assert len(grid) == 5 * len(default.optimizers) * len(default.settings) >= 20
+    by_path = {s.path: s.config for s in grid}
+    for opt in ("sgd", "adam"):  # cosine variants: same peak rate, decayed to 0
+        const, cos = by_path[f"mlp_digits/{opt}/seed_0"], by_path[f"mlp_digits/{opt}_cosine/seed_0"]
+        assert (const.optimizer.schedule, cos.optimizer.schedule) == ("constant", "cosine")
+        assert cos.optimizer.learning_rate == const.optimizer.learning_rate
+        assert cos.optimizer.name == const.optimizer.name == opt
+    for name in ("mlp_mnist1d", "mlp_digits", "cnn_digits"):  # 3x longer MLP and CNN runs
+        base, long = by_path[f"{name}/sgd/seed_0"], by_path[f"{name}_long/sgd_cosine/seed_0"]
+        assert long.num_steps == 3 * base.num_steps and long.model == base.model
+    assert not any(s.setting.startswith("transformer") and "_long" in s.setting for s in grid)
     assert all(s.config.record.every_steps == 1 for s in grid)
     assert {"mlp_mnist1d", "mlp_digits"} <= {s.setting for s in grid}
     assert {s.setting for s in sweep.expand_grid(module.get_config("full"))} >= {"mlp_mnist"}

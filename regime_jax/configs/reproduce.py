@@ -13,9 +13,18 @@ COMMAND:
 
 EXPECTED (2 CPU cores shared with other jobs):
   :quick  2 settings x 2 optimizers x 2 seeds, 8 runs of 200 steps: 34 s end to end (load ~4).
-  default 4 settings x 2 optimizers x 5 seeds, 40 runs: TBD (budget < 45 min; estimated
-          ~15 min from a 16-run probe of this grid at shorter lengths, 223 s in all).
-  :full   needs the tfds datasets and an accelerator; not run here.
+  default 7 settings x 4 optimizers x 5 seeds, 140 runs: not run yet; estimated 50-110 min
+          (~80) from the per-run timings below (2000-step MLPs 4-14 s, 1500-step CNN 13-19 s,
+          1000-step small Transformer 16-26 s; time linear in steps): per (optimizer, seed)
+          the 4 base settings take 61-119 s and the 3 "_long" ones 88-202 s, x 20. The
+          40 constant-rate runs of the 4 base settings alone: ~15 min (a 16-run probe of this
+          grid at shorter lengths took 223 s in all).
+  :full   needs the tfds datasets and an accelerator; not run here (constant rates only).
+
+Optimizers: "sgd" and "adam" keep the experiment's schedule (constant, except
+transformer_mnist1d's own cosine with 200 warmup steps); "sgd_cosine" and "adam_cosine" are the
+same peak rates decayed to 0 at num_steps. Settings: the 4 base ones, and "<setting>_long" (3x
+num_steps) for the MLP and CNN ones. The report shows a row for each (setting, optimizer).
 """
 
 import ml_collections
@@ -42,9 +51,9 @@ def _setting(name: str, overrides: dict, arg: str | None = None) -> dict:
 
 
 def _offline_settings() -> list[dict]:
-    # Budget: 45 min * 0.8 / 40 runs ~ 50 s per run on 2 CPU cores. Measured inside the sweep
-    # (2000-step MLPs 4-14 s, 1500-step CNN 13-19 s, 1000-step small Transformer 16-26 s), so
-    # the lengths below should take ~15 min in all; the margin absorbs a loaded machine.
+    # Measured inside the sweep (2000-step MLPs 4-14 s, 1500-step CNN 13-19 s, 1000-step small
+    # Transformer 16-26 s): the 40 constant-rate runs of these lengths take ~15 min; with the
+    # cosine optimizers and the "_long" settings (get_config) the grid is ~80 min (EXPECTED).
     return [
         _setting("mlp_mnist1d", {"num_steps": 3000}),
         _setting("mlp_digits", {"num_steps": 3000}),
@@ -55,6 +64,18 @@ def _offline_settings() -> list[dict]:
             {"num_steps": 2000, "batch_size": 64, "probe.size": 128, "model": _SMALL_TRANSFORMER},
         ),
     ]
+
+
+def _long_settings(settings: list[dict]) -> list[dict]:
+    # "<setting>_long": the MLP and CNN settings at 3x num_steps (does the lag grow with length?)
+    out = []
+    for setting in settings:
+        if setting["name"].startswith(("mlp_", "cnn_")):
+            longer = setting["overrides"] | {"num_steps": 3 * setting["overrides"]["num_steps"]}
+            out.append(
+                _setting(setting["experiment"], longer) | {"name": setting["name"] + "_long"}
+            )
+    return out
 
 
 def _quick_settings() -> list[dict]:
@@ -71,17 +92,21 @@ def _full_settings() -> list[dict]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = variant(arg, ("quick", "full"))
     c = ml_collections.ConfigDict()
-    c.optimizers = {
+    constant = {
         "sgd": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9},
         "adam": {"name": "adam", "learning_rate": 1e-3},
     }
+    # cosine decay to 0 at num_steps, same peak rates: does a decaying rate change the lag?
+    cosine = {f"{k}_cosine": v | {"schedule": "cosine"} for k, v in constant.items()}
+    c.optimizers = constant | cosine
     c.seeds = [0, 1, 2, 3, 4]
     c.overrides = dict(_OFFLINE)
     c.settings = _offline_settings()
+    c.settings += _long_settings(c.settings)
     if arg == "quick":
-        c.settings, c.seeds = _quick_settings(), [0, 1]
+        c.settings, c.seeds, c.optimizers = _quick_settings(), [0, 1], constant
     elif arg == "full":
-        c.settings = _full_settings()
+        c.settings, c.optimizers = _full_settings(), constant
         c.overrides = {"record": {"every_steps": 1}}
         c.optimizers.sgd.learning_rate = 0.02
     return c
