@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import loop, models, plots, records, report, stability
+from regime_jax import loop, models, plots, records, report, stability, timescales
 from regime_jax import summary as analysis
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -93,7 +93,11 @@ def test_mask_raster_figure(run, tmp_path):
 
 def test_sweep_figures_share_the_raster_renderer(sweep_dir, run, tmp_path):
     figures = dict(plots.sweep_figures(analysis.summarize_sweep(sweep_dir)))
-    assert list(figures) == ["tiny", "tiny_raster"]
+    assert list(figures) == ["tiny", "tiny_raster", "lag_curves"]
+    panels = figures["lag_curves"].axes
+    assert [ax.get_xlabel() for ax in panels] == list(timescales.CURVE_GRIDS)
+    assert {"tiny/sgd", "paper 3.85x", "no lag (1x)"} <= set(_labels(panels[0]))
+    _saves(figures["lag_curves"], tmp_path)
     top, bottom = figures["tiny"].axes[:2]
     assert "tiny / sgd: 2 seeds" in top.get_title()
     assert {"flip/all (norm.)", "step/abs/all (norm.)"} <= set(_labels(top))
