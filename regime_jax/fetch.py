@@ -69,6 +69,10 @@ class Entry(NamedTuple):
         return [(step, self.masks if slot is None else at(slot)) for step, slot in self.snaps]
 
 
+def _nonfinite(row: Mapping[str, Any]) -> list[str]:
+    return [k for k in ("train/loss", "step/abs/all") if not np.isfinite(row.get(k, 0.0))]
+
+
 class _Nothing:
     """Stands in for the writers in a process that writes nothing."""
 
@@ -95,20 +99,23 @@ class Fetcher:
         self.pending.append(entry)
 
     def flush(self, keep_last: bool) -> None:
+        """Fetches and writes the held entries; FloatingPointError after a non-finite row,
+        which is the last row written (a chunk's later steps are dropped: the K=1 records)."""
         ready = self.pending[:-1] if keep_last else self.pending
         self.pending = self.pending[len(ready) :]
-        rows = []
-        for entry in jax.device_get(ready):
-            rows += entry.expand()
-            for step, masks in entry.snapshots() if self.write else ():
+        ready = jax.device_get(ready)
+        rows = [row for entry in ready for row in entry.expand()]
+        bad = next((r for r in rows if _nonfinite(r)), None)
+        end = bad["step"] if bad else float("inf")
+        rows = [r for r in rows if r["step"] <= end]
+        for step, masks in (s for e in ready for s in e.snapshots()) if self.write else ():
+            if step <= end:
                 records.write_masks(self.workdir, step, masks)
         self.writer.write(rows)
         self.scalars.write(rows)
         self.last_row = rows[-1] if rows else self.last_row
-        for row in rows:
-            bad = [k for k in ("train/loss", "step/abs/all") if not np.isfinite(row.get(k, 0.0))]
-            if bad:
-                raise FloatingPointError(f"non-finite {bad} at step {row['step']}; stopping")
+        if bad:
+            raise FloatingPointError(f"non-finite {_nonfinite(bad)} at step {end}; stopping")
         self.progress.update(rows)
 
     def close(self) -> None:
