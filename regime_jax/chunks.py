@@ -123,38 +123,39 @@ class Runner:
         flags = [jax.ShapeDtypeStruct((t,), d, sharding=rep) for d in (np.bool_, np.int32)]
         return (stacked, self.probe, *flags)
 
-    def flags(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+    def flags(self, chunk: Chunk) -> tuple[list[bool], list[int]]:
         """Per step: records or not; its snapshot slot (``slots``: no snapshot)."""
-        n = self.num_steps
-        record = np.array([itstime(s, self.record, n) for s in chunk.steps])
-        snap = record & np.array([itstime(s, self.snapshot, n) for s in chunk.steps])
-        return record, np.where(snap, np.cumsum(snap) - 1, self.slots).astype(np.int32)
+        n, record, slot, used = self.num_steps, [], [], 0
+        for s in chunk.steps:
+            record.append(itstime(s, self.record, n))
+            snap = record[-1] and itstime(s, self.snapshot, n)
+            slot.append(used if snap else self.slots)
+            used += snap
+        return record, slot
 
-    def __call__(self, state: Any, chunk: Chunk, batches: Iterator[dict]) -> tuple:
-        """Dispatches the chunk's steps: ``(state, metrics, masks)`` on device."""
+    def __call__(self, state: Any, chunk: Chunk, batches: Iterator[dict]) -> tuple[Any, Entry]:
+        """Dispatches the chunk's steps: ``(state, entry)``, device arrays, nothing fetched.
+
+        The entry has a row for each record step; :meth:`Entry.with_extra` adds the last
+        step's eval / stability metrics (and its row).
+        """
+        record, slot = self.flags(chunk)
         if chunk.length == 1:
             batch = hosts.put(next(batches), self.place.data)
-            return self.step_fns[bool(self.flags(chunk)[0][0])](state, batch, self.probe)
+            state, metrics, masks = self.step_fns[record[0]](state, batch, self.probe)
+            snapshot = slot[0] < self.slots
+            entry = Entry.step(chunk.first, metrics, masks, record=record[0], snapshot=snapshot)
+            return state, entry
         host = [next(batches) for _ in chunk.steps]
         batch_TxB = hosts.put(
             {k: np.stack([b[k] for b in host]) for k in host[0]}, self.place.chunk
         )
-        flags = hosts.put(self.flags(chunk), self.place.replicated)
-        return self.compiled[chunk.length](state, batch_TxB, self.probe, *flags)
-
-    def entry(self, chunk: Chunk, metrics: Any, masks: Any, extra: dict) -> Entry:
-        """What the chunk leaves for the records; ``extra``: its last step's eval / stability."""
-        record, slot = self.flags(chunk)
-        if chunk.length == 1:
-            snapshot = bool(slot[0] < self.slots)
-            return Entry.step(
-                chunk.first, metrics, extra, masks, record=bool(record[0]), snapshot=snapshot
-            )
-        steps = list(chunk.steps)
-        rows = tuple(
-            (s, i, bool(record[i]))
-            for i, s in enumerate(steps)
-            if record[i] or (extra and s == chunk.last)
+        flags = hosts.put((np.array(record), np.array(slot, np.int32)), self.place.replicated)
+        state, metrics_T, snaps_S = self.compiled[chunk.length](
+            state, batch_TxB, self.probe, *flags
         )
-        snaps = tuple((s, int(slot[i])) for i, s in enumerate(steps) if slot[i] < self.slots)
-        return Entry(rows, metrics, extra, snaps, masks, self.keep)
+        steps = list(chunk.steps)
+        rows = tuple((s, i, True) for i, s in enumerate(steps) if record[i])
+        snaps = tuple((s, slot[i]) for i, s in enumerate(steps) if slot[i] < self.slots)
+        tail = (chunk.last, chunk.length - 1, record[-1])
+        return state, Entry(rows, metrics_T, {}, snaps, snaps_S, self.keep, tail)

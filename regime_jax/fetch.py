@@ -36,6 +36,7 @@ class Entry(NamedTuple):
       masks: the call's masks: a step's patterns, or a chunk's ``[S, ...]`` snapshot slots.
       keep: the metric keys of a row that did not record (None: all); a chunk's non-record
         steps carry zeros for the pattern metrics, which rows must not show.
+      tail: the row of the call's last step, should eval / stability metrics give it one.
     """
 
     rows: tuple[Row, ...]
@@ -44,13 +45,21 @@ class Entry(NamedTuple):
     snaps: tuple[tuple[int, int | None], ...] = ()
     masks: Patterns | None = None
     keep: frozenset[str] | None = None
+    tail: Row | None = None
 
     @classmethod
-    def step(cls, step: int, metrics, extra, masks, *, record: bool, snapshot: bool) -> Entry:
+    def step(cls, step: int, metrics, masks, *, record: bool, snapshot: bool) -> Entry:
         """One plain step's entry (``masks`` unstacked)."""
-        rows = ((step, None, record),) if record or extra else ()
+        rows = ((step, None, True),) if record else ()
         snaps = ((step, None),) if snapshot and masks is not None else ()
-        return cls(rows, metrics, extra, snaps, masks if snaps else None)
+        return cls(rows, metrics, {}, snaps, masks if snaps else None, None, (step, None, record))
+
+    def with_extra(self, extra: Mapping[str, Any]) -> Entry:
+        """The entry with its last step's eval / stability metrics; that step gets a row."""
+        if not extra:
+            return self
+        rows = self.rows if self.rows and self.rows[-1] == self.tail else (*self.rows, self.tail)
+        return self._replace(rows=rows, extra=extra)
 
     def expand(self) -> list[dict[str, Any]]:
         """The entry's rows (after ``device_get``), in step order."""

@@ -358,7 +358,7 @@ class _Run:
             **self.evaluate(state.params),
             **self._stability(0, state.params),
         }
-        fetcher.add(fetch.Entry.step(0, metrics, {}, state.masks, record=True, snapshot=True))
+        fetcher.add(fetch.Entry.step(0, metrics, state.masks, record=True, snapshot=True))
         fetcher.flush(keep_last=False)
 
     def _steps(self, fetcher: fetch.Fetcher, stop: signals.StopFlag | hosts.SyncedStop) -> None:
@@ -366,11 +366,11 @@ class _Run:
         c, n = self.config, self.config.num_steps
         batches = data.batches(self.setup.ds, c.batch_size, c.seed, start_step=self.start)
         for chunk in chunks.plan(self.start, self.ends, c.steps_per_call):
-            self.state, metrics, masks = self.run_chunk(self.state, chunk, batches)
+            self.state, entry = self.run_chunk(self.state, chunk, batches)
             extra = self._stability(chunk.last, self.state.params)
             if itstime(chunk.last, c.eval_every_steps, n):
                 extra = {**extra, **self.evaluate(self.state.params)}
-            fetcher.add(self.run_chunk.entry(chunk, metrics, masks, extra))
+            fetcher.add(entry.with_extra(extra))
             stopping = stop.set  # read once: a signal may land during the flush
             save = itstime(chunk.last, c.checkpoint.every_steps, n) or stopping
             if save or any(itstime(s, c.log_every_steps, n) for s in chunk.steps):
