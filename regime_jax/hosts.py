@@ -88,6 +88,13 @@ def _from_process_rows(a: np.ndarray, sharding: Any) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local, a.shape)
 
 
+def _reached_sync_point(count: int) -> bool:
+    try:
+        return multihost_utils.reached_preemption_sync_point(count)
+    except RuntimeError:  # jax_enable_preemption_service=False: no preemption notices
+        return False
+
+
 class SyncedStop:
     """The loop's stop flag with several processes: JAX's preemption sync point.
 
@@ -109,7 +116,7 @@ class SyncedStop:
     @property
     def set(self) -> bool:
         """Polled once per chunk (a call of the sync point, counted)."""
-        if self.signum is None and multihost_utils.reached_preemption_sync_point(self._calls):
+        if self.signum is None and _reached_sync_point(self._calls):
             self.signum = signal.SIGTERM
         self._calls += 1
         return self.signum is not None

@@ -15,7 +15,9 @@ from regime_jax.config import fields, load_config
 
 ROOT = Path(__file__).parent.parent
 EXPERIMENTS = sorted(
-    p for p in (ROOT / "experiments").glob("*.py") if p.stem not in ("bench_overhead", "reproduce")
+    p
+    for p in (ROOT / "experiments").glob("*.py")
+    if p.stem != "reproduce" and not p.stem.startswith("bench_")  # benchmarks are scripts
 )
 QUICK = f"--config={ROOT / 'experiments' / 'mlp_mnist1d.py'}:quick"
 
