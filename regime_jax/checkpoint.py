@@ -13,7 +13,9 @@ atomic (orbax commits a step directory only when complete). A checkpoint that fa
 restore (a truncated file, a missing item folder) is skipped; once an older one restores, every
 newer unreadable one is moved to ``workdir/broken_checkpoints/`` with a warning naming it, so
 the run can save those steps again and finish. If none restores, nothing is moved and the
-error lists each checkpoint in one line.
+error lists each checkpoint in one line. With several processes (:mod:`regime_jax.hosts`)
+every process saves and restores (orbax's multi-host protocol) and process 0 alone moves
+folders.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from regime_jax import hosts
 
 CHECKPOINTS = "checkpoints"
 BROKEN = "broken_checkpoints"
@@ -90,11 +94,13 @@ class Checkpointer:
         return target
 
     def save(self, step: int, state: Any) -> None:
-        if (self.directory / str(step)).exists():  # a leftover nothing restored from
+        """Every process calls it (orbax writes each one's shards); process 0 moves files."""
+        if hosts.is_primary() and (self.directory / str(step)).exists():  # a leftover
             moved = self.set_aside(step)
             logging.warning(
                 "checkpoint folder for step %d was in the way; moved to %s", step, moved
             )
+        hosts.barrier(f"regime_jax_checkpoint_{step}")  # nobody saves before it is moved
         self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def restore_latest(self, like: Any) -> tuple[int, Any] | None:
@@ -115,7 +121,7 @@ class Checkpointer:
                 except Exception as err:  # orbax/tensorstore raise many types for a bad file
                     failures.append((step, _one_line(err)))
                     continue
-                for bad, why in failures:
+                for bad, why in failures if hosts.is_primary() else ():
                     moved = self.set_aside(bad)
                     logging.warning(
                         "checkpoint at step %d is unreadable (%s); moved to %s; resuming from "

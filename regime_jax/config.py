@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Data parallelism: the batch and the probe set are sharded over this many local devices
     # on a "data" mesh axis (parameters replicated); 0 = all local devices.
     c.parallel = dict(devices=0)
+    # Training steps per host call: K steps run in one jitted lax.scan over K stacked batches;
+    # a chunk ends early at eval, stability-probe and checkpoint steps (README "Scale").
+    c.steps_per_call = 1
     # every_steps=0: save only at the end (and on Ctrl-C); keep: how many to keep.
     c.checkpoint = dict(every_steps=500, keep=3)
     # Finite-difference stability test during training (regime_jax.stability): at step 0,
@@ -171,6 +174,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"parallel.devices={devices!r}; allowed values: an int >= 0 (0: all local devices)"
         )
+    k = c.steps_per_call
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"steps_per_call={k!r}; allowed values: an int >= 1 (1: a step per call)")
     for field in ("seed", "probe.seed", "stability.seed"):
         _seed(field, get_field(c, field))
     if c.dataset.name != CUSTOM:  # a user's Dataset object has none of these fields

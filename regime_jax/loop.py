@@ -11,6 +11,7 @@ its ``summary.json`` from :mod:`regime_jax.summary`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -27,8 +28,10 @@ import optax
 from regime_jax import (
     analyzer,
     checkpoint,
+    chunks,
     data,
-    live,
+    fetch,
+    hosts,
     models,
     records,
     rundir,
@@ -38,7 +41,6 @@ from regime_jax import (
     summary,
     timescales,
 )
-from regime_jax.bitmask import Patterns
 from regime_jax.config import ConfigError, validate_config
 from regime_jax.models.adapt import Net, as_net
 from regime_jax.records import itstime, log_spaced_steps
@@ -260,47 +262,15 @@ def train_and_evaluate(
         config = with_user_pieces(config, model, dataset, loss_fn)
     setup = build(config, model=model, dataset=dataset, loss_fn=loss_fn)
     workdir = Path(workdir)
-    with rundir.lock(workdir):  # before anything in workdir is written
+    primary = hosts.is_primary()  # with several processes, process 0 writes the files
+    with rundir.lock(workdir) if primary else contextlib.nullcontext():  # before any write
         last = _Run(setup, workdir).train()
-        summary.write_run_summary(workdir)
+        if primary:
+            summary.write_run_summary(workdir)
     return last
 
 
 # ------------------------------------------------------------------------------ running it
-
-
-class _Fetcher:
-    """Holds device metrics until the log cadence, then writes rows and mask snapshots."""
-
-    def __init__(self, workdir: Path, start: int, num_steps: int):
-        self.workdir, self.pending, self.last_row = workdir, [], {}
-        self.writer, self.scalars = records.MetricsWriter(workdir), live.Scalars(workdir, start)
-        self.progress = live.Progress(num_steps, start)
-
-    def add(self, step: int, metrics: dict, masks: Patterns | None) -> None:
-        self.pending.append((step, metrics, masks))
-
-    def flush(self, keep_last: bool) -> None:
-        ready = self.pending[:-1] if keep_last else self.pending
-        self.pending = self.pending[len(ready) :]
-        rows = []
-        for step_, metrics, masks in jax.device_get(ready):
-            rows.append({"step": step_, **metrics})
-            if masks is not None:
-                records.write_masks(self.workdir, step_, masks)
-        self.writer.write(rows)
-        self.scalars.write(rows)
-        self.last_row = rows[-1] if rows else self.last_row
-        for row in rows:
-            bad = [k for k in ("train/loss", "step/abs/all") if not np.isfinite(row.get(k, 0.0))]
-            if bad:
-                raise FloatingPointError(f"non-finite {bad} at step {row['step']}; stopping")
-        self.progress.update(rows)
-
-    def close(self) -> None:
-        self.progress.close()
-        self.writer.close()
-        self.scalars.close()
 
 
 class _Run:
@@ -308,14 +278,19 @@ class _Run:
 
     def __init__(self, setup: Setup, workdir: Path):
         self.setup, self.config, self.workdir = setup, setup.config, workdir
-        resume = rundir.open_run(self.config.to_dict(), workdir, RESUME_IGNORES)
+        self.primary = hosts.is_primary()
+        resume = (
+            rundir.open_run(self.config.to_dict(), workdir, RESUME_IGNORES) if self.primary else 0
+        )
+        resume = hosts.agree(resume)  # the others wait here for process 0's decision
         ds, place = setup.ds, setup.place
         probe = {"x": ds.x_val[setup.probe_idx], "y": ds.y_val[setup.probe_idx]}
-        self.probe = jax.device_put(probe, place.data)
+        self.probe = hosts.put(probe, place.data)
         self.ckpt = checkpoint.Checkpointer(workdir, self.config.checkpoint.keep)
         try:
             self.start, self.state = self._initial_state(resume)
-            records.write_config(workdir, self.config.to_dict())
+            if self.primary:
+                records.write_config(workdir, self.config.to_dict())
         except BaseException:
             self.ckpt.close()
             raise
@@ -332,16 +307,16 @@ class _Run:
             return 0, state
         restored = self.ckpt.restore_latest(state)
         start, state = restored if restored else (0, state)
-        if restored:
-            records.check_record(self.workdir, self.config, start)  # never a partial record
-        records.truncate_after(self.workdir, start if restored else -1)
-        print(f"resuming {self.workdir} from step {start}", flush=True)
+        if self.primary:
+            if restored:
+                records.check_record(self.workdir, self.config, start)  # never a partial one
+            records.truncate_after(self.workdir, start if restored else -1)
+            print(f"resuming {self.workdir} from step {start}", flush=True)
         return start, state
 
     def _measures(self) -> None:
-        """The jitted step variants, evaluation and stability test of this run."""
+        """The chunk runner, evaluation and stability test of this run."""
         s, c = self.setup, self.config
-        self.step_fns = step.make_step_fns(s.net, s.tx, s.loss_fn)
         eval_fn = jax.jit(functools.partial(step.eval_step, model=s.net, loss_fn=s.loss_fn))
         batches = step.eval_batches(s.ds.x_val, s.ds.y_val, c.eval_batch_size, s.place.data)
         self.evaluate = lambda params: step.evaluate(eval_fn, params, batches, len(s.ds.y_val))
@@ -353,6 +328,9 @@ class _Run:
         )
         self.stab_x = self.probe["x"][: c.stability.num_examples or None]
         self.stab_key = jax.random.key(c.stability.seed)
+        self.ends = chunks.boundaries(c, self.start, self.stab_steps)
+        lengths = chunks.lengths(self.start, self.ends, c.steps_per_call)
+        self.run_chunk = chunks.Runner(s, self.state, self.probe, lengths)
 
     def _stability(self, step_: int, params: Any) -> dict:
         if step_ not in self.stab_steps:
@@ -361,12 +339,14 @@ class _Run:
 
     def train(self) -> dict:
         """Runs the remaining steps; NonFinite / Interrupted as documented on the caller."""
-        fetcher = _Fetcher(self.workdir, self.start, self.config.num_steps)
+        n = self.config.num_steps
+        fetcher = fetch.Fetcher(self.workdir, self.start, n, write=self.primary)
         try:
             self._measures()
             if self.start == 0:
                 self._record_initial(fetcher)
-            with signals.StopFlag() as stop, jax.transfer_guard_device_to_host("disallow"):
+            stop = hosts.SyncedStop() if hosts.several() else signals.StopFlag()
+            with stop, jax.transfer_guard_device_to_host("disallow"):
                 self._steps(fetcher, stop)
         except FloatingPointError as err:
             raise NonFinite(err, self.workdir, self.ckpt.steps()) from None
@@ -375,34 +355,31 @@ class _Run:
             self.ckpt.close()
         return fetcher.last_row
 
-    def _record_initial(self, fetcher: _Fetcher) -> None:
+    def _record_initial(self, fetcher: fetch.Fetcher) -> None:
         state = self.state
         metrics = {
             **analyzer.pattern_metrics(None, state.masks),
             **self.evaluate(state.params),
             **self._stability(0, state.params),
         }
-        fetcher.add(0, metrics, state.masks)
+        fetcher.add(fetch.Entry.step(0, metrics, state.masks, record=True, snapshot=True))
         fetcher.flush(keep_last=False)
 
-    def _steps(self, fetcher: _Fetcher, stop: signals.StopFlag) -> None:
+    def _steps(self, fetcher: fetch.Fetcher, stop: signals.StopFlag | hosts.SyncedStop) -> None:
+        """Chunk by chunk (see :mod:`regime_jax.chunks`); fetches one chunk late."""
         c, n = self.config, self.config.num_steps
         batches = data.batches(self.setup.ds, c.batch_size, c.seed, start_step=self.start)
-        for step_ in range(self.start + 1, n + 1):
-            batch = jax.device_put(next(batches), self.setup.place.data)
-            record = itstime(step_, c.record.every_steps, n)
-            self.state, metrics, masks = self.step_fns[record](self.state, batch, self.probe)
-            extra = self._stability(step_, self.state.params)
-            if itstime(step_, c.eval_every_steps, n):
+        for chunk in chunks.plan(self.start, self.ends, c.steps_per_call):
+            self.state, entry = self.run_chunk(self.state, chunk, batches)
+            extra = self._stability(chunk.last, self.state.params)
+            if itstime(chunk.last, c.eval_every_steps, n):
                 extra = {**extra, **self.evaluate(self.state.params)}
-            if record or extra:
-                snap = masks if itstime(step_, c.record.snapshot_every_steps, n) else None
-                fetcher.add(step_, {**metrics, **extra}, snap)
+            fetcher.add(entry.with_extra(extra))
             stopping = stop.set  # read once: a signal may land during the flush
-            save = itstime(step_, c.checkpoint.every_steps, n) or stopping
-            if save or itstime(step_, c.log_every_steps, n):
+            save = itstime(chunk.last, c.checkpoint.every_steps, n) or stopping
+            if save or any(itstime(s, c.log_every_steps, n) for s in chunk.steps):
                 fetcher.flush(keep_last=not save)
             if save:
-                self.ckpt.save(step_, self.state)
+                self.ckpt.save(chunk.last, self.state)
             if stopping:
-                raise Interrupted(step_, stop.signum)
+                raise Interrupted(chunk.last, stop.signum)

@@ -8,6 +8,10 @@ Any config field can be overridden with ``--config.<field>=<value>``, e.g.
 default (``--config <name> --help``: that config's fields). Running the same command again on
 the same workdir resumes from the newest checkpoint.
 
+With ``--distributed`` this is one process of several, one per host (a TPU slice, a GPU
+cluster): every process runs the same command and process 0 writes the records (README,
+"Scale").
+
 Exit codes: 0 done, 1 non-finite loss or step size, 2 a user error (bad flag, field, value,
 config file, data, workdir, or a workdir whose records do not match its checkpoints), 130
 SIGINT, 143 SIGTERM (in the loop: after the step, with metrics flushed and a checkpoint saved).
@@ -33,6 +37,12 @@ _CONFIG = flags.DEFINE_string(
     "Experiment config: a packaged name, e.g. mlp_mnist1d[:quick], or a path/to/file.py[:arg].",
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics and masks.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "One process of several (one per host): calls jax.distributed.initialize() first; "
+    "process 0 writes the records (README: Scale).",
+)
 
 PROG = "regime_jax"
 
@@ -53,6 +63,7 @@ def _help(args: list[str]) -> str:
         f"[--config.<field>=<value> ...]\n\n"
         f"flags:\n  --config: {flags.FLAGS['config'].help}\n"
         f"  --workdir: {flags.FLAGS['workdir'].help}\n"
+        f"  --distributed: {flags.FLAGS['distributed'].help}\n"
         f"  --verbosity: absl logging verbosity (default: warnings only)\n\n"
         f"packaged configs: {', '.join(configs.names())}\n\n"
         f"config fields and their defaults in {source}:\n{describe(config)}\n"
@@ -60,8 +71,16 @@ def _help(args: list[str]) -> str:
 
 
 def parse(argv: list[str]):
-    """argv -> (resolved, validated-later ConfigDict, workdir); UsageError / ConfigError."""
+    """argv -> (resolved, validated-later ConfigDict, workdir); UsageError / ConfigError.
+
+    With ``--distributed``, ``jax.distributed.initialize()`` runs here, before the config
+    file (or anything else) can touch a device.
+    """
     overrides = cli.parse_flags(argv, ("config", "workdir"))
+    if _DISTRIBUTED.value:
+        from regime_jax import hosts
+
+        hosts.initialize()
     return cli.load_with_overrides(_CONFIG.value, overrides), _WORKDIR.value
 
 

@@ -4,10 +4,12 @@
 (:func:`regime_jax.analyzer.pattern_monitor`): step sizes from the optimizer's updates and,
 with ``record``, the probe set's packed patterns under the *post-update* parameters with flip
 rates against the patterns carried in the state. :func:`make_step_fns` jits the two variants
-(record or not) once each, donating the state. Nothing here touches files, signals or orbax:
-a user's own loop can import this module alone.
+(record or not) once each, donating the state. :func:`train_chunk` runs ``T`` such steps in one
+``lax.scan`` over stacked batches (``steps_per_call``); :func:`make_chunk_fn` jits it. Nothing
+here touches files, signals or orbax: a user's own loop can import this module alone.
 
-Shape suffixes follow the package convention (:mod:`regime_jax`): ``B`` batch, ``K`` classes.
+Shape suffixes follow the package convention (:mod:`regime_jax`): ``B`` batch, ``K`` classes,
+``T`` steps of a chunk, ``S`` snapshot slots.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from regime_jax import analyzer
@@ -147,17 +150,108 @@ def evaluate(eval_fn: Callable, params: Any, batches: list[dict[str, jax.Array]]
 
 
 def make_step_fns(
-    model: Any, tx: optax.GradientTransformation, loss_fn: LossFn = cross_entropy
+    model: Any,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn = cross_entropy,
+    out_shardings: Any = None,
 ) -> dict[bool, Callable]:
-    """The two jitted step variants, keyed by ``record``; each traces once."""
+    """The two jitted step variants, keyed by ``record``; each traces once.
+
+    ``out_shardings`` (a mesh's replicated sharding, or None) pins every output: the state
+    comes back as it went in, and metrics and masks are readable from any process.
+    """
     net = as_net(model)
+    kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
     return {
         record: jax.jit(
             functools.partial(train_step, model=net, tx=tx, record=record, loss_fn=loss_fn),
             donate_argnames="state",
+            **kwargs,
         )
         for record in (False, True)
     }
+
+
+def _step_either(state, batch, probe, record, step_fn):
+    """One step whose ``record`` is traced: a ``lax.cond``; a non-record step's pattern
+    metrics are zeros (the host drops them), so both branches have one structure."""
+    rec = lambda s: step_fn(s, batch, probe, record=True)[:2]
+    like = jax.eval_shape(rec, state)[1]
+
+    def norec(s):
+        s, metrics, _ = step_fn(s, batch, probe, record=False)
+        return s, {
+            k: metrics[k] if k in metrics else jnp.zeros(v.shape, v.dtype) for k, v in like.items()
+        }
+
+    return lax.cond(record, rec, norec, state)
+
+
+def train_chunk(
+    state: TrainState,
+    batch_TxB: Mapping[str, jax.Array],
+    probe: Mapping[str, jax.Array],
+    record_T: jax.Array,
+    slot_T: jax.Array,
+    *,
+    model: Any,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn = cross_entropy,
+    every_record: bool,
+    slots: int,
+) -> tuple[TrainState, dict[str, jax.Array], Patterns]:
+    """``T`` consecutive :func:`train_step` calls in one ``lax.scan``.
+
+    Args:
+      batch_TxB: the chunk's batches stacked on a leading step axis ``[T, B, ...]``.
+      record_T: bool ``[T]``, which steps record patterns; ignored (all record) with
+        ``every_record``, else each step is a ``lax.cond`` so a non-record step does no probe
+        work.
+      slot_T: int32 ``[T]``, the snapshot slot (``0..slots-1``) a step's masks go to, or
+        ``slots`` for none.
+
+    Returns:
+      ``(state, metrics_T, snapshots_S)``: every metric stacked ``[T]`` (a non-record step's
+      pattern metrics are zeros), and ``{layer: Packed [S, P, ...]}`` holding only the masks
+      of the snapshot steps, not ``T`` full mask sets.
+    """
+    step_fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn)
+    snaps_S = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), state.masks)
+
+    def body(carry, xs):
+        state, snaps_S = carry
+        batch, record, slot = xs
+        if every_record:
+            state, metrics, _ = step_fn(state, batch, probe, record=True)
+        else:
+            state, metrics = _step_either(state, batch, probe, record, step_fn)
+        put = lambda buf, m: buf.at[slot].set(m, mode="drop")  # slot == slots: dropped
+        return (state, jax.tree.map(put, snaps_S, state.masks)), metrics
+
+    (state, snaps_S), metrics_T = lax.scan(body, (state, snaps_S), (batch_TxB, record_T, slot_T))
+    return state, metrics_T, snaps_S
+
+
+def make_chunk_fn(
+    model: Any,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn = cross_entropy,
+    *,
+    every_record: bool,
+    slots: int,
+    out_shardings: Any = None,
+) -> Callable:
+    """:func:`train_chunk` jitted, donating the state; one trace per chunk length ``T``."""
+    kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
+    fn = functools.partial(
+        train_chunk,
+        model=as_net(model),
+        tx=tx,
+        loss_fn=loss_fn,
+        every_record=every_record,
+        slots=slots,
+    )
+    return jax.jit(fn, donate_argnames="state", **kwargs)
 
 
 def eval_batches(
@@ -185,23 +279,20 @@ def eval_batches(
 class Placement:
     """Data-parallel placement: batches and the probe set sharded on "data", state replicated.
 
-    With one device both are None (the default device, no sharding annotations), so a 1-device
-    run compiles exactly the program it did before meshes existed: same bytes.
+    ``chunk`` shards a chunk's stacked batches ``[T, B, ...]`` on their batch axis. With one
+    device all are None (the default device, no sharding annotations), so a 1-device run
+    compiles exactly the program it did before meshes existed: same bytes. With several
+    processes (:mod:`regime_jax.hosts`) the mesh spans every process's devices.
     """
 
     data: NamedSharding | None
     replicated: NamedSharding | None
+    chunk: NamedSharding | None = None
 
     @classmethod
     def for_devices(cls, devices: int, sizes: Mapping[str, int]) -> Placement:
-        """A mesh of ``devices`` local devices (0: all); ValueError naming the field if not."""
-        available = jax.local_device_count()
-        n = devices or available
-        if n > available:
-            raise ValueError(
-                f"parallel.devices={n} but this process has {available} local device(s); "
-                f"allowed values: 0 (all) .. {available}"
-            )
+        """A mesh of ``devices`` devices (0: all); ValueError naming the field if not."""
+        n, pool = _mesh_devices(devices)
         field = "parallel.devices" + ("" if devices else f" (0: all {n})")
         for name, size in sizes.items():
             if size % n:
@@ -210,8 +301,27 @@ class Placement:
                     f"share; use a multiple of {n} or set parallel.devices"
                 )
         if n == 1:
-            return cls(None, None)
-        mesh = jax.make_mesh(
-            (n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.local_devices()[:n]
+            return cls(None, None, None)
+        mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=pool[:n])
+        spec = lambda *axes: NamedSharding(mesh, PartitionSpec(*axes))
+        return cls(spec("data"), spec(), spec(None, "data"))
+
+
+def _mesh_devices(devices: int) -> tuple[int, list]:
+    """How many devices the mesh takes, and from which list (this process's, or all)."""
+    if jax.process_count() > 1:  # every process must take part in every computation
+        total = jax.device_count()
+        if devices not in (0, total):
+            raise ValueError(
+                f"parallel.devices={devices} with {jax.process_count()} processes; allowed "
+                f"values: 0 or {total} (the mesh spans every process's devices)"
+            )
+        return total, jax.devices()
+    available = jax.local_device_count()
+    n = devices or available
+    if n > available:
+        raise ValueError(
+            f"parallel.devices={n} but this process has {available} local device(s); "
+            f"allowed values: 0 (all) .. {available}"
         )
-        return cls(NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec()))
+    return n, jax.local_devices()

@@ -251,6 +251,40 @@ def test_nonfinite_message_names_the_kept_checkpoint_or_says_there_is_none(every
     assert "--config.overwrite=True" in str(err.value)
 
 
+# ------------------------------------------------------------------ several steps per call
+
+
+def test_steps_per_call_run_and_its_broken_checkpoint_fallback_match_one_step_per_call(
+    ref12, tmp_path
+):
+    workdir = tmp_path / "k4"  # checkpoints at 4, 8, 12 and eval at 6 cut K=4 chunks: 4 2 2 4
+    loop.train_and_evaluate(tiny_config(**CKPT, steps_per_call=4), workdir)
+    _same_run(ref12, workdir)  # bit-identical on CPU
+    (workdir / "summary.json").unlink()
+    _truncate(workdir / "checkpoints" / "12")
+    loop.train_and_evaluate(tiny_config(**CKPT, steps_per_call=4), workdir)  # resumes at 8
+    _same_run(ref12, workdir)
+    assert (workdir / "broken_checkpoints" / "12").is_dir()
+
+
+def test_steps_per_call_refuses_to_resume_a_run_of_another_k(ref12, tmp_path):
+    shutil.copytree(ref12, tmp_path / "w")
+    with pytest.raises(ConfigError, match=r"differs in \['steps_per_call'\]"):
+        loop.train_and_evaluate(tiny_config(**CKPT, steps_per_call=4), tmp_path / "w")
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_nonfinite_mid_chunk_ends_the_records_at_that_step(k, tmp_path):
+    config = tiny_config(
+        num_steps=40, steps_per_call=k, **{"optimizer.learning_rate": 1e8, "log_every_steps": 10}
+    )
+    with pytest.raises(loop.NonFinite, match=r"at step \d+") as err:
+        loop.train_and_evaluate(config, tmp_path)
+    bad = int(str(err.value).split("at step ")[1].split(";")[0])
+    assert [json.loads(r)["step"] for r in _rows(tmp_path)] == list(range(bad + 1))
+    assert max(records.load_run(tmp_path).mask_steps) <= bad
+
+
 # ------------------------------------------------------------------ one writer per workdir
 
 

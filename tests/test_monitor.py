@@ -151,7 +151,7 @@ def test_analyzer_refuses_to_measure_nothing():
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn"])
-def test_fd_probe_captured_equals_site(family):
+def test_perturb_captured_equals_site(family):
     cfg = {
         "mlp": {"name": "mlp", "hidden": (12, 8)},
         "cnn": {"name": "cnn", "dims": 1, "channels": (4,), "dense": (8,)},

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import checkpoint, loop, models, records, step, sweep
+from regime_jax import checkpoint, chunks, loop, models, records, signals, step, sweep
 from regime_jax.config import ConfigError
 from regime_jax.overrides import apply_overrides
 
@@ -55,10 +55,14 @@ def _rows(workdir):
     return path.read_text().splitlines() if path.exists() else []
 
 
-def _start_and_signal(workdir, sig, after_rows):
+def _start_and_signal(workdir, sig, after_rows, **extra):
     """Starts a run in a subprocess and sends ``sig`` once ``after_rows`` rows are written."""
     proc = subprocess.Popen(
-        _command(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        _command(workdir, **extra),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.time() + 120
     while len(_rows(workdir)) < after_rows and proc.poll() is None and time.time() < deadline:
@@ -198,4 +202,38 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_identically(reference,
     assert ckpts.steps()[-1] == last < OVERRIDES["num_steps"]
     ckpts.close()
     loop.train_and_evaluate(_config(), tmp_path)
+    _assert_same_run(reference, tmp_path)
+
+
+def _chunk_ends(k):
+    config = _config(steps_per_call=k)
+    ends = chunks.boundaries(config, 0, frozenset())
+    return {c.last for c in chunks.plan(0, ends, k)}
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.heavy)]
+)
+def test_steps_per_call_stops_at_a_chunk_end_and_resumes_like_one_step_per_call(
+    reference, tmp_path, sig
+):
+    code, out = _start_and_signal(tmp_path, sig, after_rows=150, steps_per_call=8)
+    assert code == signals.exit_code(sig), out
+    last = json.loads(_rows(tmp_path)[-1])["step"]
+    assert last < OVERRIDES["num_steps"] and last in _chunk_ends(8)
+    ckpts = checkpoint.Checkpointer(tmp_path, 2)
+    assert ckpts.steps()[-1] == last  # saved at the exact step the records end
+    ckpts.close()
+    loop.train_and_evaluate(_config(steps_per_call=8), tmp_path)
+    _assert_same_run(reference, tmp_path)  # the K=1 run's bytes (CPU)
+
+
+@pytest.mark.heavy
+def test_steps_per_call_sigkill_then_resume_is_identical(reference, tmp_path):
+    code, out = _start_and_signal(tmp_path, signal.SIGKILL, after_rows=250, steps_per_call=8)
+    assert code == -signal.SIGKILL, out
+    done = subprocess.run(
+        _command(tmp_path, steps_per_call=8), cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
     _assert_same_run(reference, tmp_path)

@@ -1,0 +1,145 @@
+r"""Benchmark (not a test): training steps per second against ``steps_per_call`` K.
+
+COMMAND:
+  python experiments/bench_throughput.py                    # both jobs, K in 1 8 32
+  python experiments/bench_throughput.py --jobs main --rounds 20 --ks 1,4,8,16,32,64
+
+For each job it builds the run from the experiment's own config (model, batch, probe set,
+optimizer; every step recorded, snapshots and the log cadence as configured) and times the
+loop's hot path exactly as ``regime_jax.loop`` runs it, minus eval, the stability test and
+checkpoints: host batches (a pure function of (seed, step)) stacked and put on the device,
+one call per chunk of K steps (``chunks.Runner``: the plain jitted step for K=1, the compiled
+``lax.scan`` otherwise), metrics held on device and fetched one call late on the log cadence
+(``fetch.Fetcher``: rows, mask snapshots, TensorBoard events and metrics.jsonl in a temporary
+workdir, progress lines swallowed; ``--no-tensorboard`` leaves the events out). Every chunk
+length is compiled before timing.
+
+Rounds are interleaved (K=1, 8, 32, K=1, 8, 32, ...) in one process so the machine's drift hits
+every K alike; each round runs ``--steps`` steps (a multiple of every K) and ends with a full
+flush and ``block_until_ready``. Prints steps/s per K (median, and min-max over rounds) and the
+median of the per-round ratios against K=1.
+
+  main         configs/mlp_mnist1d.py: MLP 40-256-256-10, batch 128, probe 512
+  transformer  configs/transformer_mnist1d.py: 4 blocks dim 32, batch 64, probe 256
+
+EXPECTED (2 CPU cores): K=32 at least 1.5x the steps/s of K=1 on the main job; the
+Transformer is compute-bound, so close to 1x. Figures measured are in README.md ("Scale").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+from regime_jax import chunks, configs, data, fetch, hosts, loop, step
+from regime_jax.records import itstime
+
+JOBS = {"main": "mlp_mnist1d", "transformer": "transformer_mnist1d"}
+
+
+class Variant:
+    """One K: its own state, runner, batch stream and fetcher, advanced round by round."""
+
+    def __init__(self, setup: loop.Setup, k: int, workdir: Path, tensorboard: bool = True):
+        c, place = setup.config, setup.place
+        self.config, self.k = c, k
+        ds = setup.ds
+        probe = {"x": ds.x_val[setup.probe_idx], "y": ds.y_val[setup.probe_idx]}
+        self.probe = hosts.put(probe, place.data)
+        init = jax.jit(
+            lambda key, x: step.create_train_state(setup.net, setup.tx, key, x),
+            out_shardings=place.replicated,
+        )
+        self.state = init(jax.random.key(c.seed), self.probe["x"])
+        self.runner = chunks.Runner(setup, self.state, self.probe, {k})
+        self.batches = data.batches(ds, c.batch_size, c.seed)
+        workdir.mkdir(parents=True)
+        self.fetcher = fetch.Fetcher(workdir, 0, c.num_steps)
+        if not tensorboard:  # the loop without its TensorBoard view (~1 ms a row here)
+            self.fetcher.scalars.close()
+            self.fetcher.scalars = fetch._Nothing()
+        self.step = 0
+
+    def round(self, steps: int) -> float:
+        """Seconds for ``steps`` steps, from the first batch to every row written."""
+        log = self.config.log_every_steps
+        tic = time.perf_counter()
+        with jax.transfer_guard_device_to_host("disallow"):
+            for _ in range(steps // self.k):
+                chunk = chunks.Chunk(self.step + 1, self.k)
+                self.state, entry = self.runner(self.state, chunk, self.batches)
+                self.fetcher.add(entry)
+                if any(itstime(s, log, 0) for s in chunk.steps):
+                    self.fetcher.flush(keep_last=True)
+                self.step = chunk.last
+            self.fetcher.flush(keep_last=False)
+        jax.block_until_ready(self.state)
+        return time.perf_counter() - tic
+
+
+def _job(name: str, ks: list[int], rounds: int, steps: int, root: Path, tb: bool) -> dict:
+    config = configs.load(JOBS[name])
+    config.num_steps = 10**9  # the records' cadences only; nothing here ends the run
+    setup = loop.build(config)
+    with contextlib.redirect_stdout(io.StringIO()):  # the fetchers' progress lines
+        variants = {k: Variant(setup, k, root / f"{name}_k{k}", tb) for k in ks}
+        for v in variants.values():  # warm-up: caches, allocator, first fetch
+            v.round(max(ks))
+        times = {k: [] for k in ks}
+        for _ in range(rounds):
+            for k, v in variants.items():
+                times[k].append(v.round(steps))
+        for v in variants.values():
+            v.fetcher.close()
+    return {k: [steps / t for t in ts] for k, ts in times.items()}
+
+
+def _report(name: str, rates: dict[int, list]) -> None:
+    base = rates[min(rates)]
+    for k, rs in rates.items():
+        paired = statistics.median(r / b for r, b in zip(rs, base, strict=True))
+        print(
+            f"  {name:<11} K={k:<3} {statistics.median(rs):8.1f} steps/s "
+            f"(min {min(rs):.1f}, max {max(rs):.1f})   x{paired:.2f} vs K={min(rates)} "
+            f"(median of per-round ratios)"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--jobs", default="main,transformer")
+    p.add_argument("--ks", default="1,8,32")
+    p.add_argument("--rounds", type=int, default=10, help="main job; the transformer runs 3")
+    p.add_argument("--steps", type=int, default=192, help="per round, main job (64 for the other)")
+    p.add_argument(
+        "--no-tensorboard",
+        action="store_true",
+        help="leave out the TensorBoard view (tensorboardX costs ~1 ms a row on 2 CPU cores)",
+    )
+    args = p.parse_args()
+    ks = [int(k) for k in args.ks.split(",")]
+    print(
+        f"backend {jax.default_backend()}, {jax.device_count()} device(s): "
+        f"{jax.devices()[0].device_kind}; python {sys.version.split()[0]}, jax {jax.__version__}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.jobs.split(","):
+            main_job = name == "main"
+            rounds = args.rounds if main_job else max(1, args.rounds * 3 // 10)
+            steps = args.steps if main_job else max(max(ks), args.steps // 3)
+            steps -= steps % math.lcm(*ks)
+            rates = _job(name, ks, rounds, steps, Path(tmp), not args.no_tensorboard)
+            _report(name + ("" if args.no_tensorboard else "+tb"), rates)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Several steps per host call: the chunk plan, its bounds, its traces, its records."""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import pytest
+from conftest import tiny_config
+from hypothesis import given
+from hypothesis import strategies as st
+
+from regime_jax import chunks, loop, records, step
+from regime_jax.config import ConfigError, validate_config
+
+
+@given(
+    ends=st.lists(st.integers(1, 300), min_size=1, max_size=8, unique=True).map(sorted),
+    k=st.integers(1, 40),
+)
+def test_the_plan_covers_every_step_ends_at_every_boundary_and_is_prefix_stable(ends, k):
+    plan = list(chunks.plan(0, ends, k))
+    assert [s for c in plan for s in c.steps] == list(range(1, ends[-1] + 1))
+    assert set(ends) <= {c.last for c in plan}
+    lengths = {c.length for c in plan}
+    assert lengths == chunks.lengths(0, ends, k)
+    assert lengths <= {k} | {2**j for j in range(max(k - 1, 1).bit_length())}
+    assert len(lengths) <= 1 + math.ceil(math.log2(k)) if k > 1 else lengths == {1}
+    for i, c in enumerate(plan):  # a run resumed at any chunk end runs the same chunks
+        assert list(chunks.plan(c.last, [e for e in ends if e > c.last], k)) == plan[i + 1 :]
+
+
+def test_boundaries_are_eval_stability_checkpoint_and_last_steps():
+    config = tiny_config(num_steps=30, eval_every_steps=10, **{"checkpoint.every_steps": 12})
+    assert chunks.boundaries(config, 0, frozenset({0, 1, 5, 30})) == [1, 5, 10, 12, 20, 24, 30]
+    assert chunks.boundaries(config, 12, frozenset({0, 1, 5, 30})) == [20, 24, 30]
+
+
+@pytest.mark.parametrize("value", [0, -1, True])
+def test_steps_per_call_must_be_a_positive_int(value):
+    with pytest.raises(ConfigError, match=r"steps_per_call=.*allowed values: an int >= 1"):
+        validate_config(tiny_config(steps_per_call=value))
+
+
+def test_chunks_give_the_bytes_of_single_steps_and_trace_each_length_once(tmp_path, monkeypatch):
+    """Stability test steps (log-spaced) and eval steps cut the chunks: 12 steps, eval at 6
+    and 12, probe at 1, 3, 12 -> chunks 1 | 2 | 2 1 | 4 2 (K=4): lengths 4 and 2 compile
+    before the first step, once each; length 1 is the plain step."""
+    overrides = {"stability.num_points": 3, "record.snapshot_every_steps": 2}
+    loop.train_and_evaluate(tiny_config(**overrides), tmp_path / "k1")
+    traced, real = collections.Counter(), step.train_chunk
+
+    def counting(state, batch_TxB, *args, **kwargs):
+        traced[batch_TxB["x"].shape[0]] += 1
+        return real(state, batch_TxB, *args, **kwargs)
+
+    monkeypatch.setattr(step, "train_chunk", counting)
+    dispatched = []
+    real_call = chunks.Runner.__call__
+
+    def call(self, state, chunk, batches):
+        dispatched.append((chunk.length, dict(traced)))  # traces so far, at each dispatch
+        return real_call(self, state, chunk, batches)
+
+    monkeypatch.setattr(chunks.Runner, "__call__", call)
+    loop.train_and_evaluate(tiny_config(steps_per_call=4, **overrides), tmp_path / "k4")
+    assert [n for n, _ in dispatched] == [1, 2, 2, 1, 4, 2]
+    assert all(seen == {4: 1, 2: 1} for _, seen in dispatched)  # all before the first step
+    text = lambda d: (tmp_path / d / records.METRICS).read_text()
+    assert text("k4") == text("k1")
+    snaps = lambda d: sorted(p.name for p in (tmp_path / d / records.MASKS_DIR).iterdir())
+    assert snaps("k4") == snaps("k1") and len(snaps("k1")) == 7
+    for name in snaps("k1"):
+        a = records.read_masks(tmp_path / "k1" / records.MASKS_DIR / name)
+        b = records.read_masks(tmp_path / "k4" / records.MASKS_DIR / name)
+        assert all((a[k].bits == b[k].bits).all() for k in a)
