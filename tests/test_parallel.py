@@ -148,7 +148,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-QUICK = HERE.parent / "experiments" / "mlp_mnist1d.py"
+QUICK = "mlp_mnist1d"
 
 
 def _distributed(workdir, *flags, processes=2, devices=4):
