@@ -3,6 +3,9 @@ r"""Benchmark (not a test): what does monitoring cost per step?
 COMMAND:
   python experiments/bench_overhead.py        # MLP 784-512-512-10, batch 128, probe 1024
   python experiments/bench_overhead.py --hidden 1024,1024 --probe 4096 --chunks 20
+  python experiments/bench_overhead.py --model cnn_cifar10   # CNN on CIFAR-10 shapes
+  python experiments/bench_overhead.py --model vit_cifar10   # ViT on CIFAR-10 shapes
+  (an accelerator run: the three commands above plus the MLP on MNIST shapes, the default)
 
 Times per step, median over chunks of steps after compilation, in one process, interleaved.
 Built-in step (regime_jax's linen MLP and train step):
@@ -20,6 +23,9 @@ Prints the ratio monitored / (+probe) (of the medians, and the median of the rat
 each interleaved round, which cancels the VM's drift), the bytes stored per pattern, and
 each variant's XLA-counted FLOPs per step over its time next to a same-process matmul
 FLOP/s figure.
+With ``--model NAME`` the built-in variants use that packaged config's model on inputs of its
+dataset's shape (CIFAR-10: 32x32x3); the user-loop variants exist for the MLP only. The
+figure printed last is the memory of one set of packed masks (the monitor's state).
 Inputs are random normal arrays of the requested shape: this measures time, not learning.
 
 EXPECTED (2 CPU cores): ratio <= 1.05; the figures measured are in README.md.
@@ -38,13 +44,17 @@ import jax.numpy as jnp
 import optax
 
 import regime_jax as rj
-from regime_jax import bitmask, models, step
+from regime_jax import configs, models, step
 from regime_jax.models.adapt import as_net
 
 
 def _plain_step(state, batch, probe, *, model, tx, forward_probe):
     net = as_net(model)
-    (loss, _), grads = jax.value_and_grad(step._loss_fn, has_aux=True)(state.params, batch, net)
+
+    def loss_fn(params):  # the built-in step's loss, without its monitor
+        return step.cross_entropy(net.apply(params, batch["x"]), batch["y"]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     out = {"train/loss": loss}
@@ -111,8 +121,13 @@ def _matmul_flops_per_s(n: int = 1024, reps: int = 20) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+SHAPES = {"cnn_cifar10": (32, 32, 3), "vit_cifar10": (32, 32, 3)}  # packaged config -> x shape
+USER_MODES = {"user": "plain", "user+probe": "probe", "user+mon": "monitor"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="mlp", choices=("mlp", *SHAPES))
     p.add_argument("--input", type=int, default=784)
     p.add_argument("--hidden", default="512,512")
     p.add_argument("--batch", type=int, default=128)
@@ -121,14 +136,18 @@ def main() -> None:
     p.add_argument("--chunk-steps", type=int, default=10)
     args = p.parse_args()
     hidden = tuple(int(h) for h in args.hidden.split(","))
-    model = models.create_model({"name": "mlp", "hidden": hidden}, 10)
+    if args.model == "mlp":
+        model, x_shape = models.create_model({"name": "mlp", "hidden": hidden}, 10), (args.input,)
+    else:
+        model = models.create_model(configs.load(args.model).model, 10)
+        x_shape = SHAPES[args.model]
     tx = optax.sgd(0.01, momentum=0.9)
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
     batch = {
-        "x": jax.random.normal(kx, (args.batch, args.input)),
+        "x": jax.random.normal(kx, (args.batch, *x_shape)),
         "y": jax.random.randint(ky, (args.batch,), 0, 10),
     }
-    probe = {"x": jax.random.normal(kp, (args.probe, args.input))}
+    probe = {"x": jax.random.normal(kp, (args.probe, *x_shape))}
 
     user = UserMLP(hidden)
     user_apply = user.apply
@@ -146,7 +165,8 @@ def main() -> None:
         return jax.jit(step, donate_argnames="state")
 
     fresh = {name: fresh_state for name in ("plain", "+probe", "monitored")}
-    fresh |= {name: fresh_user_state for name in ("user", "user+probe", "user+mon")}
+    if args.model == "mlp":
+        fresh |= {name: fresh_user_state for name in ("user", "user+probe", "user+mon")}
     variants = {
         "plain": jax.jit(
             functools.partial(_plain_step, model=model, tx=tx, forward_probe=False),
@@ -157,10 +177,9 @@ def main() -> None:
             donate_argnames="state",
         ),
         "monitored": step.make_step_fns(model, tx)[True],
-        "user": user_variant("plain"),
-        "user+probe": user_variant("probe"),
-        "user+mon": user_variant("monitor"),
     }
+    if args.model == "mlp":
+        variants |= {m: user_variant(k) for m, k in USER_MODES.items()}
     flops = {name: _flops(fn, fresh[name](), batch, probe) for name, fn in variants.items()}
     states = {name: fresh[name]() for name in variants}
     for name, fn in variants.items():  # compile + warm up
@@ -173,9 +192,12 @@ def main() -> None:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     peak = _matmul_flops_per_s()
 
+    shape = (
+        f"MLP {args.input}-{'-'.join(map(str, hidden))}-10" if args.model == "mlp" else args.model
+    )
     print(
-        f"MLP {args.input}-{'-'.join(map(str, hidden))}-10, batch {args.batch}, "
-        f"probe {args.probe}, backend {jax.default_backend()}, {jax.device_count()} device(s)"
+        f"{shape}, batch {args.batch}, probe {args.probe}, "
+        f"backend {jax.default_backend()}, {jax.device_count()} device(s)"
     )
     for name in variants:
         rate = flops[name] / med[name]
@@ -183,10 +205,8 @@ def main() -> None:
             f"  {name:<11} {med[name] * 1e3:8.3f} ms/step   {flops[name] / 1e9:7.3f} GFLOP/step"
             f"   {rate / 1e9:7.2f} GFLOP/s"
         )
-    for label, mon, base in (
-        ("built-in", "monitored", "+probe"),
-        ("user loop", "user+mon", "user+probe"),
-    ):
+    pairs = [("built-in", "monitored", "+probe"), ("user loop", "user+mon", "user+probe")]
+    for label, mon, base in pairs[: 1 + (args.model == "mlp")]:
         ratio = med[mon] / med[base]
         paired = statistics.median(m / p for m, p in zip(times[mon], times[base], strict=True))
         print(
@@ -194,11 +214,13 @@ def main() -> None:
             f"{paired:.3f} (median of per-round ratios)  (bar: <= 1.05)"
         )
     print(f"  monitoring cost over plain: {med['monitored'] / med['plain']:.2f}x")
-    per_example = sum(bitmask.num_bytes(u) for u in hidden)
+    masks = states["monitored"].masks
+    packed = sum(p.bits.nbytes for p in masks.values())
+    units = sum(p.num_bits for p in masks.values())  # probe sites x units, 1 bit each
     print(
-        f"  pattern bytes: {per_example} per probe example ({sum(hidden)} units, 1 bit each), "
-        f"{per_example * args.probe / 1024:.1f} KiB per record step; float32 pre-activations "
-        f"would be {4 * sum(hidden) * args.probe / 1024:.1f} KiB"
+        f"  masks: {packed / 2**20:.3f} MiB per set of packed patterns ({units} bits over "
+        f"{len(masks)} layers, {packed / args.probe:.0f} B per probe example); float32 "
+        f"pre-activations would be {4 * units / 2**20:.3f} MiB"
     )
     print(f"  matmul 1024^3 in this process: {peak / 1e9:.2f} GFLOP/s")
 
