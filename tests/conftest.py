@@ -31,6 +31,29 @@ def tiny_config(**overrides):
     return c
 
 
+# Small configs of every built-in family and an input shape, shared by the capture and
+# decoupling tests.
+BUILTIN = {
+    "mlp": ({"name": "mlp", "hidden": (16, 12)}, (7, 10)),
+    "cnn": ({"name": "cnn", "dims": 2, "channels": (4, 6), "dense": (8,)}, (7, 8, 8, 1)),
+    "cnn_norm": (
+        {"name": "cnn", "dims": 1, "channels": (4,), "dense": (8,), "norm": "layer"},
+        (7, 12),
+    ),
+    "transformer": (
+        {
+            "name": "transformer",
+            "num_layers": 2,
+            "num_heads": 2,
+            "dim": 8,
+            "mlp_dim": 16,
+            "embed": "scalar",
+        },
+        (7, 10),
+    ),
+}
+
+
 def wait_for_signal_handlers(proc, timeout_s: float = 60) -> None:
     """Waits until subprocess ``proc`` has installed its SIGTERM handler (or has exited).
 

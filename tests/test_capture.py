@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import BUILTIN
 from flax import nnx
 
 import regime_jax as rj
@@ -169,25 +170,6 @@ def test_captured_masks_equal_z_positive_by_hand(name, mode):
 
 
 # ----------------------------------------------------------------------------- built-in models
-BUILTIN = {
-    "mlp": ({"name": "mlp", "hidden": (16, 12)}, (7, 10)),
-    "cnn": ({"name": "cnn", "dims": 2, "channels": (4, 6), "dense": (8,)}, (7, 8, 8, 1)),
-    "cnn_norm": (
-        {"name": "cnn", "dims": 1, "channels": (4,), "dense": (8,), "norm": "layer"},
-        (7, 12),
-    ),
-    "transformer": (
-        {
-            "name": "transformer",
-            "num_layers": 2,
-            "num_heads": 2,
-            "dim": 8,
-            "mlp_dim": 16,
-            "embed": "scalar",
-        },
-        (7, 10),
-    ),
-}
 
 
 @pytest.mark.parametrize("family", sorted(BUILTIN))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import BUILTIN
 from flax import nnx
 
 import regime_jax as rj
@@ -43,25 +44,6 @@ def _perturb(params, scale, seed):
 
 
 # ----------------------------------------------------------------------------- models
-BUILTIN = {
-    "mlp": ({"name": "mlp", "hidden": (16, 12)}, (7, 10)),
-    "cnn": ({"name": "cnn", "dims": 2, "channels": (4, 6), "dense": (8,)}, (7, 8, 8, 1)),
-    "cnn_norm": (
-        {"name": "cnn", "dims": 1, "channels": (4,), "dense": (8,), "norm": "layer"},
-        (7, 12),
-    ),
-    "transformer": (
-        {
-            "name": "transformer",
-            "num_layers": 2,
-            "num_heads": 2,
-            "dim": 8,
-            "mlp_dim": 16,
-            "embed": "scalar",
-        },
-        (7, 10),
-    ),
-}
 
 
 class NNXNet(nnx.Module):
