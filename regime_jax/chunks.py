@@ -103,7 +103,7 @@ class Runner:
         sample = next(data.batches(setup.ds, c.batch_size, c.seed))
         self.keep = None  # the keys of a non-record row, when a chunk mixes both kinds
         if not every_record and longest > 1:
-            norec = step.make_step_fns(net, tx, loss_fn)[False]
+            norec = self.step_fns[False]
             self.keep = frozenset(jax.eval_shape(norec, state, sample, probe)[1])
         fn = step.make_chunk_fn(
             net, tx, loss_fn, every_record=every_record, slots=self.slots, out_shardings=rep
