@@ -175,15 +175,6 @@ def _to_arrays(source: Any) -> tuple[np.ndarray, np.ndarray]:
     return x, np.asarray([r["label"] for r in rows], np.int32)
 
 
-def _tfds(name: str, num_classes: int) -> Callable[..., Dataset]:
-    def load(data_dir: str | None = None, download: bool = True) -> Dataset:
-        x_train, y_train = _to_arrays(_tfds_split(name, "train", data_dir, download))
-        x_val, y_val = _to_arrays(_tfds_split(name, "test", data_dir, download))
-        return Dataset(name, x_train, y_train, x_val, y_val, num_classes)
-
-    return load
-
-
 EMBEDDED = ("digits", "mnist1d")
 TFDS = ("cifar10", "fashion_mnist", "mnist")
 MNIST1D_MIN_SAMPLES = 10  # one example per class; make_dataset returns nothing below
@@ -205,9 +196,12 @@ def load_digits(cfg: Mapping[str, Any]) -> Dataset:
     return _digits(int(cfg.get("seed", 0)))
 
 
-def _tfds_loader(name: str) -> Callable[[Mapping[str, Any]], Dataset]:
+def _tfds_loader(name: str, num_classes: int = 10) -> Callable[[Mapping[str, Any]], Dataset]:
     def load(cfg: Mapping[str, Any]) -> Dataset:
-        return _tfds(name, 10)(cfg.get("data_dir"), bool(cfg.get("download", True)))
+        data_dir, download = cfg.get("data_dir"), bool(cfg.get("download", True))
+        x_train, y_train = _to_arrays(_tfds_split(name, "train", data_dir, download))
+        x_val, y_val = _to_arrays(_tfds_split(name, "test", data_dir, download))
+        return Dataset(name, x_train, y_train, x_val, y_val, num_classes)
 
     load.__doc__ = f"tfds {name!r} through ``tfds.data_source`` (see the module docstring)."
     return load
