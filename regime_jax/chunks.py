@@ -87,7 +87,11 @@ def lengths(start: int, ends: list[int], k: int) -> set[int]:
 
 
 class Runner:
-    """Runs a run's chunks: the plain jitted step for length 1, the compiled scan otherwise."""
+    """Runs a run's chunks: the plain jitted step for length 1, the compiled scan otherwise.
+
+    A run that may freeze its gates (``setup.gated``) has both variants, ordinary and gated
+    (:func:`regime_jax.step.train_step`), each compiled for every chunk length up front.
+    """
 
     def __init__(self, setup: Any, state: Any, probe: Any, chunk_lengths: set[int]):
         c, self.place, self.probe = setup.config, setup.place, probe
@@ -96,27 +100,42 @@ class Runner:
             c.record.every_steps,
             c.record.snapshot_every_steps,
         )
-        net, tx, loss_fn, rep = setup.net, setup.tx, setup.loss_fn, setup.place.replicated
-        self.step_fns = step.make_step_fns(net, tx, loss_fn, rep)
         longest, every_record = max(chunk_lengths, default=1), self.record == 1
         self.slots = max(1, min(longest, -(-longest // self.snapshot) + 1))
         sample = next(data.batches(setup.ds, c.batch_size, c.seed))
-        self.keep = None  # the keys of a non-record row, when a chunk mixes both kinds
-        if not every_record and longest > 1:
-            norec = self.step_fns[False]
-            self.keep = frozenset(jax.eval_shape(norec, state, sample, probe)[1])
-        fn = step.make_chunk_fn(
-            net, tx, loss_fn, every_record=every_record, slots=self.slots, out_shardings=rep
-        )
-        self.compiled = {  # every length, before the first step: nothing compiles mid-run
-            t: fn.lower(state, *self._abstract(sample, t)).compile()
-            for t in sorted(chunk_lengths - {1})
-        }
+        self.step_fns, self.keep, self.compiled = {}, {}, {}
+        for gated in (False, True) if setup.gated is not None else (False,):
+            g = setup.gated if gated else None
+            net, tx, loss_fn, rep = setup.net, setup.tx, setup.loss_fn, setup.place.replicated
+            step_fns = step.make_step_fns(net, tx, loss_fn, rep, g)
+            batch = self._abstract(sample, None)[0]
+            self.step_fns[gated] = {  # compiled now: no step of the run compiles
+                record: step_fns[record].lower(state, batch, probe).compile()
+                for record in (True, False)
+                if record or not every_record
+            }
+            self.keep[gated] = None  # the keys of a non-record row, when a chunk mixes both
+            if not every_record and longest > 1:
+                norec = step_fns[False]
+                self.keep[gated] = frozenset(jax.eval_shape(norec, state, sample, probe)[1])
+            fn = step.make_chunk_fn(
+                net,
+                tx,
+                loss_fn,
+                every_record=every_record,
+                slots=self.slots,
+                out_shardings=rep,
+                gated=g,
+            )
+            for t in sorted(chunk_lengths - {1}):  # before the first step: no mid-run compile
+                self.compiled[gated, t] = fn.lower(state, *self._abstract(sample, t)).compile()
 
-    def _abstract(self, sample: dict, t: int) -> tuple:
-        """Shapes and shardings of a length-``t`` chunk's arguments after the state."""
+    def _abstract(self, sample: dict, t: int | None) -> tuple:
+        """Shapes and shardings of a length-``t`` chunk's arguments after the state (None:
+        one step's batch)."""
+        lead, sharding = ((), self.place.data) if t is None else ((t,), self.place.chunk)
         stacked = {
-            k: jax.ShapeDtypeStruct((t, *np.shape(v)), v.dtype, sharding=self.place.chunk)
+            k: jax.ShapeDtypeStruct((*lead, *np.shape(v)), v.dtype, sharding=sharding)
             for k, v in sample.items()
         }
         rep = self.place.replicated
@@ -133,16 +152,18 @@ class Runner:
             used += snap
         return record, slot
 
-    def __call__(self, state: Any, chunk: Chunk, batches: Iterator[dict]) -> tuple[Any, Entry]:
+    def __call__(
+        self, state: Any, chunk: Chunk, batches: Iterator[dict], *, gated: bool = False
+    ) -> tuple[Any, Entry]:
         """Dispatches the chunk's steps: ``(state, entry)``, device arrays, nothing fetched.
 
         The entry has a row for each record step; :meth:`Entry.with_extra` adds the last
-        step's eval / stability metrics (and its row).
+        step's eval / stability metrics (and its row). ``gated``: the state's gates are frozen.
         """
         record, slot = self.flags(chunk)
         if chunk.length == 1:
             batch = hosts.put(next(batches), self.place.data)
-            state, metrics, masks = self.step_fns[record[0]](state, batch, self.probe)
+            state, metrics, masks = self.step_fns[gated][record[0]](state, batch, self.probe)
             snapshot = slot[0] < self.slots
             entry = Entry.step(chunk.first, metrics, masks, record=record[0], snapshot=snapshot)
             return state, entry
@@ -151,11 +172,11 @@ class Runner:
             {k: np.stack([b[k] for b in host]) for k in host[0]}, self.place.chunk
         )
         flags = hosts.put((np.array(record), np.array(slot, np.int32)), self.place.replicated)
-        state, metrics_T, snaps_S = self.compiled[chunk.length](
+        state, metrics_T, snaps_S = self.compiled[gated, chunk.length](
             state, batch_TxB, self.probe, *flags
         )
         steps = list(chunk.steps)
         rows = tuple((s, i, True) for i, s in enumerate(steps) if record[i])
         snaps = tuple((s, slot[i]) for i, s in enumerate(steps) if slot[i] < self.slots)
         tail = (chunk.last, chunk.length - 1, record[-1])
-        return state, Entry(rows, metrics_T, {}, snaps, snaps_S, self.keep, tail)
+        return state, Entry(rows, metrics_T, {}, snaps, snaps_S, self.keep[gated], tail)

@@ -89,6 +89,17 @@ def base_config() -> ml_collections.ConfigDict:
         per_layer=False,  # directions in one top-level parameter subtree at a time
         radius_batch=4,  # radii evaluated together (bounds memory); None: all at once
     )
+    # Decoupled training (regime_jax.decouple): from the freeze step F on, every ReLU's on/off
+    # comes from a frozen copy of the parameters at F (the gates) and the parameters (the
+    # values) train through the gated network, evaluation included (README "Decoupling").
+    c.decouple = dict(
+        freeze_step=-1,  # F; -1: never (the default); F >= num_steps also never freezes
+        auto=False,  # freeze when the online settle detector triggers on flip/all (not with F)
+        check_every_steps=50,  # auto: F is the first multiple of this at/after the trigger
+        # auto: the detector (online.OnlineConfig): trailing mean over `window` recorded
+        # points <= fraction x its running peak for `patience` consecutive points.
+        online=dict(window=25, fraction=0.1, patience=10),
+    )
     # Decay-time analysis of the recorded series (timescales.DecayConfig's fields and
     # defaults; the rules' formulas are in regime_jax/timescales.py).
     c.timescales = dict(
@@ -219,11 +230,32 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             f"stability.num_examples={st.num_examples!r}; allowed values: 0..{c.probe.size} "
             f"(probe.size; 0 means the whole probe set)"
         )
+    _decouple_fields(c)
     if c.record.snapshot_every_steps % c.record.every_steps:
         raise ConfigError(
             f"record.snapshot_every_steps={c.record.snapshot_every_steps} must be a multiple of "
             f"record.every_steps={c.record.every_steps} (snapshots are taken at record steps)"
         )
+
+
+def _decouple_fields(c: ml_collections.ConfigDict) -> None:
+    d = c.decouple
+    f = d.freeze_step
+    if isinstance(f, bool) or not isinstance(f, int) or f < -1:
+        raise ConfigError(
+            f"decouple.freeze_step={f!r}; allowed values: -1 (never) or a step >= 0 "
+            f"(>= num_steps={c.num_steps} also never freezes)"
+        )
+    _bool("decouple.auto", d.auto)
+    if d.auto and f != -1:
+        raise ConfigError(
+            f"decouple.freeze_step={f} with decouple.auto=True; allowed: one of them "
+            f"(freeze_step=-1 with auto, or auto=False with a freeze step)"
+        )
+    if d.auto:
+        _cadence("decouple.check_every_steps", d.check_every_steps, c.num_steps)
+    else:
+        _positive("decouple.check_every_steps", d.check_every_steps)
 
 
 # ----------------------------------------------------------------- config files and overrides

@@ -107,9 +107,10 @@ class Fetcher:
     def add(self, entry: Entry) -> None:
         self.pending.append(entry)
 
-    def flush(self, keep_last: bool) -> None:
-        """Fetches and writes the held entries; FloatingPointError after a non-finite row,
-        which is the last row written (a chunk's later steps are dropped: the K=1 records)."""
+    def flush(self, keep_last: bool) -> list[dict[str, Any]]:
+        """Fetches and writes the held entries and returns their rows; FloatingPointError
+        after a non-finite row, which is the last row written (a chunk's later steps are
+        dropped: the K=1 records)."""
         ready = self.pending[:-1] if keep_last else self.pending
         self.pending = self.pending[len(ready) :]
         ready = jax.device_get(ready)
@@ -126,6 +127,7 @@ class Fetcher:
         if bad:
             raise FloatingPointError(f"non-finite {_nonfinite(bad)} at step {end}; stopping")
         self.progress.update(rows)
+        return rows
 
     def close(self) -> None:
         self.progress.close()

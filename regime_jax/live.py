@@ -9,10 +9,14 @@
 * :class:`Progress` is a tqdm bar (rate, ETA, the newest loss / flip rate / step size / eval
   accuracy) when stdout is a terminal, and one plain line per fetch otherwise (logs, CI,
   notebooks' captured output), as before.
+* :class:`PhaseClock` times the training phases (ordinary; gated once decoupled training
+  froze the gates) into ``workdir/timing.json``: wall-clock, so not part of the byte-identical
+  record.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -20,7 +24,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+
+from regime_jax import records
 from regime_jax.records import TB_DIR
+
+TIMING = "timing.json"
 
 _SHOWN = (
     ("train/loss", ".4f"),
@@ -100,3 +109,58 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class PhaseClock:
+    """Seconds and steps of each training phase, ``{"ordinary": ..., "gated": ...}``.
+
+    A phase's clock starts once the phase's first host call has finished (blocking on the
+    state), so compilation and the first dispatch are not timed, and stops (blocking again) at
+    the freeze and at the end. Eval, stability tests and fetches inside the phase count: the
+    figure is the phase's cost per step as a run pays it. A resumed run adds to the file.
+    """
+
+    def __init__(self, workdir: Path, start: int, *, write: bool):
+        self.path, self.write_file, self._t0 = Path(workdir) / TIMING, write, None
+        self.phases = {
+            "ordinary": {"steps": 0, "seconds": 0.0},
+            "gated": {"steps": 0, "seconds": 0.0},
+        }
+        if start and self.path.exists():
+            try:
+                self.phases |= json.loads(self.path.read_text())["phases"]
+            except (ValueError, KeyError, TypeError):
+                pass  # a timing file is a convenience, never a reason to stop a run
+
+    def tick(self, state: Any, step: int, phase: str) -> None:
+        """After a host call ending at ``step``; starts ``phase``'s clock if not running."""
+        if self._t0 is None:
+            jax.block_until_ready(state)
+            self._t0, self._from, self._phase = time.perf_counter(), step, phase
+
+    def mark(self, state: Any, step: int) -> None:
+        """Notes the time at ``step`` right after its host call (blocking): a phase that ends
+        there (the freeze, the last step) ends before that step's eval, fetch and save."""
+        if self._t0 is not None:
+            jax.block_until_ready(state)
+            self._mark = (step, time.perf_counter())
+
+    def stop(self, state: Any, step: int) -> None:
+        """Stops the running clock at ``step`` (at its mark, if it has one)."""
+        if self._t0 is not None:
+            marked, at = getattr(self, "_mark", (None, 0.0))
+            if marked != step:
+                jax.block_until_ready(state)
+                at = time.perf_counter()
+            spent = self.phases[self._phase]
+            spent["steps"] += step - self._from
+            spent["seconds"] += at - self._t0
+            self._t0 = None
+
+    def write(self) -> None:
+        if self.write_file:
+            rate = {
+                k: v["seconds"] / v["steps"] if v["steps"] else None for k, v in self.phases.items()
+            }
+            out = {"phases": self.phases, "seconds_per_step": rate}
+            records.write_atomic(self.path, records.to_json(out, indent=1) + "\n")

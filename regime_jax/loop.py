@@ -30,9 +30,12 @@ from regime_jax import (
     checkpoint,
     chunks,
     data,
+    decouple,
     fetch,
     hosts,
+    live,
     models,
+    online,
     records,
     rundir,
     signals,
@@ -106,6 +109,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field, check in (
         ("stability", lambda: stability_config(config)),
         ("timescales", lambda: timescales.DecayConfig(**config.timescales)),
+        ("decouple.online", lambda: online.OnlineConfig(**config.decouple.online)),
     ):
         try:
             check()
@@ -159,6 +163,8 @@ class Setup:
     tx: optax.GradientTransformation
     place: Placement
     loss_fn: LossFn
+    policy: decouple.FreezePolicy
+    gated: decouple.GatedNet | None  # the model's gated transform, if the run may freeze
 
 
 def _need(config: ml_collections.ConfigDict, field: str, given: Any, argument: str) -> None:
@@ -185,7 +191,10 @@ def build(config, *, model=None, dataset=None, loss_fn=None) -> Setup:
     if model is None:
         model = models.create_model(config.model, ds.num_classes)
     net, tx = as_net(model), step.make_optimizer(config.optimizer, config.num_steps)
-    setup = Setup(config, ds, probe_idx, net, tx, place, loss_fn or step.cross_entropy)
+    policy = decouple.FreezePolicy.from_config(config)
+    gated = decouple.gated_net(net) if policy.enabled else None
+    loss_fn = loss_fn or step.cross_entropy
+    setup = Setup(config, ds, probe_idx, net, tx, place, loss_fn, policy, gated)
     _check_model(setup)
     return setup
 
@@ -196,7 +205,9 @@ def _check_model(setup: Setup) -> None:
     probe_x = jax.ShapeDtypeStruct((len(setup.probe_idx), *x.shape[1:]), x.dtype)
     init = functools.partial(step.create_train_state, setup.net, setup.tx)
     try:
-        jax.eval_shape(init, jax.random.key(0), probe_x)
+        state = jax.eval_shape(init, jax.random.key(0), probe_x)
+        if setup.gated is not None:  # the gated transform refuses what capture refuses
+            jax.eval_shape(setup.gated.preacts_fn, state.params, state.params, probe_x)
     except ValueError as err:  # CaptureError (no ReLU, refused construct) or a bad probe shape
         raise ConfigError(f"model: {err}") from err
 
@@ -222,7 +233,13 @@ def restore(config, workdir: str | Path, *, model=None, dataset=None) -> Restore
     """
     setup = build(config, model=model, dataset=dataset)
     probe_x = setup.ds.x_val[setup.probe_idx]
-    initial = step.create_train_state(setup.net, setup.tx, jax.random.key(config.seed), probe_x)
+    initial = step.create_train_state(
+        setup.net,
+        setup.tx,
+        jax.random.key(config.seed),
+        probe_x,
+        decoupled=setup.policy.enabled,
+    )
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
     try:
         restored = ckpt.restore_latest(initial)
@@ -299,10 +316,11 @@ class _Run:
         """Step 0's state, or the newest checkpoint's when resuming (records cut to match)."""
         s = self.setup
         init_fn = jax.jit(
-            functools.partial(step.create_train_state, s.net, s.tx),
+            functools.partial(step.create_train_state, s.net, s.tx, decoupled=s.policy.enabled),
             out_shardings=s.place.replicated,
         )
         state = init_fn(jax.random.key(self.config.seed), self.probe["x"])
+        self.frozen = False  # on the host: whether the state's gates are frozen
         if not resume:
             return 0, state
         restored = self.ckpt.restore_latest(state)
@@ -312,14 +330,32 @@ class _Run:
                 records.check_record(self.workdir, self.config, start)  # never a partial one
             records.truncate_after(self.workdir, start if restored else -1)
             print(f"resuming {self.workdir} from step {start}", flush=True)
+        if restored and s.policy.enabled:
+            self.frozen = bool(jax.device_get(state.frozen.on))
+            if s.policy.auto and not self.frozen:  # the detector reads the rows so far again
+                rows = records.read_rows(self.workdir)  # atomic truncation: any process
+                s.policy.feed(r for r in rows if r["step"] <= start)
         return start, state
 
     def _measures(self) -> None:
         """The chunk runner, evaluation and stability test of this run."""
         s, c = self.setup, self.config
-        eval_fn = jax.jit(functools.partial(step.eval_step, model=s.net, loss_fn=s.loss_fn))
         batches = step.eval_batches(s.ds.x_val, s.ds.y_val, c.eval_batch_size, s.place.data)
-        self.evaluate = lambda params: step.evaluate(eval_fn, params, batches, len(s.ds.y_val))
+        eval_fns = {}  # compiled before the first step, like the steps
+        for gated in (False, True) if s.gated is not None else (False,):
+            fn = functools.partial(
+                step.eval_step, model=s.net, loss_fn=s.loss_fn, gated=s.gated if gated else None
+            )
+            gates = self.state.frozen.gates if gated else None
+            lowered = jax.jit(fn).lower(self.state.params, batches[0], gates=gates)
+            eval_fns[gated] = lowered.compile()
+
+        def evaluate(state: TrainState) -> dict:  # the gated network once frozen
+            gates = state.frozen.gates if self.frozen else None
+            fn = functools.partial(eval_fns[self.frozen], gates=gates)
+            return step.evaluate(fn, state.params, batches, len(s.ds.y_val))
+
+        self.evaluate = evaluate
         self.stab_steps = log_spaced_steps(c.num_steps, c.stability.num_points)
         self.stab_fn = jax.jit(
             functools.partial(
@@ -328,7 +364,14 @@ class _Run:
         )
         self.stab_x = self.probe["x"][: c.stability.num_examples or None]
         self.stab_key = jax.random.key(c.stability.seed)
-        self.ends = chunks.boundaries(c, self.start, self.stab_steps)
+        self.ends = sorted(
+            {*chunks.boundaries(c, self.start, self.stab_steps), *s.policy.ends(self.start)}
+        )
+        self.freeze_fn = jax.jit(
+            functools.partial(step.freeze, model=s.net),
+            donate_argnames="state",
+            out_shardings=s.place.replicated,
+        )
         lengths = chunks.lengths(self.start, self.ends, c.steps_per_call)
         self.run_chunk = chunks.Runner(s, self.state, self.probe, lengths)
 
@@ -341,6 +384,7 @@ class _Run:
         """Runs the remaining steps; NonFinite / Interrupted as documented on the caller."""
         n = self.config.num_steps
         fetcher = fetch.Fetcher(self.workdir, self.start, n, write=self.primary)
+        self.clock = live.PhaseClock(self.workdir, self.start, write=self.primary)
         try:
             self._measures()
             if self.start == 0:
@@ -351,6 +395,7 @@ class _Run:
         except FloatingPointError as err:
             raise NonFinite(err, self.workdir, self.ckpt.steps()) from None
         finally:
+            self.clock.write()
             fetcher.close()
             self.ckpt.close()
         return fetcher.last_row
@@ -359,27 +404,45 @@ class _Run:
         state = self.state
         metrics = {
             **analyzer.pattern_metrics(None, state.masks),
-            **self.evaluate(state.params),
+            **self.evaluate(state),
             **self._stability(0, state.params),
         }
         fetcher.add(fetch.Entry.step(0, metrics, state.masks, record=True, snapshot=True))
         fetcher.flush(keep_last=False)
+        self._maybe_freeze(0)
+
+    def _maybe_freeze(self, step_: int) -> None:
+        """Freezes the gates after ``step_`` if the policy says so (before its checkpoint)."""
+        if not self.frozen and self.setup.policy.due(step_):
+            self.clock.stop(self.state, step_)
+            self.state = self.freeze_fn(self.state, self.probe["x"])
+            self.frozen = True
+            if self.primary:
+                print(f"decouple: gates frozen at step {step_}", flush=True)
 
     def _steps(self, fetcher: fetch.Fetcher, stop: signals.StopFlag | hosts.SyncedStop) -> None:
         """Chunk by chunk (see :mod:`regime_jax.chunks`); fetches one chunk late."""
         c, n = self.config, self.config.num_steps
         batches = data.batches(self.setup.ds, c.batch_size, c.seed, start_step=self.start)
+        policy = self.setup.policy
         for chunk in chunks.plan(self.start, self.ends, c.steps_per_call):
-            self.state, entry = self.run_chunk(self.state, chunk, batches)
+            self.state, entry = self.run_chunk(self.state, chunk, batches, gated=self.frozen)
+            self.clock.tick(self.state, chunk.last, "gated" if self.frozen else "ordinary")
+            if chunk.last == n or (not self.frozen and policy.may_freeze(chunk.last)):
+                self.clock.mark(self.state, chunk.last)
             extra = self._stability(chunk.last, self.state.params)
             if itstime(chunk.last, c.eval_every_steps, n):
-                extra = {**extra, **self.evaluate(self.state.params)}
+                extra = {**extra, **self.evaluate(self.state)}
             fetcher.add(entry.with_extra(extra))
             stopping = stop.set  # read once: a signal may land during the flush
             save = itstime(chunk.last, c.checkpoint.every_steps, n) or stopping
-            if save or any(itstime(s, c.log_every_steps, n) for s in chunk.steps):
-                fetcher.flush(keep_last=not save)
+            check = not self.frozen and policy.is_check(chunk.last)  # rows up to here
+            if save or check or any(itstime(s, c.log_every_steps, n) for s in chunk.steps):
+                policy.feed(fetcher.flush(keep_last=not (save or check)))
+            self._maybe_freeze(chunk.last)
             if save:
                 self.ckpt.save(chunk.last, self.state)
             if stopping:
+                self.clock.stop(self.state, chunk.last)
                 raise Interrupted(chunk.last, stop.signum)
+        self.clock.stop(self.state, n)

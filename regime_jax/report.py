@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from regime_jax import curves, plots, records
+from regime_jax import curves, decoupling, plots, records
 from regime_jax.summary import KINDS, PAPER_RATIO, Sweep, find_runs, summarize_sweep, verdict
 from regime_jax.timescales import RULES
 
@@ -74,9 +74,15 @@ def _curves_section(aggs: dict, figures: list[Path]) -> list[str]:
     return lines
 
 
-def _markdown(table: str, aggs: dict, notes: list[str], figures: list[Path]) -> str:
+def _markdown(
+    table: str, aggs: dict, notes: list[str], figures: list[Path], decoupled: list[str] = ()
+) -> str:
     main = ", ".join(sorted({a["main_rule"] for a in aggs.values()}))
     lines = ["# Lag ratio T_step / T_flip (regime change hypothesis, arXiv 2602.08333)", ""]
+    if decoupled:
+        lines = ["# The decoupling experiment (regime change hypothesis, arXiv 2602.08333)", ""]
+        lines += [*decoupled, "", "![decoupling](figures/decoupling.png)", ""]
+        lines += ["## Lag ratio T_step / T_flip of every variant", ""]
     lines += [f"Main decay rule: {main}; paper: {PAPER_RATIO}x.", "", table, "", "## Verdicts", ""]
     for (s, o), agg in sorted(aggs.items()):
         lines.append(f"- {s} / {o}: {verdict(agg['lag']['abs'][agg['main_rule']])}")
@@ -86,7 +92,8 @@ def _markdown(table: str, aggs: dict, notes: list[str], figures: list[Path]) -> 
         lines.append(f"- {s} / {o}: " + ("; ".join(cells) or "none"))
     lines += _curves_section(aggs, figures)
     lines += ["", "## Notes", "", *(f"- {n}" for n in notes or ["none"]), "", "## Figures", ""]
-    rest = [f"![{f.stem}](figures/{f.name})" for f in figures if f.stem != "lag_curves"]
+    shown = ("lag_curves", "decoupling")
+    rest = [f"![{f.stem}](figures/{f.name})" for f in figures if f.stem not in shown]
     return "\n".join(lines + rest) + "\n"
 
 
@@ -121,8 +128,15 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
     sweep = summarize_sweep(root)
     table = markdown_table(sweep)
     figures = write_figures(root / "figures", sweep)
-    (root / "report.md").write_text(_markdown(table, sweep.groups, sweep.notes, figures))
-    out = sweep.to_dict()
+    decoupled = decoupling.decoupling(sweep)
+    if decoupled["groups"]:
+        fig = decoupling.accuracy_figure(decoupled)
+        figures.append(root / "figures" / "decoupling.png")
+        fig.savefig(figures[-1], dpi=DPI)
+    section = decoupling.markdown(decoupled)
+    text = _markdown(table, sweep.groups, sweep.notes, figures, section)
+    (root / "report.md").write_text(text)
+    out = sweep.to_dict() | ({"decoupling": decoupled} if decoupled["groups"] else {})
     records.write_atomic(root / records.SUMMARY, records.to_json(out, indent=1) + "\n")
     paths = {"report": str(root / "report.md"), "figures": [str(f) for f in figures]}
     return out | {"table": table} | paths

@@ -27,7 +27,7 @@ from flax import struct
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from regime_jax import analyzer
+from regime_jax import analyzer, decouple
 from regime_jax.bitmask import Patterns
 from regime_jax.models.adapt import Net, as_net
 
@@ -36,13 +36,38 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @struct.dataclass
+class Frozen:
+    """Decoupled training's part of the state (``decouple.*``, :mod:`regime_jax.decouple`).
+
+    Attributes:
+      gates: a copy of the parameters at the freeze step F; from then on every ReLU unit's
+        on/off comes from these (``z_values * [z_gates > 0]``) and they never change.
+      masks: the gates' packed probe patterns (those of the parameters at F).
+      step: F, int32; -1 until the run freezes (``gates`` and ``masks`` are then unused).
+    """
+
+    gates: Any
+    masks: Patterns
+    step: jax.Array
+
+    @property
+    def on(self) -> jax.Array:
+        return self.step >= 0
+
+
+@struct.dataclass
 class TrainState:
-    """Everything a step reads and writes; ``monitor`` holds the patterns of the last record."""
+    """Everything a step reads and writes; ``monitor`` holds the patterns of the last record.
+
+    ``frozen`` is None unless the run may freeze its gates (``decouple.*``): a run without
+    freezing has exactly the state (and the checkpoints) it had before decoupling existed.
+    """
 
     step: jax.Array
     params: Any
     opt_state: Any
     monitor: analyzer.MonitorState
+    frozen: Frozen | None = None
 
     @property
     def masks(self) -> Patterns:
@@ -85,19 +110,52 @@ def probe_patterns(model: Any, params: Any, probe_x: Any) -> Patterns:
     return analyzer.patterns_from_preacts(as_net(model).preacts_fn(params, probe_x)[1])
 
 
+def _copy(tree: Any) -> Any:
+    """Fresh buffers (never the same array twice in a donated state)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
 def create_train_state(
-    model: Any, tx: optax.GradientTransformation, key: jax.Array, probe_x: Any
+    model: Any,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    probe_x: Any,
+    *,
+    decoupled: bool = False,
 ) -> TrainState:
-    """Initial state; its masks are the probe patterns of the initial parameters (step 0)."""
+    """Initial state; its masks are the probe patterns of the initial parameters (step 0).
+
+    With ``decoupled`` the state has room for the gates (:class:`Frozen`, not yet frozen).
+    """
     net = as_net(model)
     params = net.init(key, jax.tree.map(lambda a: a[:1], probe_x))
     monitor = _monitor(net, probe_x).init(params)
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), monitor)
+    frozen = None
+    if decoupled:
+        frozen = Frozen(_copy(params), _copy(monitor.masks), jnp.full((), -1, jnp.int32))
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), monitor, frozen)
 
 
-def _loss(params: Any, batch: Mapping[str, jax.Array], net: Net, loss_fn: LossFn):
-    logits = net.apply(params, batch["x"])
+def freeze(state: TrainState, probe_x: Any, *, model: Any) -> TrainState:
+    """The state with its gates frozen now: a copy of the params, their probe patterns, F."""
+    if state.frozen is None:
+        raise ValueError("freeze needs a state made with create_train_state(..., decoupled=True)")
+    masks = probe_patterns(model, state.params, probe_x)
+    return state.replace(frozen=Frozen(_copy(state.params), masks, state.step))
+
+
+def _loss(params: Any, batch: Mapping[str, jax.Array], apply: Callable, loss_fn: LossFn):
+    logits = apply(params, batch["x"])
     return loss_fn(logits, batch["y"]).mean(), logits
+
+
+def _gated(gated: decouple.GatedNet, gates: Any) -> Net:
+    """The value network under fixed gates, as a Net of the values (init unused)."""
+    return Net(
+        None,
+        lambda values, x: gated.apply(values, gates, x),
+        lambda values, x: gated.preacts_fn(values, gates, x)[:2],
+    )
 
 
 def train_step(
@@ -109,11 +167,19 @@ def train_step(
     tx: optax.GradientTransformation,
     record: bool,
     loss_fn: LossFn = cross_entropy,
+    gated: decouple.GatedNet | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns | None]:
-    """One update, then the monitor: step sizes, and with ``record`` the post-update patterns."""
-    net = as_net(model)
+    """One update, then the monitor: step sizes, and with ``record`` the post-update patterns.
+
+    With ``gated`` (the model's :func:`regime_jax.decouple.gated_net`; a state frozen by
+    :func:`freeze`) the update trains the values through the gated network; the recorded
+    patterns are the value stream's own ``z_values > 0``, and the metrics add
+    ``decouple/freeze_step`` and, with ``record``, ``decouple/disagree/*`` (those patterns
+    against the gates').
+    """
+    net = as_net(model) if gated is None else _gated(gated, state.frozen.gates)
     (loss, logits), grads = jax.value_and_grad(_loss, has_aux=True)(
-        state.params, batch, net, loss_fn
+        state.params, batch, net.apply, loss_fn
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -124,15 +190,31 @@ def train_step(
     if _is_classification(logits, batch["y"]):
         metrics["train/acc"] = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
     metrics |= monitored
+    if gated is not None:
+        metrics["decouple/freeze_step"] = state.frozen.step
+        if record:
+            metrics |= decouple.disagreement_of_patterns(monitor.masks, state.frozen.masks)
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, monitor=monitor)
     return state, metrics, (monitor.masks if record else None)
 
 
 def eval_step(
-    params: Any, batch: Mapping[str, jax.Array], *, model: Any, loss_fn: LossFn = cross_entropy
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    *,
+    model: Any,
+    loss_fn: LossFn = cross_entropy,
+    gates: Any = None,
+    gated: decouple.GatedNet | None = None,
 ) -> dict[str, jax.Array]:
-    """Summed loss (and correct count) over a padded batch; ``w`` masks the padding."""
-    logits = as_net(model).apply(params, batch["x"])
+    """Summed loss (and correct count) over a padded batch; ``w`` masks the padding.
+
+    With ``gated`` and ``gates``: the gated network's (the values under frozen gates).
+    """
+    if gated is None:
+        logits = as_net(model).apply(params, batch["x"])
+    else:
+        logits = gated.apply(params, gates, batch["x"])
     w_B = batch["w"]
     sums = {"loss": jnp.sum(loss_fn(logits, batch["y"]) * w_B)}
     if _is_classification(logits, batch["y"]):
@@ -154,17 +236,21 @@ def make_step_fns(
     tx: optax.GradientTransformation,
     loss_fn: LossFn = cross_entropy,
     out_shardings: Any = None,
+    gated: decouple.GatedNet | None = None,
 ) -> dict[bool, Callable]:
     """The two jitted step variants, keyed by ``record``; each traces once.
 
     ``out_shardings`` (a mesh's replicated sharding, or None) pins every output: the state
-    comes back as it went in, and metrics and masks are readable from any process.
+    comes back as it went in, and metrics and masks are readable from any process. With
+    ``gated``, the steps of a frozen state (:func:`train_step`).
     """
     net = as_net(model)
     kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
     return {
         record: jax.jit(
-            functools.partial(train_step, model=net, tx=tx, record=record, loss_fn=loss_fn),
+            functools.partial(
+                train_step, model=net, tx=tx, record=record, loss_fn=loss_fn, gated=gated
+            ),
             donate_argnames="state",
             **kwargs,
         )
@@ -199,6 +285,7 @@ def train_chunk(
     loss_fn: LossFn = cross_entropy,
     every_record: bool,
     slots: int,
+    gated: decouple.GatedNet | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns]:
     """``T`` consecutive :func:`train_step` calls in one ``lax.scan``.
 
@@ -213,9 +300,10 @@ def train_chunk(
     Returns:
       ``(state, metrics_T, snapshots_S)``: every metric stacked ``[T]`` (a non-record step's
       pattern metrics are zeros), and ``{layer: Packed [S, P, ...]}`` holding only the masks
-      of the snapshot steps, not ``T`` full mask sets.
+      of the snapshot steps, not ``T`` full mask sets. ``gated``: as in :func:`train_step`
+      (a chunk never straddles the freeze step).
     """
-    step_fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn)
+    step_fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, gated=gated)
     snaps_S = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), state.masks)
 
     def body(carry, xs):
@@ -240,6 +328,7 @@ def make_chunk_fn(
     every_record: bool,
     slots: int,
     out_shardings: Any = None,
+    gated: decouple.GatedNet | None = None,
 ) -> Callable:
     """:func:`train_chunk` jitted, donating the state; one trace per chunk length ``T``."""
     kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
@@ -250,6 +339,7 @@ def make_chunk_fn(
         loss_fn=loss_fn,
         every_record=every_record,
         slots=slots,
+        gated=gated,
     )
     return jax.jit(fn, donate_argnames="state", **kwargs)
 

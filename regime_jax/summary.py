@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from regime_jax import curves, records, timescales
+from regime_jax import curves, online, records, timescales
 from regime_jax.curves import PAPER_RATIO
 from regime_jax.timescales import RULES, DecayConfig, decay_times_all_rules
 
@@ -139,7 +139,7 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
         lag[kind] = {rule: _guard(_lag, steps, s, h, cfg, rule) for rule in RULES}
     steps, (s, h) = _aligned(run, "step/abs/all", "flip/all")
     last_step = run.rows[-1]["step"] if run.rows else None
-    final = {k: run.series(k)[1][-1:].tolist() for k in ("train/loss", "eval/acc")}
+    final = {k: run.series(k)[1][-1:].tolist() for k in ("train/loss", "eval/acc", "eval/loss")}
     out = {
         "workdir": str(run.workdir),
         "seed": run.config.get("seed"),
@@ -154,9 +154,33 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
         curves.KEY: _guard(curves.run_curves, steps, s, h, cfg),
         "layers": _layer_lags(run, cfg, notes),
         "reference": reference_points(run, cfg),
+        "online": _online(run, h, steps),
+        "decouple": _decoupled(run),
         "notes": notes,
     }
     return records.jsonable(out)
+
+
+def _online(run: records.Run, flips: np.ndarray, steps: np.ndarray) -> dict[str, Any]:
+    """The causal detector's T(flip) (:func:`regime_jax.online.online_settle_time`) over the
+    recorded ``flip/all``, with the run's ``decouple.online`` settings (else the defaults);
+    only the rows before a freeze (after it the series is the value stream's)."""
+    settings = run.config.get("decouple", {}).get("online") or {}
+    frozen = _decoupled(run)["freeze_step"]
+    keep = steps <= frozen if frozen is not None else np.ones(steps.shape, bool)
+    cfg = online.OnlineConfig(**settings)
+    result = _guard(online.online_settle_time, steps[keep], flips[keep], cfg)
+    return (result if isinstance(result, dict) else result.to_dict()) | {"config": cfg.to_dict()}
+
+
+def _decoupled(run: records.Run) -> dict[str, Any]:
+    """The freeze step (None: the run never froze) and the final disagreement."""
+    frozen = [r["decouple/freeze_step"] for r in run.rows if "decouple/freeze_step" in r]
+    disagree = [r["decouple/disagree/all"] for r in run.rows if "decouple/disagree/all" in r]
+    return {
+        "freeze_step": int(frozen[0]) if frozen else None,
+        "final_disagreement": disagree[-1] if disagree else None,
+    }
 
 
 def write_run_summary(workdir: str | Path) -> Path:

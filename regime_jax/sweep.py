@@ -14,6 +14,14 @@ The sweep config (a ConfigDict, see ``regime_jax/configs/reproduce.py``) has
 * ``optimizers``: ``{name: {field: value}}`` of ``optimizer.*`` fields.
 * ``seeds``: list of ints; only ``config.seed`` changes (probe and dataset seeds stay fixed).
 * ``overrides``: fields applied to every run.
+* optional ``freeze`` (the decoupling experiment, :mod:`regime_jax.decoupling`):
+  ``{multiples: [float], auto: bool, overrides: {field: value}}``. Each (setting, optimizer,
+  seed) then runs as variants, in this order: ``never`` (ordinary training, the reference),
+  ``auto`` (``decouple.auto``), and one per multiple m, frozen at
+  ``decouple.freeze_step = round(m x T(flip))`` with T(flip) the ``never`` run's flip decay
+  time under its main rule (read from its summary.json when the variant starts; a reference
+  with no T(flip) fails the variant, naming why). ``overrides`` apply to the multiples' runs
+  (e.g. a sparser record cadence). A variant's setting is named ``<setting>@<variant>``.
 
 Composition order, later wins: experiment's ``get_config(arg)`` < sweep ``overrides`` <
 setting ``overrides`` < ``optimizers[name]`` < setting ``optimizers[name]`` < seed. An
@@ -62,6 +70,8 @@ class RunSpec:
     optimizer: str
     seed: int
     config: ml_collections.ConfigDict
+    multiple: float | None = None  # freeze at multiple x the reference's T(flip)
+    reference: str | None = None  # path of the run whose T(flip) sets the freeze step
 
     @property
     def path(self) -> str:
@@ -116,8 +126,66 @@ def expand_grid(sweep: ml_collections.ConfigDict) -> list[RunSpec]:
                 except ConfigError as err:
                     where = f"setting {setting['name']!r} (optimizer {opt!r}, seed {seed})"
                     raise ConfigError(f"{where}: {err}") from err
-                specs.append(RunSpec(setting["name"], opt, int(seed), config))
+                spec = RunSpec(setting["name"], opt, int(seed), config)
+                specs += _variants(sweep, spec) if sweep.get("freeze") else [spec]
     return specs
+
+
+def _variants(sweep, spec: RunSpec) -> list[RunSpec]:
+    """The decoupling variants of one run (see the module doc), validated."""
+    from regime_jax.decoupling import AUTO, NEVER, SEP, variant_name
+
+    freeze = sweep.freeze
+    name = lambda v: f"{spec.setting}{SEP}{v}"
+    never = dataclasses.replace(spec, setting=name(NEVER))
+    out = [never]
+    if freeze.get("auto", False):
+        config = ml_collections.ConfigDict(spec.config.to_dict())
+        config.decouple.auto = True
+        out.append(dataclasses.replace(spec, setting=name(AUTO), config=config))
+    for m in freeze.get("multiples", ()):
+        if isinstance(m, bool) or not isinstance(m, int | float) or not m >= 0:
+            raise ConfigError(f"freeze.multiples: {m!r} is not a number >= 0")
+        config = ml_collections.ConfigDict(spec.config.to_dict())
+        where = f"setting {spec.setting!r} (optimizer {spec.optimizer!r}), freeze.overrides"
+        apply_overrides(config, freeze.get("overrides"), where)
+        config.decouple.freeze_step = 0  # validated now, set from the reference when it runs
+        try:
+            loop.check_config(config)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err
+        variant = dataclasses.replace(
+            spec, setting=name(variant_name(m)), config=config, multiple=float(m)
+        )
+        out.append(dataclasses.replace(variant, reference=never.path))
+    return out
+
+
+def _resolve(spec: RunSpec, workdir: Path) -> tuple[RunSpec, str]:
+    """A multiple's run with its freeze step from the reference's T(flip), and a note.
+
+    T(flip) is the reference's flip decay time under its main rule, else under the first
+    other rule that gives one (the note says which); ValueError if no rule does.
+    """
+    if spec.multiple is None:
+        return spec, ""
+    path = workdir / spec.reference / SUMMARY
+    if not path.exists():
+        raise ValueError(f"the reference run {spec.reference} did not finish (no {SUMMARY})")
+    summary = json.loads(path.read_text())
+    main = summary["main_rule"]
+    lags = summary["lag"]["abs"]
+    rule = next(
+        (r for r in (main, *sorted(lags)) if lags[r]["t_flip"].get("time") is not None), None
+    )
+    if rule is None:
+        why = lags[main]["t_flip"].get("message") or lags[main]["t_flip"].get("status")
+        raise ValueError(f"the reference run {spec.reference} has no T(flip) under any rule: {why}")
+    t_flip = float(lags[rule]["t_flip"]["time"])
+    config = ml_collections.ConfigDict(spec.config.to_dict())
+    config.decouple.freeze_step = round(spec.multiple * t_flip)
+    note = "" if rule == main else f" | T(flip) from the {rule} rule ({main}: none)"
+    return dataclasses.replace(spec, config=config), note
 
 
 def _write_grid(workdir: Path, sweep, specs: list[RunSpec]) -> None:
@@ -125,6 +193,7 @@ def _write_grid(workdir: Path, sweep, specs: list[RunSpec]) -> None:
         "sweep": sweep.to_dict(),
         "runs": [
             {"path": s.path, "setting": s.setting, "optimizer": s.optimizer, "seed": s.seed}
+            | ({} if s.multiple is None else {"multiple": s.multiple, "reference": s.reference})
             | {"config": s.config.to_dict()}
             for s in specs
         ],
@@ -135,13 +204,19 @@ def _write_grid(workdir: Path, sweep, specs: list[RunSpec]) -> None:
 def _run_one(spec: RunSpec, rundir: Path) -> str:
     """Trains one run (train writes its summary.json) and returns a progress line."""
     tic = time.perf_counter()
+    spec, note = _resolve(spec, rundir.parents[2])
     loop.train_and_evaluate(spec.config, rundir)
     summary = json.loads((rundir / SUMMARY).read_text())
     acc, ratio = summary["final"]["eval/acc"], main_ratio(summary)
     status = summary["lag"]["abs"][summary["main_rule"]]["status"]
     acc_text = "–" if acc is None else f"{acc:.3f}"
     lag_text = f"{ratio:.2f}" if ratio is not None else status
-    return f"{time.perf_counter() - tic:.1f} s | eval/acc {acc_text} | lag ratio (abs) {lag_text}"
+    frozen = (summary.get("decouple") or {}).get("freeze_step")
+    tail = ("" if frozen is None else f" | frozen at step {frozen}") + note
+    return (
+        f"{time.perf_counter() - tic:.1f} s | eval/acc {acc_text} | lag ratio (abs) {lag_text}"
+        + tail
+    )
 
 
 def run_sweep(

@@ -58,9 +58,9 @@ def test_chunks_give_the_bytes_of_single_steps_and_trace_each_length_once(tmp_pa
     dispatched = []
     real_call = chunks.Runner.__call__
 
-    def call(self, state, chunk, batches):
+    def call(self, state, chunk, batches, **kwargs):
         dispatched.append((chunk.length, dict(traced)))  # traces so far, at each dispatch
-        return real_call(self, state, chunk, batches)
+        return real_call(self, state, chunk, batches, **kwargs)
 
     monkeypatch.setattr(chunks.Runner, "__call__", call)
     loop.train_and_evaluate(tiny_config(steps_per_call=4, **overrides), tmp_path / "k4")
