@@ -12,7 +12,7 @@ import pytest
 from regime_jax import configs, main, report
 from regime_jax.overrides import fields
 
-EXPERIMENTS = [n for n in configs.names() if n != "reproduce"]  # reproduce: a sweep config
+EXPERIMENTS = [n for n in configs.names() if n not in configs.SWEEPS]
 QUICK = "--config=mlp_mnist1d:quick"
 
 

@@ -50,11 +50,11 @@ def test_variants_expand_in_order_and_validate():
 def test_bad_freeze_block_is_refused_before_any_run():
     c = _quick()
     c.freeze.multiples = [0.5, -1.0]
-    with pytest.raises(ConfigError, match="freeze.multiples"):
+    with pytest.raises(ConfigError, match=r"freeze\.multiples"):
         sweep.expand_grid(c)
     c = _quick()
     c.freeze.overrides = {"record": {"every_steps": 7}}  # snapshots (5) not a multiple of it
-    with pytest.raises(ConfigError, match="freeze.overrides"):
+    with pytest.raises(ConfigError, match=r"freeze\.overrides"):
         sweep.expand_grid(c)
 
 
@@ -112,9 +112,10 @@ def test_decoupled_quick_sweep_end_to_end(tmp_path):
     result = out["report"]["decoupling"]["groups"]["mlp_mnist1d/adam"]
     assert list(result) == ["0T", "0.25T", "0.5T", "1T", "2T", "auto", "never"]
     ref = summary.load_or_summarize(tmp_path / "mlp_mnist1d@never/adam/seed_0")[0]
-    t_flip = ref["lag"]["abs"]["settle"]["t_flip"]["time"] or ref["lag"]["abs"]["cumsum"][
-        "t_flip"
-    ]["time"]
+    t_flip = (
+        ref["lag"]["abs"]["settle"]["t_flip"]["time"]
+        or ref["lag"]["abs"]["cumsum"]["t_flip"]["time"]
+    )
     assert result["0T"]["freeze_step"] == 0
     assert result["1T"]["freeze_step"] == round(t_flip)
     assert result["never"]["freeze_step"] is None

@@ -12,7 +12,7 @@ from regime_jax import configs, data, loop, records
 from regime_jax.config import ConfigError
 
 NAMES = configs.names()
-SWEEPS = ("reproduce",)  # sweep configs: python -m regime_jax.sweep
+SWEEPS = configs.SWEEPS  # sweep configs: python -m regime_jax.sweep
 RUNS = [n for n in NAMES if n not in SWEEPS]
 
 
@@ -34,8 +34,10 @@ def test_every_config_is_packaged():
         "stability_mlp_mnist1d",
         "stability_cnn_digits",
         "reproduce",
+        "decoupled",
     }
-    assert all("dataset" in _quick(n) for n in RUNS) and "settings" in _quick("reproduce")
+    assert all("dataset" in _quick(n) for n in RUNS)
+    assert all("settings" in _quick(n) for n in SWEEPS)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -24,7 +24,8 @@ root is :func:`regime_jax.config.base_config`, where every field is documented::
            └─ cnn_mnist
               └─ cnn_cifar10
 
-``reproduce`` is a sweep config (``python -m regime_jax.sweep``): its settings name configs.
+``reproduce`` and ``decoupled`` are sweep configs (``python -m regime_jax.sweep``, listed in
+:data:`SWEEPS`): their settings name configs.
 
 >>> "mlp_mnist1d" in names()
 True
@@ -46,9 +47,11 @@ import ml_collections
 
 from regime_jax.config import ConfigError
 
+SWEEPS = ("decoupled", "reproduce")  # the packaged sweep configs
+
 
 def names() -> list[str]:
-    """The packaged configs' names, sorted (``reproduce`` is a sweep config)."""
+    """The packaged configs' names, sorted (:data:`SWEEPS` are sweep configs)."""
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
