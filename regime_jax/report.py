@@ -75,7 +75,12 @@ def _curves_section(aggs: dict, figures: list[Path]) -> list[str]:
 
 
 def _markdown(
-    table: str, aggs: dict, notes: list[str], figures: list[Path], decoupled: list[str] = ()
+    table: str,
+    aggs: dict,
+    notes: list[str],
+    figures: list[Path],
+    decoupled: list[str] = (),
+    online: list[str] = (),
 ) -> str:
     main = ", ".join(sorted({a["main_rule"] for a in aggs.values()}))
     lines = ["# Lag ratio T_step / T_flip (regime change hypothesis, arXiv 2602.08333)", ""]
@@ -90,6 +95,7 @@ def _markdown(
     for (s, o), agg in sorted(aggs.items()):
         cells = [f"{k} {_fmt_ci(v)}" for k, v in agg["layers"].items()]
         lines.append(f"- {s} / {o}: " + ("; ".join(cells) or "none"))
+    lines += ["", *online] if online else []
     lines += _curves_section(aggs, figures)
     lines += ["", "## Notes", "", *(f"- {n}" for n in notes or ["none"]), "", "## Figures", ""]
     shown = ("lag_curves", "decoupling")
@@ -134,9 +140,11 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
         figures.append(root / "figures" / "decoupling.png")
         fig.savefig(figures[-1], dpi=DPI)
     section = decoupling.markdown(decoupled)
-    text = _markdown(table, sweep.groups, sweep.notes, figures, section)
+    online = decoupling.online_markdown(decoupled["online"])
+    text = _markdown(table, sweep.groups, sweep.notes, figures, section, online)
     (root / "report.md").write_text(text)
-    out = sweep.to_dict() | ({"decoupling": decoupled} if decoupled["groups"] else {})
+    out = sweep.to_dict() | {"online": decoupled["online"]}
+    out |= {"decoupling": decoupled} if decoupled["groups"] else {}
     records.write_atomic(root / records.SUMMARY, records.to_json(out, indent=1) + "\n")
     paths = {"report": str(root / "report.md"), "figures": [str(f) for f in figures]}
     return out | {"table": table} | paths

@@ -124,5 +124,14 @@ def test_decoupled_quick_sweep_end_to_end(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "## Decoupling" in text and "| mlp_mnist1d | adam | 0.5T |" in text
     assert (tmp_path / "figures" / "decoupling.png").stat().st_size > 1000
+    online = out["report"]["online"]
+    assert list(online) == ["mlp_mnist1d/adam"]  # the never runs only
+    assert (
+        online["mlp_mnist1d/adam"]["offline"]["values"]
+        == [ref["lag"]["abs"]["settle"]["t_flip"]["time"]]
+        or ref["lag"]["abs"]["settle"]["t_flip"]["time"] is None
+    )
+    assert online["mlp_mnist1d/adam"]["online_missing"] == (ref["online"]["time"] is None)
+    assert "## The online settle detector against the offline rule" in text
     timing = json.loads((tmp_path / "mlp_mnist1d@0.5T/adam/seed_0/timing.json").read_text())
     assert timing["phases"]["ordinary"]["steps"] > 0 and timing["phases"]["gated"]["steps"] > 0

@@ -63,7 +63,7 @@ def test_build_report_on_synthetic_sweep(tmp_path, monkeypatch):
     assert "| beta | adam | 2/3 |" in md
 
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert written == {k: out[k] for k in ("runs", "groups", "notes")}
+    assert written == {k: out[k] for k in ("runs", "groups", "notes", "online")}
     assert sorted(written["groups"]) == ["alpha/adam", "alpha/sgd", "beta/adam", "beta/sgd"]
     settle = written["groups"]["alpha/sgd"]["lag"]["abs"]["settle"]
     assert settle["n"] == 3 and settle["mean"] == pytest.approx(3.85, rel=0.05)
