@@ -178,11 +178,13 @@ def test_both_variants_of_every_chunk_length_compile_before_the_first_step(tmp_p
     assert all(traces == every for _, _, traces in seen)
 
 
-# A detector loose enough to trigger within 12 tiny steps; checks every 3 steps.
+# A detector loose enough to trigger within 12 tiny steps (at step 6 on this series, from the
+# trailing mean of steps 4-6); checks every 3 steps. Its window of 3 makes history matter: a
+# run resumed at step 4 that forgot the rows before it could not trigger before step 7.
 AUTO = {
     "decouple.auto": True,
     "decouple.check_every_steps": 3,
-    "decouple.online": {"window": 1, "fraction": 0.95, "patience": 1},
+    "decouple.online": {"window": 3, "fraction": 0.95, "patience": 1},
 }
 
 
@@ -208,11 +210,12 @@ def test_auto_never_triggering_is_an_ordinary_run(runs, tmp_path):
     _same_run(runs["plain"], tmp_path)
 
 
-@pytest.mark.parametrize("resume_at", [2, 8])
+@pytest.mark.parametrize("resume_at", [4, 8])
 def test_a_resumed_auto_run_freezes_at_the_same_step(resume_at, tmp_path):
-    """Killed before (2) or after (8) the freeze: the resumed run has the same bytes."""
+    """Killed before (4) or after (8) the freeze: the resumed run has the same bytes."""
     config = tiny_config(**CKPT, **AUTO)
     loop.train_and_evaluate(config, tmp_path / "ref")
+    assert records.read_rows(tmp_path / "ref")[-1]["decouple/freeze_step"] == 6
     shutil.copytree(tmp_path / "ref", tmp_path / "cut")
     for d in (tmp_path / "cut" / "checkpoints").iterdir():
         if d.name.isdigit() and int(d.name) > resume_at:
