@@ -163,7 +163,7 @@ class Setup:
     tx: optax.GradientTransformation
     place: Placement
     loss_fn: LossFn
-    policy: decouple.FreezePolicy
+    policy: decouple.FreezePolicy  # read for what it decides statically; a run has its own
     gated: decouple.GatedNet | None  # the model's gated transform, if the run may freeze
 
 
@@ -304,6 +304,7 @@ class _Run:
         probe = {"x": ds.x_val[setup.probe_idx], "y": ds.y_val[setup.probe_idx]}
         self.probe = hosts.put(probe, place.data)
         self.ckpt = checkpoint.Checkpointer(workdir, self.config.checkpoint.keep)
+        self.policy = decouple.FreezePolicy.from_config(self.config)  # this run's detector
         try:
             self.start, self.state = self._initial_state(resume)
             if self.primary:
@@ -332,9 +333,9 @@ class _Run:
             print(f"resuming {self.workdir} from step {start}", flush=True)
         if restored and s.policy.enabled:
             self.frozen = bool(jax.device_get(state.frozen.on))
-            if s.policy.auto and not self.frozen:  # the detector reads the rows so far again
+            if self.policy.auto and not self.frozen:  # the detector reads the rows so far again
                 rows = records.read_rows(self.workdir)  # atomic truncation: any process
-                s.policy.feed(r for r in rows if r["step"] <= start)
+                self.policy.feed(r for r in rows if r["step"] <= start)
         return start, state
 
     def _measures(self) -> None:
@@ -365,7 +366,7 @@ class _Run:
         self.stab_x = self.probe["x"][: c.stability.num_examples or None]
         self.stab_key = jax.random.key(c.stability.seed)
         self.ends = sorted(
-            {*chunks.boundaries(c, self.start, self.stab_steps), *s.policy.ends(self.start)}
+            {*chunks.boundaries(c, self.start, self.stab_steps), *self.policy.ends(self.start)}
         )
         self.freeze_fn = jax.jit(
             functools.partial(step.freeze, model=s.net),
@@ -413,7 +414,7 @@ class _Run:
 
     def _maybe_freeze(self, step_: int) -> None:
         """Freezes the gates after ``step_`` if the policy says so (before its checkpoint)."""
-        if not self.frozen and self.setup.policy.due(step_):
+        if not self.frozen and self.policy.due(step_):
             self.clock.stop(self.state, step_)
             self.state = self.freeze_fn(self.state, self.probe["x"])
             self.frozen = True
@@ -424,7 +425,7 @@ class _Run:
         """Chunk by chunk (see :mod:`regime_jax.chunks`); fetches one chunk late."""
         c, n = self.config, self.config.num_steps
         batches = data.batches(self.setup.ds, c.batch_size, c.seed, start_step=self.start)
-        policy = self.setup.policy
+        policy = self.policy
         for chunk in chunks.plan(self.start, self.ends, c.steps_per_call):
             self.state, entry = self.run_chunk(self.state, chunk, batches, gated=self.frozen)
             self.clock.tick(self.state, chunk.last, "gated" if self.frozen else "ordinary")
