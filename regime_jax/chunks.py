@@ -103,12 +103,12 @@ class Runner:
         longest, every_record = max(chunk_lengths, default=1), self.record == 1
         self.slots = max(1, min(longest, -(-longest // self.snapshot) + 1))
         sample = next(data.batches(setup.ds, c.batch_size, c.seed))
+        net, tx, loss_fn, rep = setup.net, setup.tx, setup.loss_fn, setup.place.replicated
+        batch = self._abstract(sample, None)[0]
         self.step_fns, self.keep, self.compiled = {}, {}, {}
         for gated in (False, True) if setup.gated is not None else (False,):
             g = setup.gated if gated else None
-            net, tx, loss_fn, rep = setup.net, setup.tx, setup.loss_fn, setup.place.replicated
             step_fns = step.make_step_fns(net, tx, loss_fn, rep, g)
-            batch = self._abstract(sample, None)[0]
             self.step_fns[gated] = {  # compiled now: no step of the run compiles
                 record: step_fns[record].lower(state, batch, probe).compile()
                 for record in (True, False)

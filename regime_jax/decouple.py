@@ -133,14 +133,18 @@ def disagreement_of_patterns(
     """
     if set(values) != set(gates):
         raise ValueError(f"values have layers {sorted(values)} but gates have {sorted(gates)}")
-    return {f"{PREFIX}/{k}": v for k, v in analyzer.flip_rates(gates, values).items()}
+    return _metrics(analyzer.flip_rates(gates, values))
+
+
+def _metrics(rates: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    return {f"{PREFIX}/{k}": v for k, v in rates.items()}
 
 
 def disagreement_metrics(
     z_values: Mapping[str, jax.Array], z_gates: Mapping[str, jax.Array]
 ) -> dict[str, jax.Array]:
     """:func:`disagreement` as metrics: ``decouple/disagree/<layer>``, ``decouple/disagree/all``."""
-    return {f"{PREFIX}/{k}": v for k, v in disagreement(z_values, z_gates).items()}
+    return _metrics(disagreement(z_values, z_gates))
 
 
 # ----------------------------------------------------------------------------- when to freeze

@@ -87,10 +87,12 @@ def _per_seed(members) -> dict[int, dict[str, Any]]:
             "num_steps": summary["num_steps"],
             "ordinary_s": ordinary,
             "gated_s": gated,
-            "t_flip": _t_flip(summary),
-            "online": (summary.get("online") or {}).get("time"),
         }
     return out
+
+
+def _online_time(summary: Mapping[str, Any]) -> float | None:
+    return (summary.get("online") or {}).get("time")
 
 
 def _gap(rows: dict[int, dict], ref: dict[int, dict], key: str) -> dict[str, Any]:
@@ -164,8 +166,7 @@ def online_vs_offline(sweep: Any) -> dict[str, Any]:
         base, variant = split(setting)
         if variant not in (None, NEVER):
             continue
-        rows = _per_seed(members).values()
-        pairs = [(r["t_flip"], r["online"]) for r in rows]
+        pairs = [(_t_flip(summary), _online_time(summary)) for summary, _ in members]
         out[f"{base}/{opt}"] = {
             "offline": _stats([a for a, _ in pairs]),
             "online": _stats([b for _, b in pairs]),

@@ -122,6 +122,7 @@ class PhaseClock:
 
     def __init__(self, workdir: Path, start: int, *, write: bool):
         self.path, self.write_file, self._t0 = Path(workdir) / TIMING, write, None
+        self._mark: tuple[int, float] | None = None  # (step, time) of the last mark
         self.phases = {
             "ordinary": {"steps": 0, "seconds": 0.0},
             "gated": {"steps": 0, "seconds": 0.0},
@@ -148,7 +149,7 @@ class PhaseClock:
     def stop(self, state: Any, step: int) -> None:
         """Stops the running clock at ``step`` (at its mark, if it has one)."""
         if self._t0 is not None:
-            marked, at = getattr(self, "_mark", (None, 0.0))
+            marked, at = self._mark or (None, 0.0)
             if marked != step:
                 jax.block_until_ready(state)
                 at = time.perf_counter()

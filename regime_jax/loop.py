@@ -163,7 +163,6 @@ class Setup:
     tx: optax.GradientTransformation
     place: Placement
     loss_fn: LossFn
-    policy: decouple.FreezePolicy  # read for what it decides statically; a run has its own
     gated: decouple.GatedNet | None  # the model's gated transform, if the run may freeze
 
 
@@ -191,10 +190,9 @@ def build(config, *, model=None, dataset=None, loss_fn=None) -> Setup:
     if model is None:
         model = models.create_model(config.model, ds.num_classes)
     net, tx = as_net(model), step.make_optimizer(config.optimizer, config.num_steps)
-    policy = decouple.FreezePolicy.from_config(config)
-    gated = decouple.gated_net(net) if policy.enabled else None
-    loss_fn = loss_fn or step.cross_entropy
-    setup = Setup(config, ds, probe_idx, net, tx, place, loss_fn, policy, gated)
+    may_freeze = decouple.FreezePolicy.from_config(config).enabled
+    gated = decouple.gated_net(net) if may_freeze else None
+    setup = Setup(config, ds, probe_idx, net, tx, place, loss_fn or step.cross_entropy, gated)
     _check_model(setup)
     return setup
 
@@ -238,7 +236,7 @@ def restore(config, workdir: str | Path, *, model=None, dataset=None) -> Restore
         setup.tx,
         jax.random.key(config.seed),
         probe_x,
-        decoupled=setup.policy.enabled,
+        decoupled=setup.gated is not None,
     )
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
     try:
@@ -317,7 +315,7 @@ class _Run:
         """Step 0's state, or the newest checkpoint's when resuming (records cut to match)."""
         s = self.setup
         init_fn = jax.jit(
-            functools.partial(step.create_train_state, s.net, s.tx, decoupled=s.policy.enabled),
+            functools.partial(step.create_train_state, s.net, s.tx, decoupled=s.gated is not None),
             out_shardings=s.place.replicated,
         )
         state = init_fn(jax.random.key(self.config.seed), self.probe["x"])
@@ -331,7 +329,7 @@ class _Run:
                 records.check_record(self.workdir, self.config, start)  # never a partial one
             records.truncate_after(self.workdir, start if restored else -1)
             print(f"resuming {self.workdir} from step {start}", flush=True)
-        if restored and s.policy.enabled:
+        if restored and s.gated is not None:
             self.frozen = bool(jax.device_get(state.frozen.on))
             if self.policy.auto and not self.frozen:  # the detector reads the rows so far again
                 rows = records.read_rows(self.workdir)  # atomic truncation: any process

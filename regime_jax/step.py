@@ -211,10 +211,8 @@ def eval_step(
 
     With ``gated`` and ``gates``: the gated network's (the values under frozen gates).
     """
-    if gated is None:
-        logits = as_net(model).apply(params, batch["x"])
-    else:
-        logits = gated.apply(params, gates, batch["x"])
+    net = as_net(model) if gated is None else _gated(gated, gates)
+    logits = net.apply(params, batch["x"])
     w_B = batch["w"]
     sums = {"loss": jnp.sum(loss_fn(logits, batch["y"]) * w_B)}
     if _is_classification(logits, batch["y"]):

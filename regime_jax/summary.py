@@ -154,19 +154,19 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
         curves.KEY: _guard(curves.run_curves, steps, s, h, cfg),
         "layers": _layer_lags(run, cfg, notes),
         "reference": reference_points(run, cfg),
-        "online": _online(run, h, steps),
         "decouple": _decoupled(run),
         "notes": notes,
     }
+    out["online"] = _online(run, h, steps, out["decouple"]["freeze_step"])
     return records.jsonable(out)
 
 
-def _online(run: records.Run, flips: np.ndarray, steps: np.ndarray) -> dict[str, Any]:
+def _online(run: records.Run, flips: np.ndarray, steps: np.ndarray, frozen: int | None):
     """The causal detector's T(flip) (:func:`regime_jax.online.online_settle_time`) over the
     recorded ``flip/all``, with the run's ``decouple.online`` settings (else the defaults);
-    only the rows before a freeze (after it the series is the value stream's)."""
+    only the rows up to the freeze step ``frozen`` (after it the series is the value
+    stream's)."""
     settings = run.config.get("decouple", {}).get("online") or {}
-    frozen = _decoupled(run)["freeze_step"]
     keep = steps <= frozen if frozen is not None else np.ones(steps.shape, bool)
     cfg = online.OnlineConfig(**settings)
     result = _guard(online.online_settle_time, steps[keep], flips[keep], cfg)

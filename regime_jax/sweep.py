@@ -131,6 +131,11 @@ def expand_grid(sweep: ml_collections.ConfigDict) -> list[RunSpec]:
     return specs
 
 
+def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A deep copy a variant can change without touching the run it came from."""
+    return ml_collections.ConfigDict(config.to_dict())
+
+
 def _variants(sweep, spec: RunSpec) -> list[RunSpec]:
     """The decoupling variants of one run (see the module doc), validated."""
     from regime_jax.decoupling import AUTO, NEVER, SEP, variant_name
@@ -140,13 +145,13 @@ def _variants(sweep, spec: RunSpec) -> list[RunSpec]:
     never = dataclasses.replace(spec, setting=name(NEVER))
     out = [never]
     if freeze.get("auto", False):
-        config = ml_collections.ConfigDict(spec.config.to_dict())
+        config = _copy(spec.config)
         config.decouple.auto = True
         out.append(dataclasses.replace(spec, setting=name(AUTO), config=config))
     for m in freeze.get("multiples", ()):
         if isinstance(m, bool) or not isinstance(m, int | float) or not m >= 0:
             raise ConfigError(f"freeze.multiples: {m!r} is not a number >= 0")
-        config = ml_collections.ConfigDict(spec.config.to_dict())
+        config = _copy(spec.config)
         where = f"setting {spec.setting!r} (optimizer {spec.optimizer!r}), freeze.overrides"
         apply_overrides(config, freeze.get("overrides"), where)
         config.decouple.freeze_step = 0  # validated now, set from the reference when it runs
@@ -182,7 +187,7 @@ def _resolve(spec: RunSpec, workdir: Path) -> tuple[RunSpec, str]:
         why = lags[main]["t_flip"].get("message") or lags[main]["t_flip"].get("status")
         raise ValueError(f"the reference run {spec.reference} has no T(flip) under any rule: {why}")
     t_flip = float(lags[rule]["t_flip"]["time"])
-    config = ml_collections.ConfigDict(spec.config.to_dict())
+    config = _copy(spec.config)
     config.decouple.freeze_step = round(spec.multiple * t_flip)
     note = "" if rule == main else f" | T(flip) from the {rule} rule ({main}: none)"
     return dataclasses.replace(spec, config=config), note
