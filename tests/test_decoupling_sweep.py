@@ -121,6 +121,9 @@ def test_decoupled_quick_sweep_end_to_end(tmp_path):
     assert result["never"]["freeze_step"] is None
     assert 0 < result["0T"]["disagreement"] < 1
     assert result["0T"]["acc_gap"]["mean"] != 0  # a frozen run trains differently
+    for variant in ("0T", "0.5T", "1T"):  # one seed: the gap is the difference itself
+        gap = result[variant]["acc"]["mean"] - result["never"]["acc"]["mean"]
+        assert result[variant]["acc_gap"]["mean"] == pytest.approx(gap, abs=1e-9)
     text = (tmp_path / "report.md").read_text()
     assert "## Decoupling" in text and "| mlp_mnist1d | adam | 0.5T |" in text
     assert (tmp_path / "figures" / "decoupling.png").stat().st_size > 1000
