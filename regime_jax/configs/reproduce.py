@@ -13,7 +13,7 @@ COMMAND:
 
 EXPECTED (2 CPU cores shared with other jobs):
   :quick  2 settings x 2 optimizers x 2 seeds, 8 runs of 200 steps: 34 s end to end (load ~4).
-  default 7 settings x 4 optimizers x 5 seeds, 140 runs: about 75 min of wall-clock
+  default 7 settings x 4 optimizers x 5 seeds, 140 runs: about 45 min of wall-clock
           (2026-11-24, three sittings sharing the machine with other jobs); the 40
           constant-rate runs of the 4 base settings alone: 11 min 45 s. Results (lag
           ratios with CIs, cosine and 3x rows, the curves, online vs offline T(flip)):
@@ -52,7 +52,7 @@ def _setting(name: str, overrides: dict, arg: str | None = None) -> dict:
 def _offline_settings() -> list[dict]:
     # Measured inside the sweep (2000-step MLPs 4-14 s, 1500-step CNN 13-19 s, 1000-step small
     # Transformer 16-26 s): the 40 constant-rate runs of these lengths take ~15 min; with the
-    # cosine optimizers and the "_long" settings (get_config) the grid took ~75 min (EXPECTED).
+    # cosine optimizers and the "_long" settings (get_config) the grid took ~45 min (EXPECTED).
     return [
         _setting("mlp_mnist1d", {"num_steps": 3000}),
         _setting("mlp_digits", {"num_steps": 3000}),
