@@ -14,7 +14,7 @@ The public API, in the style of optax: pure functions that return functions.
 >>> updates = jax.tree.map(lambda p: -0.01 * p, params)   # in your step: optax's updates
 >>> metrics, mstate = monitor.update(mstate, optax.apply_updates(params, updates), updates)
 >>> sorted(k for k in metrics if k.startswith("flip/"))
-['flip/all', 'flip/relu_0']
+['flip/all', 'flip/w']
 
 Shape suffixes. Array names in model, step and analysis code end in their shape, one letter
 per axis joined by ``x`` (``logits_BxK``, nanodo's convention); the letters mean one thing each:
@@ -44,6 +44,8 @@ __version__ = "0.3.0"
 _API = {
     "CaptureError": ("regime_jax.capture", "CaptureError"),
     "capture_relus": ("regime_jax.capture", "capture_relus"),
+    "Site": ("regime_jax.capture", "Site"),
+    "format_sites": ("regime_jax.capture", "format_sites"),
     "gate_relus": ("regime_jax.capture", "gate_relus"),
     "MonitorState": ("regime_jax.analyzer", "MonitorState"),
     "PatternMonitor": ("regime_jax.analyzer", "PatternMonitor"),
@@ -62,10 +64,12 @@ __all__ = [
     "MonitorState",
     "Net",
     "PatternMonitor",
+    "Site",
     "__version__",
     "bitmask",
     "capture_relus",
     "decouple",
+    "format_sites",
     "gate_relus",
     "load_run",
     "nnx_apply",
@@ -92,6 +96,6 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from regime_jax import bitmask, decouple, stability, timescales
     from regime_jax.analyzer import MonitorState, PatternMonitor, pattern_monitor
-    from regime_jax.capture import CaptureError, capture_relus, gate_relus
+    from regime_jax.capture import CaptureError, Site, capture_relus, format_sites, gate_relus
     from regime_jax.models.adapt import Net, nnx_apply
     from regime_jax.records import load_run

@@ -131,7 +131,7 @@ def _case(name):
         x = jax.random.normal(jax.random.key(2), (6, 8, 8, 1))
         model = NNXCNN(nnx.Rngs(0))
         apply_fn, params = rj.nnx_apply(model)
-        names = ["relu_0", "relu_1", "relu_2"]  # NNX has no name stack: ordinal names
+        names = ["conv1", "conv2", "linear1"]  # no name stack: named after the kernels' module
         return apply_fn, params, x, names, lambda: model.preacts_by_hand(x)
     if name == "linen_scan_remat":
         x = jax.random.normal(jax.random.key(3), (6, 4, 5))
@@ -207,28 +207,36 @@ def test_names_are_stable_and_follow_the_documented_rule():
             dense = nn.Dense(4, name="shared")
             h = nn.relu(dense(x))
             h = nn.relu(dense(h))  # the same producer twice: second gets "#1"
-            h = nn.relu(h @ self.param("w", nn.initializers.ones, (4, 4)))  # root scope
+            h = nn.relu(h @ self.param("w", nn.initializers.ones, (4, 4)))  # root scope: "w"
+            h = h + nn.relu(x - 1.0)  # root scope, on the input itself (no kernel): ordinal
             return h
 
     model, x = Net(), jnp.ones((2, 4))
     v = model.init(KEY, x)
     preacts_fn = rj.capture_relus(model.apply)
-    expected = ["shared", "shared#1", "relu_2"]
+    expected = ["shared", "shared#1", "w", "relu_3"]
     assert list(preacts_fn(v, x)[1]) == expected
     # every trace, same names (jit returns a dict's keys sorted, as for any pytree)
     assert sorted(jax.jit(preacts_fn)(v, 2 * x)[1]) == sorted(expected)
 
 
-def test_plain_jax_gets_ordinal_names_in_trace_order():
+def test_plain_jax_names_follow_the_kernels_path_in_trace_order():
+    """No name stack: a site is named after the parameter path of the kernel that produced
+    it (so ``flip/<name>`` meets ``step/abs/<name>``), else ``relu_<k>``."""
+
     def apply_fn(params, x):
+        h = x
         for w in params:
-            x = jax.nn.relu(x @ w)
-        return x
+            h = jax.nn.relu(h @ w)
+        return h + jax.nn.relu(x - 1.0)
 
     params = [jnp.ones((3, 3)), -jnp.ones((3, 3)), jnp.eye(3)]
     _, preacts = rj.capture_relus(apply_fn)(params, jnp.ones((2, 3)))
-    assert list(preacts) == ["relu_0", "relu_1", "relu_2"]
-    np.testing.assert_array_equal(preacts["relu_1"], -9 * jnp.ones((2, 3)))  # relu(3s) @ -1s
+    assert list(preacts) == ["0", "1", "2", "relu_3"]
+    np.testing.assert_array_equal(preacts["1"], -9 * jnp.ones((2, 3)))  # relu(3s) @ -1s
+    nested = {"enc": {"fc1": {"w": jnp.ones((3, 3))}}, "head": {"w": jnp.ones((3, 2))}}
+    fn = lambda p, x: jax.nn.relu(jax.nn.relu(x @ p["enc"]["fc1"]["w"]) @ p["head"]["w"])
+    assert list(rj.capture_relus(fn)(nested, jnp.ones((2, 3)))[1]) == ["enc/fc1", "head"]
 
 
 def test_keyword_arguments_and_batch_stats_pass_through():
@@ -365,7 +373,7 @@ def test_nnx_scan_over_remat_keeps_every_iteration(mode):
     x = jax.random.normal(jax.random.key(1), (5, 8))
     preacts_fn = rj.capture_relus(apply_fn)
     out, preacts = (jax.jit(preacts_fn) if mode == "jit" else preacts_fn)(params, x)
-    assert sorted(preacts) == ["relu_0[0]", "relu_0[1]", "relu_0[2]"]
+    assert sorted(preacts) == ["fc1[0]", "fc1[1]", "fc1[2]"]  # as step/abs/fc1
     np.testing.assert_array_equal(
         out, apply_fn(params, x) if mode == "eager" else jax.jit(apply_fn)(params, x)
     )
@@ -373,7 +381,7 @@ def test_nnx_scan_over_remat_keeps_every_iteration(mode):
     for i in range(3):  # the same stack by hand, layer i's params sliced from the stack
         blk = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
         z = h @ blk["fc1"]["kernel"] + blk["fc1"]["bias"]
-        np.testing.assert_array_equal(preacts[f"relu_0[{i}]"] > 0, z > 0)
+        np.testing.assert_array_equal(preacts[f"fc1[{i}]"] > 0, z > 0)
         h = h + jnp.maximum(z, 0) @ blk["fc2"]["kernel"] + blk["fc2"]["bias"]
 
 

@@ -173,7 +173,7 @@ def test_value_stream_is_z_values_times_gate_bit(mode):
     gated = jax.jit(gated) if mode == "jit" else gated
     out, z_values, z_gates = gated(values, gates, x)
     out_ref, zs_v, zs_g = _gated_mlp_by_hand(values, gates, x)
-    assert list(z_values) == ["relu_0", "relu_1"]
+    assert list(z_values) == ["0", "1"]  # named after the kernels: params[0], params[1]
     disagree = decouple.disagreement(z_values, z_gates)
     assert 0.1 < float(disagree["all"]) < 0.9  # the gates really switch other units
     for name, z_v, z_g in zip(z_values, zs_v, zs_g, strict=True):
@@ -202,22 +202,24 @@ def test_builtin_mlp_gated_by_hand():
 def test_scan_pairs_carries_and_shares_xs():
     """lax.scan over checkpointed steps: the carry runs paired, the scanned x is shared."""
 
+    shift = jax.random.normal(jax.random.key(4), (3, 1, 5))  # a per-step constant, shared
+
     def fn(p, x):
         def step(h, wt):
             w, t = wt
             return jax.nn.relu(h @ w + t), None
 
-        h, _ = jax.lax.scan(jax.checkpoint(step), x[0], (p, x[1:]))
+        h, _ = jax.lax.scan(jax.checkpoint(step), x, (p, shift))
         return h.sum(-1)
 
-    x = jax.random.normal(jax.random.key(1), (4, 3, 5))  # x[0]: initial state, x[1:]: per step
+    x = jax.random.normal(jax.random.key(1), (3, 5))  # 3 examples: the initial state
     values = jax.random.normal(jax.random.key(2), (3, 5, 5))
     gates = values + 0.5 * jax.random.normal(jax.random.key(3), (3, 5, 5))
     out, z_values, z_gates = rj.gate_relus(fn)(values, gates, x)
     assert list(z_values) == ["relu_0[0]", "relu_0[1]", "relu_0[2]"]
-    h_v = h_g = x[0]
+    h_v = h_g = x
     for i in range(3):
-        z_v, z_g = h_v @ values[i] + x[1 + i], h_g @ gates[i] + x[1 + i]
+        z_v, z_g = h_v @ values[i] + shift[i], h_g @ gates[i] + shift[i]
         np.testing.assert_allclose(z_values[f"relu_0[{i}]"], z_v, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(z_gates[f"relu_0[{i}]"], z_g, rtol=1e-5, atol=1e-5)
         h_v, h_g = z_v * (z_g > 0), jnp.maximum(z_g, 0)

@@ -10,15 +10,19 @@ preacts)``. Each call traces ``apply_fn`` to a jaxpr and evaluates that jaxpr ag
 by equation, binding the very same primitives (so ``out`` is bit-identical to
 ``apply_fn(params, x, **kw)``), and keeps the input ``z`` of every ReLU it meets.
 
-What counts as a ReLU:
-  * ``max(z, 0)`` with a zero on either side: ``jnp.maximum(z, 0.)``, ``jnp.maximum(0., z)``,
-    ``jnp.clip(z, 0)``, and ``jax.nn.relu`` (= ``flax.linen.relu`` = ``flax.nnx.relu``, whose
-    body is ``jnp.maximum(z, 0)``). "Zero" is a literal 0, a broadcast / reshape / cast of
-    one (``jnp.zeros_like(z)``), or an all-zero constant.
-  * Not the clamps that libraries write with ``max(., 0)`` but that are no ReLU: the variance
-    clamp of flax's LayerNorm / GroupNorm / BatchNorm (``_compute_stats``) and every
-    ``jax.nn`` function other than ``relu`` (``relu6`` and ``hard_tanh`` have a second kink,
-    ``standardize`` clamps a variance). ``jnp.where(z > 0, z, 0)`` is not recognised.
+What counts as a ReLU (recognised by meaning, ``_infer.py``): an equation computing
+``max(z, 0)`` for a floating ``z`` of any dtype: ``max(z, c)`` / ``max(c, z)``,
+``select_n(z > c, c, z)`` (``jnp.where(z > 0, z, 0)`` and its mirrored forms), ``z * (z > c)``,
+with ``c`` a known zero however it got there (a literal, a constant, a broadcast / cast of one,
+an argument of a nested ``jit`` / ``checkpoint`` / ``custom_jvp`` / ``custom_vjp``, a value
+closed over by a ``scan`` body). Such a *candidate* is a **layer** (measured) when its
+pre-activation has an axis that follows the number of examples (``_sites.py`` traces the
+function again with ``P + 1`` examples and compares shapes; that axis is moved to the front)
+and it was not reduced over its own units before the max (a variance clamp). Not measured,
+and listed in the site table (``preacts_fn.sites(params, x)``, :class:`Site`) with the
+reason: statistics and parameters, a max clipped above (``relu6``, ``jnp.clip(z, 0, 6)``),
+``max(., 0)`` inside ``jax.nn`` functions other than ``relu`` and flax's norms, and the other
+``jax.nn`` activations (``gelu``, ``leaky_relu``, ...).
 
 Sub-computations (primitive names as of jax 0.10):
   * ``jit`` / ``pjit``, ``closed_call``, ``core_call``: evaluated inline.
@@ -32,7 +36,9 @@ Sub-computations (primitive names as of jax 0.10):
   * ``cond`` (``lax.cond``, ``lax.switch``) and ``while`` (``lax.while_loop``,
     ``lax.fori_loop`` with a traced trip count) holding a ReLU are **refused**
     (:class:`CaptureError` naming the construct): which units exist would depend on the data.
-    Without a ReLU inside they are evaluated unchanged.
+    Without a ReLU inside they are evaluated unchanged. A *vmapped* ``cond`` / ``switch``
+    becomes a per-example ``select_n`` between branches that all run: a ReLU in some but not
+    all of its branches is refused too (it would count examples its branch did not serve).
   * Any other primitive that holds a sub-computation with a ReLU inside is refused, naming
     the primitive and the jax version; one without a ReLU inside is evaluated unchanged.
     ReLUs are never skipped silently.
@@ -42,9 +48,11 @@ stack of the equation that computed ``z`` (linen pushes every module's path; ``n
 name="a")`` gives ``a``, a Dense ``fc1`` inside ``block0/ffn`` gives ``block0/ffn/fc1``).
 The leading component shared by every named equation of the function (linen's root module
 class, e.g. ``MLP``) is dropped. Where there is no name (NNX, plain JAX, or ``z`` computed
-in the root scope) the name is ``relu_<k>``, ``k`` the ReLU's index in trace order (counting
-every ReLU). A name taken by an earlier ReLU gets ``#<n>`` appended (``fc1#1``). Names depend
-only on the function, never on the values: every trace gives the same names.
+in the root scope) the site is named after the module of the dot / conv kernel that produced
+``z`` (its parameter path less the leaf: ``fc1/kernel`` gives ``fc1``), else ``relu_<k>``,
+``k`` the candidate's index in trace order. A name taken by an earlier ReLU gets ``#<n>``
+appended (``fc1#1``). Names depend only on the function, never on the values: every trace
+gives the same names.
 
 Gating (:func:`gate_relus`). ``gated_fn(values, gates, *args, **kw)`` evaluates the same
 jaxpr twice in lockstep, once with ``gates`` in place of the params (the *gate network*, an
@@ -64,8 +72,8 @@ streams (the value stream is gated, so the custom rule gives way to the gating);
 ...     return jnp.maximum(x @ params["w"], 0.0) @ params["v"]
 >>> params = {"w": jnp.ones((3, 4)), "v": jnp.ones((4, 2))}
 >>> out, preacts = capture_relus(apply_fn)(params, jnp.ones((5, 3)))
->>> {k: z.shape for k, z in preacts.items()}
-{'relu_0': (5, 4)}
+>>> {k: z.shape for k, z in preacts.items()}  # named after its kernel, params["w"]
+{'w': (5, 4)}
 """
 
 from __future__ import annotations
@@ -77,30 +85,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from regime_jax.capture._jaxpr import (
-    WHAT_IS_RECOGNISED,
-    CaptureError,
-    Recorder,
-    evaluate,
-    has_relu,
-    names,
-    root,
-)
+from regime_jax.capture import _sites
+from regime_jax.capture._jaxpr import WHAT_IS_RECOGNISED, CaptureError, Recorder, evaluate, names
+from regime_jax.capture._sites import Site, format_sites
 
-__all__ = ["CaptureError", "GatedFn", "PreactsFn", "capture_relus", "gate_relus"]
+__all__ = [
+    "WHAT_IS_RECOGNISED",
+    "CaptureError",
+    "GatedFn",
+    "PreactsFn",
+    "Site",
+    "capture_relus",
+    "format_sites",
+    "gate_relus",
+]
 
 PreactsFn = Callable[..., tuple[Any, dict[str, jax.Array]]]
 GatedFn = Callable[..., tuple[Any, dict[str, jax.Array], dict[str, jax.Array]]]
-
-
-def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Array-valued keyword arguments are traced; the rest (``train=False``) stay static."""
-    dynamic, static = {}, {}
-    for k, v in kwargs.items():
-        leaves = jax.tree.leaves(v)
-        is_array = leaves and all(isinstance(leaf, jax.Array | np.ndarray) for leaf in leaves)
-        (dynamic if is_array else static)[k] = v
-    return dynamic, static
+_CACHE_SIZE = 64
 
 
 def _check_callable(apply_fn: Any, who: str) -> None:
@@ -119,28 +121,69 @@ def _check_callable(apply_fn: Any, who: str) -> None:
         raise TypeError(f"{who} takes a function apply_fn(params, x), got {apply_fn!r}")
 
 
-def _trace(apply_fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict[str, Any]):
-    """``(closed jaxpr, output shape, flat non-param inputs)``; refuses a function with no ReLU."""
-    dynamic, static = _split_kwargs(kwargs)
+def _signature(params: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """A hashable key of everything the analysis depends on (None: do not cache)."""
+    dynamic, static = _sites.split_kwargs(kwargs)
+    leaves, treedef = jax.tree.flatten((params, args, dynamic))
+    avals = tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves)
+    key = (treedef, avals, tuple(sorted(static.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
-    def flat_fn(params, args, dynamic):
-        return apply_fn(params, *args, **dynamic, **static)
 
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(params, args, dynamic)
-    if not has_relu(closed.jaxpr, closed.consts):
-        raise CaptureError(
-            f"no ReLU found in {getattr(apply_fn, '__qualname__', apply_fn)!r}: activation "
-            f"patterns are defined for ReLU units only ({WHAT_IS_RECOGNISED})"
+class _Captured:
+    """The traced function, what its analysis decided, and the evaluation of it."""
+
+    def __init__(self, apply_fn: Callable[..., Any]):
+        self.apply_fn = apply_fn
+        self.cache: dict[Any, _sites.Analysis] = {}
+
+    def prepare(self, params: Any, args: tuple, kwargs: dict[str, Any]):
+        """``(closed jaxpr, output shape, flat inputs after params, analysis)``."""
+        closed, out_shape = _sites.trace(self.apply_fn, params, args, kwargs)
+        key = _signature(params, args, kwargs)
+        an = self.cache.get(key) if key is not None else None
+        if an is None:
+            an = _sites.analyse(self.apply_fn, params, args, kwargs, closed)
+            if key is not None:
+                if len(self.cache) >= _CACHE_SIZE:
+                    self.cache.pop(next(iter(self.cache)))
+                self.cache[key] = an
+        dynamic, _ = _sites.split_kwargs(kwargs)
+        self.infos = _sites.input_infos(params, args, dynamic)  # read by run, same trace
+        return closed, out_shape, jax.tree.leaves((args, dynamic)), an
+
+    def run(self, closed, out_shape, inputs, an: _sites.Analysis, streams: int):
+        """``(out of stream 0, [(name, site, per-stream z, probe-major)])``."""
+        rec = Recorder(streams, take=an.take)
+        infos = self.infos
+        _sites._infer.reset_value_numbers()
+        outs, _, _ = evaluate(
+            closed.jaxpr, closed.consts, inputs, infos, [""] * len(infos), "", rec
         )
-    return closed, out_shape, jax.tree.leaves((args, dynamic))
+        out = jax.tree.unflatten(jax.tree.structure(out_shape), [o[0] for o in outs])
+        recorded = [
+            (name, e.site, tuple(_sites.to_probe_major(z, an.axes[e.site]) for z in e.value))
+            for name, e in names(rec.entries, an.root)
+        ]
+        return out, recorded
 
+    def sites(self, params: Any, args: tuple, kwargs: dict[str, Any]) -> list[Site]:
+        def shapes(params, args):
+            closed, out_shape, rest, an = self.prepare(params, args, kwargs)
+            inputs = [(leaf,) for leaf in (*jax.tree.leaves(params), *rest)]
+            _, recorded = self.run(closed, out_shape, inputs, an, streams=1)
+            found.append((an, [(n, s) for n, s, _ in recorded]))
+            return [zs[0] for _, _, zs in recorded]
 
-def _run(closed, out_shape, inputs: list[tuple[Any, ...]], streams: int):
-    """Evaluates the traced function per stream: ``(out of stream 0, {name: per-stream z})``."""
-    rec = Recorder([0], streams)
-    outs, _ = evaluate(closed.jaxpr, closed.consts, inputs, [""] * len(inputs), "", rec)
-    out = jax.tree.unflatten(jax.tree.structure(out_shape), [o[0] for o in outs])
-    return out, names(rec.entries, root(closed.jaxpr))
+        found: list = []
+        out = jax.eval_shape(shapes, params, args)
+        an, keys = found[-1]
+        recorded = [(n, s, tuple(z.shape)) for (n, s), z in zip(keys, out, strict=True)]
+        return _sites.table(an, recorded, _sites.num_examples(args[0]))
 
 
 def capture_relus(apply_fn: Callable[..., Any]) -> PreactsFn:
@@ -175,14 +218,19 @@ def capture_relus(apply_fn: Callable[..., Any]) -> PreactsFn:
     """
 
     _check_callable(apply_fn, "capture_relus")
+    captured = _Captured(apply_fn)
 
     def preacts_fn(params: Any, x: Any, **kwargs: Any) -> tuple[Any, dict[str, jax.Array]]:
-        closed, out_shape, rest = _trace(apply_fn, params, (x,), kwargs)
+        closed, out_shape, rest, an = captured.prepare(params, (x,), kwargs)
         inputs = [(leaf,) for leaf in (*jax.tree.leaves(params), *rest)]
-        out, preacts = _run(closed, out_shape, inputs, streams=1)
-        return out, {name: zs[0] for name, zs in preacts.items()}
+        out, recorded = captured.run(closed, out_shape, inputs, an, streams=1)
+        return out, {name: zs[0] for name, _, zs in recorded}
+
+    def sites(params: Any, x: Any, **kwargs: Any) -> list[Site]:
+        return captured.sites(params, (x,), kwargs)
 
     preacts_fn.__wrapped__ = apply_fn  # type: ignore[attr-defined]
+    preacts_fn.sites = sites  # type: ignore[attr-defined]
     return preacts_fn
 
 
@@ -229,22 +277,23 @@ def gate_relus(apply_fn: Callable[..., Any]) -> GatedFn:
     >>> values = {"w": jnp.array([[1.0, -1.0]]), "v": jnp.ones((2, 1))}
     >>> gates = {"w": jnp.array([[-1.0, 1.0]]), "v": jnp.ones((2, 1))}
     >>> out, z_values, z_gates = gate_relus(apply_fn)(values, gates, jnp.array([[2.0]]))
-    >>> out.tolist(), z_values["relu_0"].tolist(), z_gates["relu_0"].tolist()
+    >>> out.tolist(), z_values["w"].tolist(), z_gates["w"].tolist()
     ([[-2.0]], [[2.0, -2.0]], [[-2.0, 2.0]])
     """
 
     _check_callable(apply_fn, "gate_relus")
+    captured = _Captured(apply_fn)
 
     def gated_fn(
         values: Any, gates: Any, *args: Any, **kwargs: Any
     ) -> tuple[Any, dict[str, jax.Array], dict[str, jax.Array]]:
-        closed, out_shape, rest = _trace(apply_fn, values, args, kwargs)
+        closed, out_shape, rest, an = captured.prepare(values, args, kwargs)
         _check_gates(values, gates)
         gates = jax.lax.stop_gradient(gates)
         pairs = zip(jax.tree.leaves(values), jax.tree.leaves(gates), strict=True)
         inputs = [*pairs, *((leaf, leaf) for leaf in rest)]
-        out, preacts = _run(closed, out_shape, inputs, streams=2)
-        return out, {n: z[0] for n, z in preacts.items()}, {n: z[1] for n, z in preacts.items()}
+        out, recorded = captured.run(closed, out_shape, inputs, an, streams=2)
+        return out, {n: z[0] for n, _, z in recorded}, {n: z[1] for n, _, z in recorded}
 
     gated_fn.__wrapped__ = apply_fn  # type: ignore[attr-defined]
     return gated_fn
