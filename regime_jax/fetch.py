@@ -3,7 +3,9 @@
 The loop hands the :class:`Fetcher` one :class:`Entry` per host call (one step, or a chunk
 of ``steps_per_call`` steps): device arrays only, nothing fetched. :meth:`Fetcher.flush`
 fetches the held entries with one ``jax.device_get`` (on the log cadence all but the newest:
-one call late, so the host never waits for the call it just dispatched), then writes rows to
+one call late, so the host never waits for the call it just dispatched), turns the pattern
+counts (``flip_count/..``; int32 or ``(hi, lo)`` uint32 limbs on device) into exact Python
+ints (:func:`regime_jax.analyzer.counts_to_int`), then writes rows to
 ``metrics.jsonl`` and TensorBoard, mask snapshots to ``masks/``, and a progress line. With
 several processes every process fetches (and checks for non-finite values, so all stop at
 the same step) but only process 0 writes.
@@ -18,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from regime_jax import live, records
+from regime_jax import analyzer, live, records
 from regime_jax.bitmask import Patterns
 
 # (step, index into the stacked metrics or None for unstacked ones, whether it recorded)
@@ -68,6 +70,7 @@ class Entry(NamedTuple):
             m = self.metrics if index is None else {k: v[index] for k, v in self.metrics.items()}
             if not recorded and self.keep is not None:
                 m = {k: v for k, v in m.items() if k in self.keep}
+            m = analyzer.counts_to_int(m)  # exact ints, whatever their device form
             last = i == len(self.rows) - 1
             out.append({"step": step, **m, **(self.extra if last else {})})
         return out

@@ -85,3 +85,32 @@ def test_unpack_rejects_wrong_unit_count():
         assert "units=17" in str(err)
     else:
         raise AssertionError("expected ValueError")
+
+
+@given(bool_arrays(), st.integers(0, 255))
+def test_rates_are_the_python_quotient_of_exact_counts(bits, junk):
+    """Counts with junk in the padding bits equal numpy's; each rate is np.float32(c / n)."""
+    u = bits.shape[-1]
+    packed = np.array(bitmask.pack(bits))  # a writable copy
+    if u % 8:
+        packed[..., -1] |= np.uint8((0xFF << u % 8) & 0xFF & junk)
+    flipped = np.asarray(bitmask.pack(~bits))
+    n, sites = bits.size, bits[0].size
+    count = int(bitmask.flip_count(packed, flipped, u))
+    assert count == n  # every real bit differs; no padding bit counts
+    assert int(bitmask.popcount(packed, u)) == np.count_nonzero(bits)
+    rate = np.float32(bitmask.flip_rate(packed, np.asarray(bitmask.pack(bits & False)), u))
+    assert rate == np.float32(np.count_nonzero(bits) / n)
+    dead = int(bitmask.dead(packed, u))
+    assert dead == np.count_nonzero(~bits.any(0)) and 0 <= dead <= sites
+    got = np.float32(bitmask.rate(np.int32(dead), sites))
+    assert got.view(np.uint32) == np.float32(dead / sites).view(np.uint32)
+
+
+def test_count_forms_and_count_int():
+    small = bitmask.count_sum(np.ones((3, 5), np.uint8), 1, 15)
+    assert small.dtype == jnp.int32 and small.shape == ()
+    big = bitmask.count_sum(np.ones((3, 5), np.uint8), 1, 2**31)  # the bound picks the form
+    assert big.dtype == jnp.uint32 and big.shape == (2,)
+    assert bitmask.count_int(small) == bitmask.count_int(big) == 15
+    assert bitmask.count_int(np.array([2, 3], np.uint32)) == 2 * 2**32 + 3
