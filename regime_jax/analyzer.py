@@ -10,11 +10,26 @@ Transformer's tokens (an MLP has none), so a conv channel at two positions is tw
   recorded bit of every layer (bits-weighted, not a mean of layer rates).
 * dead (always-on) fraction of a layer: the fraction of its (position, unit) sites that are
   off (on) for every probe example.
+* every rate has its exact integer count beside it: ``flip_count/<layer>``,
+  ``flip_count/all``, ``dead_count/<layer>``, ``always_on_count/<layer>`` (bits that
+  flipped; sites dead; sites always on). The denominators are static (:func:`denominators`):
+  ``P x positions x U_l`` bits per layer for flips (their sum for ``all``), ``positions x
+  U_l`` sites for dead / always-on. Each rate is ``np.float32(count / denominator)`` exactly,
+  eagerly, under jit and on every backend (:func:`regime_jax.bitmask.rate`: the quotient is
+  rounded in integer arithmetic, not by a float32 division that XLA may turn into a
+  multiplication by a rounded reciprocal). On device a count is an int32 scalar when its
+  denominator is below 2^31 (it cannot overflow), else a uint32 ``[2]`` pair ``(hi, lo)``
+  (exact below 2^64); the built-in loop writes every count to ``metrics.jsonl`` as an exact
+  Python int (:func:`counts_to_int`; in a loop of your own, :func:`regime_jax.bitmask.count_int`
+  of a fetched value).
 * step sizes from the optimizer's updates ``u = theta_t - theta_{t-1}``: ``abs`` is
   ``||u^l||_2`` per parameter part and ``||u||_2`` over all parameters (``all``); ``rel``
   divides by ``||theta_{t-1}||_2`` of the same part. Parts are the top-level entries of the
   params tree (``fc1``, ``block0``; list indices ``0``, ``1``), looking through a tree that
   has a single top-level entry (linen's ``{"params": ...}``); a bare array is part ``all``.
+  Only the trained parameters count: of a model's variables (linen ``{"params", "batch_stats"}``,
+  an NNX state with BatchNorm statistics and RNG state) the part the updates cover
+  (:func:`trained_part`).
 
 All functions work under ``jax.jit`` and on recorded masks after the fact. A measurement of
 nothing is an error: patterns with no layer, or a layer with no bit, raise ``ValueError``.
@@ -27,7 +42,8 @@ nothing is an error: patterns with no layer, or a layer with no bit, raise ``Val
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -46,42 +62,117 @@ def _check_patterns(cur: Patterns) -> None:
         raise ValueError(f"layers {empty} have no bits (an empty probe set or zero units)")
 
 
-def flip_rates(prev: Patterns, cur: Patterns) -> dict[str, jax.Array]:
-    """Per-layer and pooled (``"all"``) fraction of bits that differ between two patterns."""
+def flip_counts(prev: Patterns, cur: Patterns) -> dict[str, jax.Array]:
+    """Per-layer and pooled (``"all"``) number of bits that differ: exact Counts
+    (:mod:`regime_jax.bitmask`: int32 below 2^31 bits, else uint32 ``(hi, lo)``)."""
     _check_patterns(cur)
     if set(prev) != set(cur):
         raise ValueError(f"patterns have different layers: {sorted(prev)} vs {sorted(cur)}")
-    counts = {k: bitmask.flip_count(prev[k].bits, cur[k].bits, cur[k].units) for k in cur}
-    total = sum(cur[k].num_bits for k in cur)
-    out = {k: counts[k] / cur[k].num_bits for k in cur}
-    out["all"] = sum(counts.values()) / total
+    out = {k: bitmask.flip_count(prev[k].bits, cur[k].bits, cur[k].units) for k in cur}
+    out["all"] = bitmask.add_counts(list(out.values()), sum(p.num_bits for p in cur.values()))
     return out
+
+
+def dead_counts(cur: Patterns) -> dict[str, jax.Array]:
+    """Per layer: number of (position, unit) sites off for every probe example (exact)."""
+    _check_patterns(cur)
+    return {k: bitmask.dead(p.bits, p.units) for k, p in cur.items()}
+
+
+def always_on_counts(cur: Patterns) -> dict[str, jax.Array]:
+    """Per layer: number of (position, unit) sites on for every probe example (exact)."""
+    _check_patterns(cur)
+    return {k: bitmask.always_on(p.bits, p.units) for k, p in cur.items()}
+
+
+def flip_rates(prev: Patterns, cur: Patterns) -> dict[str, jax.Array]:
+    """Per-layer and pooled (``"all"``) fraction of bits that differ between two patterns."""
+    return _rates(flip_counts(prev, cur), _flip_bits(cur))
 
 
 def dead_fractions(cur: Patterns) -> dict[str, jax.Array]:
     """Per layer: fraction of (position, unit) sites off for every probe example."""
-    _check_patterns(cur)
-    return {k: bitmask.dead(p.bits, p.units) / _sites(p) for k, p in cur.items()}
+    return _rates(dead_counts(cur), {k: _sites(p) for k, p in cur.items()})
 
 
 def always_on_fractions(cur: Patterns) -> dict[str, jax.Array]:
     """Per layer: fraction of (position, unit) sites on for every probe example."""
-    _check_patterns(cur)
-    return {k: bitmask.always_on(p.bits, p.units) / _sites(p) for k, p in cur.items()}
+    return _rates(always_on_counts(cur), {k: _sites(p) for k, p in cur.items()})
 
 
 def _sites(p: Packed) -> int:
     return bitmask.num_bits(p.bits.shape[1:], p.units)
 
 
-def pattern_metrics(prev: Patterns | None, cur: Patterns) -> dict[str, jax.Array]:
-    """``flip/<layer>``, ``flip/all`` (when ``prev`` is given), ``dead/..``, ``always_on/..``."""
-    out = {}
-    if prev is not None:
-        out.update({f"flip/{k}": v for k, v in flip_rates(prev, cur).items()})
-    out.update({f"dead/{k}": v for k, v in dead_fractions(cur).items()})
-    out.update({f"always_on/{k}": v for k, v in always_on_fractions(cur).items()})
+def _flip_bits(cur: Patterns) -> dict[str, int]:
+    bits = {k: p.num_bits for k, p in cur.items()}
+    return {**bits, "all": sum(bits.values())}
+
+
+def _rates(counts: Mapping[str, jax.Array], bits: Mapping[str, int]) -> dict[str, jax.Array]:
+    """``{key: bitmask.rate(counts[key], bits[key])}``, in one elementwise pass over them all
+    (counts stacked as ``(hi, lo)`` limbs; one fusion, however many layers)."""
+    keys = list(counts)
+    if all(jnp.shape(counts[k]) == () for k in keys):  # int32 counts: int32 [n]
+        stacked = jnp.stack([counts[k] for k in keys])
+    else:  # some (hi, lo) pairs: all as uint32 [n, 2]
+        stacked = jnp.stack([jnp.stack(bitmask.limbs(counts[k])) for k in keys])
+    rates = bitmask.rate(stacked, [bits[k] for k in keys])
+    return {k: rates[i] for i, k in enumerate(keys)}
+
+
+# Rate key prefix -> its count's prefix: ``flip/fc1`` has ``flip_count/fc1``.
+COUNT_PREFIXES = {"flip/": "flip_count/", "dead/": "dead_count/", "always_on/": "always_on_count/"}
+
+
+def denominators(cur: Patterns, *, flips: bool = True) -> dict[str, int]:
+    """The static denominator of every rate key of :func:`pattern_metrics` (Python ints).
+
+    ``flip/<layer>``: the layer's bits, ``P x positions x units``; ``flip/all``: their sum;
+    ``dead/<layer>`` and ``always_on/<layer>``: its sites, ``positions x units``. Each rate is
+    ``np.float32(count / denominator)``, e.g. ``metrics["flip/fc1"] ==
+    np.float32(metrics["flip_count/fc1"] / denominators(masks)["flip/fc1"])``.
+    """
+    out = {f"flip/{k}": v for k, v in _flip_bits(cur).items()} if flips else {}
+    for prefix in ("dead/", "always_on/"):
+        out.update({f"{prefix}{k}": _sites(p) for k, p in cur.items()})
     return out
+
+
+def pattern_metrics(prev: Patterns | None, cur: Patterns) -> dict[str, jax.Array]:
+    """``flip/<layer>``, ``flip/all`` (when ``prev`` is given), ``dead/..``, ``always_on/..``,
+    then their exact counts: ``flip_count/<layer>``, ``flip_count/all``, ``dead_count/..``,
+    ``always_on_count/..`` (bitmask Counts: int32 scalars below 2^31 bits, else uint32
+    ``(hi, lo)`` pairs, which :func:`counts_to_int` makes Python ints on the host).
+
+    Each rate is ``np.float32(count / denominator)`` exactly (:func:`denominators`), on every
+    backend and under jit (:func:`regime_jax.bitmask.rate`). The rate keys come first, in the
+    order they always had; the count keys follow them.
+    """
+    counts = {}
+    if prev is not None:
+        counts.update({f"flip/{k}": v for k, v in flip_counts(prev, cur).items()})
+    counts.update({f"dead/{k}": v for k, v in dead_counts(cur).items()})
+    counts.update({f"always_on/{k}": v for k, v in always_on_counts(cur).items()})
+    out = _rates(counts, denominators(cur, flips=prev is not None))
+    out.update({count_key(k): v for k, v in counts.items()})
+    return out
+
+
+def count_key(rate_key: str) -> str:
+    """The count key beside a rate key: ``flip/fc1`` -> ``flip_count/fc1``."""
+    for rate_prefix, count_prefix in COUNT_PREFIXES.items():
+        if rate_key.startswith(rate_prefix):
+            return count_prefix + rate_key.removeprefix(rate_prefix)
+    raise ValueError(f"{rate_key!r} is not a pattern rate key ({sorted(COUNT_PREFIXES)})")
+
+
+def counts_to_int(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A fetched metrics row with every count key (``flip_count/..``, ``dead_count/..``,
+    ``always_on_count/..``) an exact Python int (:func:`regime_jax.bitmask.count_int`);
+    other keys as they are. What the built-in loop writes to ``metrics.jsonl``."""
+    counts = tuple(COUNT_PREFIXES.values())
+    return {k: bitmask.count_int(v) if k.startswith(counts) else v for k, v in metrics.items()}
 
 
 def param_parts(tree: Any) -> dict[str, Any]:
@@ -129,8 +220,10 @@ def step_sizes_from_norms(updates: Any, sq_p: Mapping[str, jax.Array]) -> dict[s
     sq_u = squared_norms(updates)
     if set(sq_u) != set(sq_p):
         raise ValueError(
-            f"updates have parts {sorted(sq_u)} but params have {sorted(sq_p)}: pass updates "
-            f"of the same tree as params (theta_t - theta_(t-1))"
+            f"updates have parts {sorted(sq_u)} but the norms are of parts {sorted(sq_p)}: pass "
+            f"updates of the same tree as the trained params (theta_t - theta_(t-1)); with a "
+            f"monitor whose variables hold more than the trained params (batch_stats, RNG "
+            f"state), initialise it with init(variables, params=<what the optimizer trains>)"
         )
     out = {}
     for part in sq_p:  # one pass over the parameters; "all" reuses the part sums
@@ -143,6 +236,85 @@ def step_sizes_from_norms(updates: Any, sq_p: Mapping[str, jax.Array]) -> dict[s
 
 def _squared_norm(tree: Any) -> jax.Array:
     return sum(jnp.vdot(leaf, leaf) for leaf in jax.tree.leaves(tree))
+
+
+def trained_part(variables: Any, updates: Any) -> Any:
+    """The part of ``variables`` that ``updates`` cover, in the tree structure of ``updates``.
+
+    Matched by tree path (static; no array is read): the update leaf at path ``u`` is the
+    variable leaf at ``prefix + u``, one prefix for all leaves: none for an NNX state (whose
+    ``nnx.Param`` paths are those of ``nnx.Optimizer.update``'s updates), ``("params",)`` for
+    linen's ``{"params": ..., "batch_stats": ...}``. An NNX ``Variable``'s trailing ``.value``
+    is looked through on either side. ``variables`` of the same structure as ``updates`` are
+    returned as they are (the plain case: params are the variables).
+
+    Raises:
+      ValueError: an update path that ``variables`` do not hold under any one prefix, two
+        prefixes that both hold every update path, or a leaf of another shape.
+
+    >>> variables = {"params": {"w": jnp.ones(2)}, "batch_stats": {"mean": jnp.zeros(2)}}
+    >>> trained_part(variables, {"w": jnp.ones(2)})
+    {'w': Array([1., 1.], dtype=float32)}
+    """
+    if jax.tree.structure(variables) == jax.tree.structure(updates):
+        return variables
+    held = _leaves_by_path(variables)
+    wanted, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    paths = [_path(p) for p, _ in wanted]
+    if not paths:
+        raise ValueError("updates have no leaf: there is no trained parameter to measure")
+    first = paths[0]
+    prefixes = {p[: len(p) - len(first)] for p in held if p[len(p) - len(first) :] == first}
+    found = sorted(
+        (pre for pre in prefixes if all(pre + u in held for u in paths)), key=lambda p: len(p)
+    )
+    if not found:
+        missing = next((u for u in paths if not any(pre + u in held for pre in prefixes)), first)
+        tops = sorted({str(p[0]) for p in held if p})
+        raise ValueError(
+            f"updates have a leaf at {'/'.join(map(str, missing))} that the variables do not "
+            f"hold (their top-level entries: {tops}): pass the variables the model takes and "
+            f"updates of their trained part (the optimizer's updates of what it trains)"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"updates match the variables under several prefixes "
+            f"{['/'.join(map(str, p)) or '<root>' for p in found]}: pass the trained params to "
+            f"init(variables, params=...) and updates of exactly that part"
+        )
+    (pre,) = found
+    leaves = []
+    for (_, u), key in zip(wanted, paths, strict=True):
+        v = held[pre + key]
+        if jnp.shape(v) != jnp.shape(u):
+            raise ValueError(
+                f"the update at {'/'.join(map(str, key))} has shape {jnp.shape(u)} but the "
+                f"variable there has shape {jnp.shape(v)}"
+            )
+        leaves.append(v)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _path(keypath: tuple) -> tuple:
+    """A key path as plain names, an NNX Variable's trailing ``.value`` dropped."""
+    names = []
+    for k in keypath:
+        for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+            if hasattr(k, attr):
+                names.append(getattr(k, attr))
+                break
+        else:
+            names.append(str(k))
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+        names.pop()
+    return tuple(names)
+
+
+def _leaves_by_path(tree: Any) -> dict[tuple, Any]:
+    out = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out.setdefault(_path(keypath), leaf)
+    return out
 
 
 def patterns_from_preacts(preacts: Mapping[str, jax.Array]) -> dict[str, Packed]:
@@ -159,8 +331,9 @@ class MonitorState(NamedTuple):
     Attributes:
       masks: packed patterns ``{layer: Packed}`` of the probe set at the last pattern update
         (1 bit per unit per probe example and position).
-      sq_norms: ``{part: ||theta||_2^2}`` of the parameters at the last update (the
-        denominators of the next ``step/rel/*``).
+      sq_norms: ``{part: ||theta||_2^2}`` of the trained parameters at the last update (the
+        denominators of the next ``step/rel/*``): of ``params`` at ``init``, of the part of the
+        variables the updates cover at ``update`` (:func:`trained_part`).
     """
 
     masks: dict[str, Packed]
@@ -170,37 +343,64 @@ class MonitorState(NamedTuple):
 class PatternMonitor(NamedTuple):
     """An optax-style pure pair; see :func:`pattern_monitor`."""
 
-    init: Callable[[Any], MonitorState]
+    init: Callable[..., MonitorState]
     update: Callable[..., tuple[dict[str, jax.Array], MonitorState]]
 
 
 def pattern_monitor(
-    preacts_fn: Callable[..., tuple[Any, Mapping[str, jax.Array]]], probe_x: Any, **kwargs: Any
+    preacts_fn: Callable[..., tuple[Any, Mapping[str, jax.Array]]],
+    probe_x: Any,
+    *,
+    sites: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    **kwargs: Any,
 ) -> PatternMonitor:
     """Flip rates, dead / always-on fractions and step sizes of any model, as ``init, update``.
 
+    The monitor measures the model as it is at each call: ``variables`` are whatever
+    ``preacts_fn`` takes, with the model's non-parameter state as it is now (linen
+    ``{"params": ..., "batch_stats": ...}``, an NNX module's full ``nnx.state``), and step sizes
+    are of the trained parameters only (the part of ``variables`` the updates cover).
+
     Args:
-      preacts_fn: ``preacts_fn(params, x, **kwargs) -> (out, {layer: z})``, from
+      preacts_fn: ``preacts_fn(variables, x, **kwargs) -> (out, {layer: z})``, from
         :func:`regime_jax.capture_relus` (any model) or a built-in model's recording site.
       probe_x: the fixed probe inputs ``[P, ...]`` (P >= 1), e.g. validation examples.
-      **kwargs: passed to every ``preacts_fn`` call (``train=False``).
+      sites: the layers to measure, by name (``preacts_fn.sites(params, x)`` lists them; a
+        scanned layer's name without ``[i]`` selects every iteration); None: all.
+      exclude: layers to leave out, by name (same rule).
+      **kwargs: passed to every ``preacts_fn`` call: a linen model's eval-mode flag
+        (``train=False``), so the probe forward is deterministic and reads the running
+        statistics (``rj.nnx_apply``'s function runs eval mode already).
 
     Returns:
       ``PatternMonitor(init, update)``, both pure and jit-able, with no host sync:
-        ``init(params) -> MonitorState``: the probe patterns at ``params`` (step 0).
-        ``update(state, params, updates, *, patterns=True, probe_x=None) -> (metrics,
-        state)``: call after the optimizer update with the *new* params and the updates
-        ``theta_t - theta_{t-1}`` (optax's ``updates``; same tree as params). ``metrics`` has
-        the keys of ``metrics.jsonl``: ``step/abs/<part>``, ``step/abs/all``,
-        ``step/rel/<part>``, ``step/rel/all`` always; with ``patterns=True`` (a static
-        Python bool) also ``flip/<layer>``, ``flip/all`` (against the patterns in
-        ``state``), ``dead/<layer>`` and ``always_on/<layer>``. ``patterns=False`` skips the
-        probe forward and carries the old patterns. ``probe_x`` overrides the probe inputs
-        (same shape), e.g. to pass them as a jit argument or sharded.
+        ``init(variables, params=None) -> MonitorState``: the probe patterns at ``variables``
+        (step 0). ``params``: the part of ``variables`` the optimizer trains (what you pass
+        ``tx.init``: linen ``variables["params"]``, NNX ``nnx.state(model, nnx.Param)``); its
+        norms are the next relative step's denominators. Default: all of ``variables`` (the
+        plain case, params are the variables).
+        ``update(state, variables, updates, *, patterns=True, probe_x=None) -> (metrics,
+        state)``: call after the optimizer update with the *new* variables (params and
+        non-parameter state) and the updates ``theta_t - theta_{t-1}`` (optax's ``updates``,
+        ``nnx.Optimizer.update``'s return value) of the trained parameters: the part of
+        ``variables`` at the updates' tree paths, possibly under one prefix such as
+        ``params`` (:func:`trained_part`). ``metrics`` has the keys of ``metrics.jsonl``:
+        ``step/abs/<part>``, ``step/abs/all``, ``step/rel/<part>``, ``step/rel/all`` always;
+        with ``patterns=True`` (a static Python bool) also ``flip/<layer>``, ``flip/all``
+        (against the patterns in ``state``), ``dead/<layer>`` and ``always_on/<layer>``.
+        ``patterns=False`` skips the probe forward and carries the old patterns. ``probe_x``
+        overrides the probe inputs (same shape), e.g. to pass them as a jit argument or
+        sharded.
 
     Raises:
       ValueError: at ``init``, for an empty ``probe_x``, a ``probe_x`` that ``preacts_fn``
-        cannot take, no ReLU, or a pre-activation whose leading axis is not the probe axis.
+        cannot take, no ReLU, or a pre-activation whose leading axis is not the probe axis;
+        :class:`StateError` (a ValueError) when the model cannot run on ``variables`` for
+        another reason, naming it: a params-only tree where the full variables are needed,
+        a missing collection (``batch_stats``), an RNG drawn or state updated on the probe
+        forward (pass the eval-mode flag), state mutated outside the traced call (NNX: use
+        ``rj.nnx_apply``). At ``update``, updates that do not match a part of ``variables``.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> from regime_jax.capture import capture_relus
@@ -210,34 +410,143 @@ def pattern_monitor(
     >>> state = monitor.init(params)
     >>> updates = {"w": -0.1 * jnp.ones((3, 4))}
     >>> metrics, state = monitor.update(state, optax.apply_updates(params, updates), updates)
-    >>> sorted(metrics)[:3]
-    ['always_on/relu_0', 'dead/relu_0', 'flip/all']
+    >>> round(float(metrics["step/abs/all"]), 4), float(metrics["flip/all"])
+    (0.3464, 0.0)
     """
     default_x = probe_x
+    pick = _site_picker(sites, exclude)
 
-    def probe_patterns(params: Any, x: Any) -> dict[str, Packed]:
-        return patterns_from_preacts(preacts_fn(params, x, **kwargs)[1])
+    def probe_patterns(variables: Any, x: Any) -> dict[str, Packed]:
+        try:
+            preacts = preacts_fn(variables, x, **kwargs)[1]
+        except Exception as err:  # a cause that is not the probe is named; others as raised
+            cause = _state_cause(err, variables, kwargs)
+            if cause is None:
+                raise
+            raise cause from err
+        return patterns_from_preacts(pick(preacts))
 
-    def init(params: Any) -> MonitorState:
-        _check_probe(preacts_fn, params, default_x, kwargs)
-        return MonitorState(probe_patterns(params, default_x), squared_norms(params))
+    def init(variables: Any, params: Any = None) -> MonitorState:
+        _check_probe(preacts_fn, variables, default_x, kwargs)
+        pick(jax.eval_shape(lambda v, x: preacts_fn(v, x, **kwargs)[1], variables, default_x))
+        trained = variables if params is None else trained_part(variables, params)
+        return MonitorState(probe_patterns(variables, default_x), squared_norms(trained))
 
     def update(
         state: MonitorState,
-        params: Any,
+        variables: Any,
         updates: Any,
         *,
         patterns: bool = True,
         probe_x: Any = None,
     ) -> tuple[dict[str, jax.Array], MonitorState]:
+        trained = trained_part(variables, updates)
         metrics = step_sizes_from_norms(updates, state.sq_norms)
         masks = state.masks
         if patterns:
-            masks = probe_patterns(params, default_x if probe_x is None else probe_x)
+            masks = probe_patterns(variables, default_x if probe_x is None else probe_x)
             metrics.update(pattern_metrics(state.masks, masks))
-        return metrics, MonitorState(masks, squared_norms(params))
+        return metrics, MonitorState(masks, squared_norms(trained))
 
     return PatternMonitor(init, update)
+
+
+def _site_picker(sites: Sequence[str] | None, exclude: Sequence[str]):
+    """``pick(preacts)``: the layers ``sites=`` / ``exclude=`` select (unknown names refused)."""
+    if isinstance(sites, str) or isinstance(exclude, str):
+        raise TypeError("sites= and exclude= take a list of layer names, not a string")
+    if sites is None and not exclude:
+        return lambda preacts: preacts
+
+    def matches(name: str, wanted: Sequence[str]) -> bool:
+        return name in wanted or name.split("[", 1)[0] in wanted
+
+    def pick(preacts: Mapping[str, Any]) -> dict[str, Any]:
+        known = {n for k in preacts for n in (k, k.split("[", 1)[0])}
+        for field, names in (("sites", sites or ()), ("exclude", exclude)):
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ValueError(
+                    f"pattern_monitor {field}={unknown}: no such layer; the layers are "
+                    f"{', '.join(repr(k) for k in preacts)}"
+                )
+        out = {
+            k: z
+            for k, z in preacts.items()
+            if (sites is None or matches(k, sites)) and not matches(k, exclude)
+        }
+        if not out:
+            raise ValueError(f"pattern_monitor sites={sites}, exclude={list(exclude)}: no layer")
+        return out
+
+    return pick
+
+
+class StateError(ValueError):
+    """The model cannot run on the variables it was given, for a reason other than the input.
+
+    A params-only tree where the model needs its full variables, a collection it reads that
+    is missing, an RNG drawn or a collection updated on what should be an eval-mode forward,
+    state mutated outside the traced call. The message names the cause and what to pass.
+    """
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return re.sub(r"\s*\(https?://\S+\)\s*$", "", line)  # flax appends its docs URL
+
+
+def _top_entries(variables: Any) -> list[str]:
+    return sorted(map(str, variables)) if isinstance(variables, Mapping) else []
+
+
+def _state_cause(err: BaseException, variables: Any, kwargs: Mapping[str, Any]) -> Exception | None:
+    """A one-line error naming why the model cannot run on ``variables``, or None (the input)."""
+    if isinstance(err, StateError):
+        return err
+    kind, line = type(err).__name__, _first_line(err)
+    quoted = re.search(r'collection "([^"]+)"', line)
+    coll = quoted.group(1) if quoted else None
+    flag = f" (it was called with {dict(kwargs)})" if kwargs else ""
+    if kind == "TraceContextError" or "from a different trace level" in line:
+        return StateError(
+            f"the model mutates state it holds outside the traced call ({line}): an NNX "
+            f"module's RNG count or BatchNorm statistics closed over by the apply function; "
+            f"pass the state as an argument: apply_fn, state = rj.nnx_apply(module) (which "
+            f"runs eval mode), then preacts_fn(state, x)"
+        )
+    if kind == "InvalidRngError" or "needs PRNG" in line:
+        stream = re.search(r'PRNG for "([^"]+)"', line)
+        name = repr(stream.group(1)) if stream else "an"
+        return StateError(
+            f"the model draws {name} RNG on the probe forward{flag} ({line}): the probe "
+            f"forward must be deterministic; pass the model's eval-mode flag to the monitor, "
+            f"e.g. pattern_monitor(preacts_fn, probe_x, train=False)"
+        )
+    if kind == "ModifyScopeVariableError":
+        return StateError(
+            f"the model updates its {coll!r} collection on the probe forward{flag} ({line}): "
+            f"pass the model's eval-mode flag to the monitor, e.g. "
+            f"pattern_monitor(preacts_fn, probe_x, train=False), so it reads the running "
+            f"statistics"
+        )
+    if kind in ("ScopeCollectionNotFound", "ScopeVariableNotFoundError") or (
+        "could not find collection" in line.lower()
+    ):
+        tops = _top_entries(variables)
+        if coll == "params":
+            return StateError(
+                f"the variables have no 'params' collection (top-level entries {tops}): a "
+                f"params-only tree; pass the full variables {{'params': params, ...}}, as "
+                f"model.init returns them ({line})"
+            )
+        return StateError(
+            f"the model reads collection {coll!r} but the variables hold only {tops}: pass the "
+            f"full variables {{'params': params, {coll!r}: ...}} (model.init's output, updated "
+            f"by apply(..., mutable=[{coll!r}])), not the params alone ({line})"
+        )
+    return None
 
 
 def _check_probe(preacts_fn, params, probe_x, kwargs) -> None:
@@ -261,9 +570,11 @@ def _check_probe(preacts_fn, params, probe_x, kwargs) -> None:
     except CaptureError:
         raise
     except Exception as err:  # whatever the model raises for inputs it cannot take
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        cause = _state_cause(err, params, kwargs)
+        if cause is not None:
+            raise cause from err
         raise ValueError(
-            f"probe_x with shape {tuple(shape)} cannot be passed to the model: {first}"
+            f"probe_x with shape {tuple(shape)} cannot be passed to the model: {_first_line(err)}"
         ) from err
     if not preacts:
         raise ValueError("the model records no ReLU pre-activation: nothing to monitor")

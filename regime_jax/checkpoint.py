@@ -2,9 +2,11 @@
 
 A checkpoint at step ``t`` holds the whole :class:`~regime_jax.step.TrainState`: params,
 optimizer state, the step counter and the packed probe patterns of the last record step (the
-previous masks the next flip rate needs). Nothing else is needed for an exact resume: the
-data position is the step itself (batches are a pure function of ``(seed, step)``), the
-probe set is fixed by ``probe.seed``, and no step consumes randomness. Before a checkpoint is
+previous masks the next flip rate needs), and for a model with a train mode its
+:class:`~regime_jax.step.ModelState` (BatchNorm statistics, the RNG key data). Nothing else is
+needed for an exact resume: the data position is the step itself (batches are a pure function
+of ``(seed, step)``), the probe set is fixed by ``probe.seed``, and the only randomness a step
+consumes, a model's dropout, is keyed by ``fold_in(rng, step)``. Before a checkpoint is
 written the host flushes every metric up to ``t``, so ``metrics.jsonl`` never lags behind
 the newest checkpoint; on resume rows after ``t`` are dropped and rewritten.
 

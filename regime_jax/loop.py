@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import re
 import signal
 import types
 from pathlib import Path
@@ -27,6 +28,7 @@ import optax
 
 from regime_jax import (
     analyzer,
+    capture,
     checkpoint,
     chunks,
     data,
@@ -52,6 +54,7 @@ from regime_jax.step import LossFn, Placement, TrainState
 
 # Fields that do not change a run's results: a resumed run may differ in these.
 RESUME_IGNORES = ("overwrite", "log_every_steps", "checkpoint")
+SITES_TXT, SITES_JSON = "sites.txt", "sites.json"  # the site table of the run's model
 
 
 class Interrupted(KeyboardInterrupt):
@@ -191,6 +194,12 @@ def build(config, *, model=None, dataset=None, loss_fn=None) -> Setup:
         model = models.create_model(config.model, ds.num_classes)
     net, tx = as_net(model), step.make_optimizer(config.optimizer, config.num_steps)
     may_freeze = decouple.FreezePolicy.from_config(config).enabled
+    if may_freeze and net.modes is not None:
+        raise ConfigError(
+            f"decouple.freeze_step / decouple.auto: gate freezing needs a model without a train "
+            f"mode, and {_qualname(model)} sets one with {net.modes.flag!r}; leave "
+            f"decouple.freeze_step=-1 and decouple.auto=False"
+        )
     gated = decouple.gated_net(net) if may_freeze else None
     setup = Setup(config, ds, probe_idx, net, tx, place, loss_fn or step.cross_entropy, gated)
     _check_model(setup)
@@ -198,7 +207,11 @@ def build(config, *, model=None, dataset=None, loss_fn=None) -> Setup:
 
 
 def _check_model(setup: Setup) -> None:
-    """Traces (no compute) the initial state: a model with no ReLU fails before any write."""
+    """Traces (no compute) the initial state: a model with no ReLU fails before any write.
+
+    A model with a train mode also traces one training step: a model that fails in train
+    mode (an RNG stream other than ``dropout``, a Dropout without its RNG) fails here.
+    """
     x = setup.ds.x_val
     probe_x = jax.ShapeDtypeStruct((len(setup.probe_idx), *x.shape[1:]), x.dtype)
     init = functools.partial(step.create_train_state, setup.net, setup.tx)
@@ -208,6 +221,29 @@ def _check_model(setup: Setup) -> None:
             jax.eval_shape(setup.gated.preacts_fn, state.params, state.params, probe_x)
     except ValueError as err:  # CaptureError (no ReLU, refused construct) or a bad probe shape
         raise ConfigError(f"model: {err}") from err
+    if setup.net.modes is None:
+        return
+    size, ds = setup.config.batch_size, setup.ds
+    batch = {
+        "x": jax.ShapeDtypeStruct((size, *ds.x_train.shape[1:]), ds.x_train.dtype),
+        "y": jax.ShapeDtypeStruct((size, *ds.y_train.shape[1:]), ds.y_train.dtype),
+    }
+    train = functools.partial(
+        step.train_step, model=setup.net, tx=setup.tx, record=True, loss_fn=setup.loss_fn
+    )
+    try:
+        jax.eval_shape(train, state, batch, {"x": probe_x})
+    except Exception as err:  # whatever the model raises in train mode
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        line = re.sub(r"\s*\(https?://\S+\)$", "", line)  # flax's docs link
+        how = (
+            "every RNG stream the module holds (nnx.Dropout(rate, rngs=rngs)) reseeded per step"
+            if setup.net.modes.flag == "nnx"
+            else f"{setup.net.modes.flag!r} set, rngs={{'dropout': key}} per step"
+        )
+        raise ConfigError(
+            f"model: its training step in train mode ({how}) fails: {type(err).__name__}: {line}"
+        ) from err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +296,13 @@ def train_and_evaluate(
 
     Args:
       model: a user's model instead of ``config.model``: a linen module, an initialized NNX
-        module, or a ``models.Net``; its ReLUs are found by ``capture_relus``.
+        module, or a ``models.Net``; its ReLUs are found by ``capture_relus``. A model with a
+        train mode (a linen ``__call__`` taking ``train`` / ``training`` / ``deterministic``;
+        an NNX module with Dropout / BatchNorm) trains in train mode with a dropout key per
+        step (``fold_in`` of the run's key and the step) and its batch statistics updated
+        and checkpointed, and is evaluated, probed and stability-tested in eval mode; a linen
+        model that holds ``batch_stats`` or draws an RNG without such an argument is refused
+        (ConfigError naming the flag), as is gate freezing (``decouple.*``) of such a model.
       dataset: a user's :class:`regime_jax.data.Dataset` instead of ``config.dataset``.
       loss_fn: ``loss_fn(logits, y) -> per-example losses [B]`` instead of cross-entropy;
         accuracy is reported only for integer labels with one logit per class.
@@ -288,6 +330,12 @@ def train_and_evaluate(
 # ------------------------------------------------------------------------------ running it
 
 
+def _stability_of_modes(params, x, key, variables, *, net: Net, config) -> dict:
+    """The stability test of a model with a train mode: its params perturbed, in eval mode."""
+    preacts_fn = lambda p, x: net.preacts_fn(net.modes.join(p, variables), x)
+    return stability.perturbation_metrics(preacts_fn, params, x, key, config)
+
+
 class _Run:
     """One training run in a locked workdir: state, measurements, outputs."""
 
@@ -307,9 +355,24 @@ class _Run:
             self.start, self.state = self._initial_state(resume)
             if self.primary:
                 records.write_config(workdir, self.config.to_dict())
+                self._write_sites(announce=not resume)
         except BaseException:
             self.ckpt.close()
             raise
+
+    def _write_sites(self, announce: bool) -> None:
+        """``sites.txt`` / ``sites.json``: every ReLU site found, measured or not and why."""
+        sites_fn = getattr(self.setup.net.preacts_fn, "sites", None)
+        if sites_fn is None:  # a Net built by hand with its own preacts_fn
+            return
+        variables = step.model_variables(self.setup.net, self.state)
+        table = sites_fn(variables, self.probe["x"])
+        text = capture.format_sites(table)
+        records.write_atomic(self.workdir / SITES_TXT, text + "\n")
+        rows = [dataclasses.asdict(site) for site in table]
+        records.write_atomic(self.workdir / SITES_JSON, records.to_json(rows, indent=1) + "\n")
+        if announce:
+            print(f"layers found ({self.workdir / SITES_TXT}):\n{text}", flush=True)
 
     def _initial_state(self, resume: bool) -> tuple[int, TrainState]:
         """Step 0's state, or the newest checkpoint's when resuming (records cut to match)."""
@@ -346,21 +409,28 @@ class _Run:
                 step.eval_step, model=s.net, loss_fn=s.loss_fn, gated=s.gated if gated else None
             )
             gates = self.state.frozen.gates if gated else None
-            lowered = jax.jit(fn).lower(self.state.params, batches[0], gates=gates)
+            variables = step.model_variables(s.net, self.state)  # the params, or eval mode's
+            lowered = jax.jit(fn).lower(variables, batches[0], gates=gates)
             eval_fns[gated] = lowered.compile()
 
         def evaluate(state: TrainState) -> dict:  # the gated network once frozen
             gates = state.frozen.gates if self.frozen else None
             fn = functools.partial(eval_fns[self.frozen], gates=gates)
-            return step.evaluate(fn, state.params, batches, len(s.ds.y_val))
+            variables = step.model_variables(s.net, state)
+            return step.evaluate(fn, variables, batches, len(s.ds.y_val))
 
         self.evaluate = evaluate
         self.stab_steps = log_spaced_steps(c.num_steps, c.stability.num_points)
-        self.stab_fn = jax.jit(
-            functools.partial(
-                stability.perturbation_metrics, s.net.preacts_fn, config=stability_config(c)
+        if s.net.modes is None:
+            self.stab_fn = jax.jit(
+                functools.partial(
+                    stability.perturbation_metrics, s.net.preacts_fn, config=stability_config(c)
+                )
             )
-        )
+        else:  # the params perturbed, the model's other variables as they are (eval mode)
+            self.stab_fn = jax.jit(
+                functools.partial(_stability_of_modes, net=s.net, config=stability_config(c))
+            )
         self.stab_x = self.probe["x"][: c.stability.num_examples or None]
         self.stab_key = jax.random.key(c.stability.seed)
         self.ends = sorted(
@@ -374,10 +444,14 @@ class _Run:
         lengths = chunks.lengths(self.start, self.ends, c.steps_per_call)
         self.run_chunk = chunks.Runner(s, self.state, self.probe, lengths)
 
-    def _stability(self, step_: int, params: Any) -> dict:
+    def _stability(self, step_: int, state: TrainState) -> dict:
         if step_ not in self.stab_steps:
             return {}
-        return self.stab_fn(params, self.stab_x, jax.random.fold_in(self.stab_key, step_))
+        key = jax.random.fold_in(self.stab_key, step_)
+        model_state = step.model_state_of(state)
+        if model_state is None:
+            return self.stab_fn(state.params, self.stab_x, key)
+        return self.stab_fn(state.params, self.stab_x, key, model_state.variables)
 
     def train(self) -> dict:
         """Runs the remaining steps; NonFinite / Interrupted as documented on the caller."""
@@ -404,7 +478,7 @@ class _Run:
         metrics = {
             **analyzer.pattern_metrics(None, state.masks),
             **self.evaluate(state),
-            **self._stability(0, state.params),
+            **self._stability(0, state),
         }
         fetcher.add(fetch.Entry.step(0, metrics, state.masks, record=True, snapshot=True))
         fetcher.flush(keep_last=False)
@@ -429,7 +503,7 @@ class _Run:
             self.clock.tick(self.state, chunk.last, "gated" if self.frozen else "ordinary")
             if chunk.last == n or (not self.frozen and policy.may_freeze(chunk.last)):
                 self.clock.mark(self.state, chunk.last)
-            extra = self._stability(chunk.last, self.state.params)
+            extra = self._stability(chunk.last, self.state)
             if itstime(chunk.last, c.eval_every_steps, n):
                 extra = {**extra, **self.evaluate(self.state)}
             fetcher.add(entry.with_extra(extra))

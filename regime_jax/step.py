@@ -8,6 +8,14 @@ rates against the patterns carried in the state. :func:`make_step_fns` jits the 
 ``lax.scan`` over stacked batches (``steps_per_call``); :func:`make_chunk_fn` jits it. Nothing
 here touches files, signals or orbax: a user's own loop can import this module alone.
 
+A model with a train mode (:class:`regime_jax.models.adapt.Modes`: a linen ``train`` /
+``training`` / ``deterministic`` argument, an NNX module with Dropout or BatchNorm) is trained
+in train mode, with step ``t``'s dropout key ``fold_in(rng, t)`` (``rng`` derived from the
+run's key and carried in the state) and its BatchNorm statistics updated and carried in
+:class:`ModelState`; evaluation, the monitor's probe forward and the stability test run it in
+eval mode on the current statistics (:class:`StatefulTrainState`). Any other model has
+exactly the :class:`TrainState`, programs and checkpoints it had before modes existed.
+
 Shape suffixes follow the package convention (:mod:`regime_jax`): ``B`` batch, ``K`` classes,
 ``T`` steps of a chunk, ``S`` snapshot slots.
 """
@@ -56,11 +64,31 @@ class Frozen:
 
 
 @struct.dataclass
+class ModelState:
+    """A model with a train mode: its variables besides the trained params, and its RNG.
+
+    Attributes:
+      variables: what the model updates in train mode and reads in eval mode: linen's
+        collections other than ``params`` (``{"batch_stats": ...}``), an NNX module's
+        non-``Param``, non-RNG state (BatchNorm statistics); empty if none.
+      rng: uint32 key data (``jax.random.key_data``) of the run's model RNG, derived from the
+        run's key: step ``t`` (1-based) trains with the key ``fold_in(rng, t)``, so a resumed
+        run draws the same dropout masks.
+    """
+
+    variables: Any
+    rng: jax.Array
+
+
+@struct.dataclass
 class TrainState:
     """Everything a step reads and writes; ``monitor`` holds the patterns of the last record.
 
     ``frozen`` is None unless the run may freeze its gates (``decouple.*``): a run without
     freezing has exactly the state (and the checkpoints) it had before decoupling existed.
+    A model with a train mode gets :class:`StatefulTrainState` (this plus its
+    :class:`ModelState`); any other keeps exactly this state, so its checkpoints, those
+    written before train modes existed included, restore unchanged.
     """
 
     step: jax.Array
@@ -73,6 +101,18 @@ class TrainState:
     def masks(self) -> Patterns:
         """Packed probe patterns at the last record step."""
         return self.monitor.masks
+
+
+@struct.dataclass
+class StatefulTrainState(TrainState):
+    """A :class:`TrainState` with the :class:`ModelState` of a model with a train mode."""
+
+    model_state: ModelState | None = None
+
+
+def model_state_of(state: TrainState) -> ModelState | None:
+    """The state's :class:`ModelState`, or None (a model without a train mode)."""
+    return getattr(state, "model_state", None)
 
 
 def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
@@ -105,9 +145,24 @@ def _monitor(net: Net, probe_x: Any) -> analyzer.PatternMonitor:
     return analyzer.pattern_monitor(net.preacts_fn, probe_x)
 
 
+def model_variables(model: Any, state: TrainState) -> Any:
+    """What the model's ``apply`` / ``preacts_fn`` take: ``state.params``, or for a model with a
+    train mode the params joined with its :class:`ModelState` variables (eval mode)."""
+    model_state = model_state_of(state)
+    if model_state is None:
+        return state.params
+    return as_net(model).modes.join(state.params, model_state.variables)
+
+
 def probe_patterns(model: Any, params: Any, probe_x: Any) -> Patterns:
     """Packed ``z > 0`` of every ReLU layer on the probe inputs."""
     return analyzer.patterns_from_preacts(as_net(model).preacts_fn(params, probe_x)[1])
+
+
+def _key_data(key: jax.Array) -> jax.Array:
+    """uint32 key data (what a checkpoint stores) of a typed or a raw PRNG key."""
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return jax.random.key_data(key) if typed else key
 
 
 def _copy(tree: Any) -> Any:
@@ -126,14 +181,32 @@ def create_train_state(
     """Initial state; its masks are the probe patterns of the initial parameters (step 0).
 
     With ``decoupled`` the state has room for the gates (:class:`Frozen`, not yet frozen).
+    A model with a train mode is initialised in eval mode; its other variables and an RNG
+    derived from ``key`` go to :class:`ModelState` (not with ``decoupled``: ValueError).
     """
     net = as_net(model)
-    params = net.init(key, jax.tree.map(lambda a: a[:1], probe_x))
-    monitor = _monitor(net, probe_x).init(params)
+    x1 = jax.tree.map(lambda a: a[:1], probe_x)
+    model_state = None
+    if net.modes is None:
+        params = net.init(key, x1)
+        monitor = _monitor(net, probe_x).init(params)
+    else:
+        if decoupled:
+            raise ValueError(
+                f"gate freezing needs a model without a train mode; this one sets its mode with "
+                f"{net.modes.flag!r}"
+            )
+        params, variables = net.modes.init(key, x1)
+        model_state = ModelState(variables, _key_data(jax.random.fold_in(key, 1)))
+        joined = net.modes.join(params, variables)
+        monitor = _monitor(net, probe_x).init(joined, params=params)
     frozen = None
     if decoupled:
         frozen = Frozen(_copy(params), _copy(monitor.masks), jnp.full((), -1, jnp.int32))
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), monitor, frozen)
+    fields = (jnp.zeros((), jnp.int32), params, tx.init(params), monitor, frozen)
+    if model_state is None:
+        return TrainState(*fields)
+    return StatefulTrainState(*fields, model_state)
 
 
 def freeze(state: TrainState, probe_x: Any, *, model: Any) -> TrainState:
@@ -147,6 +220,12 @@ def freeze(state: TrainState, probe_x: Any, *, model: Any) -> TrainState:
 def _loss(params: Any, batch: Mapping[str, jax.Array], apply: Callable, loss_fn: LossFn):
     logits = apply(params, batch["x"])
     return loss_fn(logits, batch["y"]).mean(), logits
+
+
+def _train_mode_loss(params, variables, key, batch, train: Callable, loss_fn: LossFn):
+    """The loss in train mode: ``(loss, (logits, updated variables))``."""
+    logits, variables = train(params, variables, batch["x"], key)
+    return loss_fn(logits, batch["y"]).mean(), (logits, variables)
 
 
 def _gated(gated: decouple.GatedNet, gates: Any) -> Net:
@@ -176,15 +255,29 @@ def train_step(
     patterns are the value stream's own ``z_values > 0``, and the metrics add
     ``decouple/freeze_step`` and, with ``record``, ``decouple/disagree/*`` (those patterns
     against the gates').
+
+    A :class:`StatefulTrainState` (a model with a train mode) computes the loss in train
+    mode with the key ``fold_in(rng, t)`` of step ``t`` and keeps the variables it updates
+    (BatchNorm statistics); the monitor then reads the model in eval mode on the new params
+    and statistics, and takes step sizes of the params alone.
     """
     net = as_net(model) if gated is None else _gated(gated, state.frozen.gates)
-    (loss, logits), grads = jax.value_and_grad(_loss, has_aux=True)(
-        state.params, batch, net.apply, loss_fn
-    )
+    model_state = model_state_of(state)
+    if model_state is None:
+        (loss, logits), grads = jax.value_and_grad(_loss, has_aux=True)(
+            state.params, batch, net.apply, loss_fn
+        )
+    else:  # train mode: this step's key, the statistics it updates
+        key = jax.random.fold_in(jax.random.wrap_key_data(model_state.rng), state.step + 1)
+        (loss, (logits, variables)), grads = jax.value_and_grad(_train_mode_loss, has_aux=True)(
+            state.params, model_state.variables, key, batch, net.modes.train, loss_fn
+        )
+        model_state = model_state.replace(variables=variables)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    now = params if model_state is None else net.modes.join(params, model_state.variables)
     monitored, monitor = _monitor(net, probe["x"]).update(
-        state.monitor, params, updates, patterns=record
+        state.monitor, now, updates, patterns=record
     )
     metrics = {"train/loss": loss}
     if _is_classification(logits, batch["y"]):
@@ -195,6 +288,8 @@ def train_step(
         if record:
             metrics |= decouple.disagreement_of_patterns(monitor.masks, state.frozen.masks)
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, monitor=monitor)
+    if model_state is not None:
+        state = state.replace(model_state=model_state)
     return state, metrics, (monitor.masks if record else None)
 
 
@@ -209,7 +304,9 @@ def eval_step(
 ) -> dict[str, jax.Array]:
     """Summed loss (and correct count) over a padded batch; ``w`` masks the padding.
 
-    With ``gated`` and ``gates``: the gated network's (the values under frozen gates).
+    ``params``: what the model's ``apply`` takes (:func:`model_variables`: a model with a
+    train mode is evaluated in eval mode on its current variables). With ``gated`` and
+    ``gates``: the gated network's (the values under frozen gates).
     """
     net = as_net(model) if gated is None else _gated(gated, gates)
     logits = net.apply(params, batch["x"])
