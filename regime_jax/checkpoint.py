@@ -23,19 +23,23 @@ folders.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from regime_jax import fingerprint as fingerprints
 from regime_jax import hosts
 
 CHECKPOINTS = "checkpoints"
 BROKEN = "broken_checkpoints"
 ITEM = "default"  # the item folder CheckpointManager writes for a single StandardSave
+STEP_METADATA = "_CHECKPOINT_METADATA"  # orbax's per-step file; holds our fingerprint
 
 
 class CheckpointError(RuntimeError):
@@ -60,10 +64,16 @@ def _one_line(err: BaseException) -> str:
 
 
 class Checkpointer:
-    """Keeps the last ``keep`` checkpoints of a run under ``workdir/checkpoints``."""
+    """Keeps the last ``keep`` checkpoints of a run under ``workdir/checkpoints``.
 
-    def __init__(self, workdir: str | Path, keep: int):
+    With a ``fingerprint`` (:mod:`regime_jax.fingerprint`) each checkpoint carries it in its
+    orbax metadata, with the hashes of the mask snapshots up to its step.
+    """
+
+    def __init__(self, workdir: str | Path, keep: int, fingerprint: dict | None = None):
         self.workdir = Path(workdir).absolute()
+        self.fingerprint = fingerprint
+        self._hashes: dict[int, str] = {}
         self.directory = self.workdir / CHECKPOINTS
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
@@ -103,20 +113,60 @@ class Checkpointer:
                 "checkpoint folder for step %d was in the way; moved to %s", step, moved
             )
         hosts.barrier(f"regime_jax_checkpoint_{step}")  # nobody saves before it is moved
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        meta = None
+        if self.fingerprint is not None:
+            masks = fingerprints.snapshot_hashes(self.workdir, step, self._hashes)
+            meta = {fingerprints.KEY: {**self.fingerprint, "masks": masks}}
+        self._manager.save(
+            step, args=ocp.args.StandardSave(state), force=True, custom_metadata=meta
+        )
 
-    def restore_latest(self, like: Any) -> tuple[int, Any] | None:
+    def metadata(self, step: int) -> dict | None:
+        """The fingerprint checkpoint ``step`` carries (None: none); ValueError if unreadable."""
+        path = self.directory / str(step) / STEP_METADATA
+        try:
+            meta = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path.name}: {err}") from None
+        custom = meta.get("custom_metadata") if isinstance(meta, dict) else None
+        return (custom or {}).get(fingerprints.KEY)
+
+    def restore_latest(
+        self,
+        like: Any,
+        check: Callable[[dict | None], str | None] | None = None,
+        below: int | None = None,
+    ) -> tuple[int, Any] | None:
         """The newest checkpoint that restores into ``like``'s structure, or None if none exist.
 
         Each step is restored from its own folder, so a partial newer one never hides an
         intact older one; unreadable newer ones are then set aside (see the module doc). If
         every one is unreadable, :class:`CheckpointError` lists them, one line each.
+        ``check(fingerprint)`` says why a checkpoint is not this run's (None: it is): such a
+        checkpoint is refused (CheckpointError), never set aside or skipped. ``below``: only
+        steps under it are considered.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         failures = []
         reader = ocp.StandardCheckpointer()
         try:
             for step in reversed(self._step_dirs()):
+                if below is not None and step >= below:
+                    continue
+                if check is not None:
+                    try:
+                        meta = self.metadata(step)
+                    except ValueError as err:
+                        failures.append((step, _one_line(err)))
+                        continue
+                    why = check(meta)
+                    if why:
+                        raise CheckpointError(
+                            f"checkpoint {self.directory / str(step)} is not this run's: {why}; "
+                            f"refusing to resume. {fingerprints.OUT}"
+                        )
                 try:
                     with _quiet_storage_logs():
                         state = reader.restore(self.directory / str(step) / ITEM, abstract)

@@ -34,6 +34,7 @@ from regime_jax import (
     data,
     decouple,
     fetch,
+    fingerprint,
     hosts,
     live,
     models,
@@ -342,18 +343,26 @@ class _Run:
     def __init__(self, setup: Setup, workdir: Path):
         self.setup, self.config, self.workdir = setup, setup.config, workdir
         self.primary = hosts.is_primary()
+        data_id = self.config.dataset.get("fingerprint") or _fingerprint(setup.ds)
+        self.fp = fingerprint.make(self.config.to_dict(), data_id, RESUME_IGNORES)
+        self.strict = fingerprint.path(workdir).exists()  # a run from before fingerprints: no
         resume = (
-            rundir.open_run(self.config.to_dict(), workdir, RESUME_IGNORES) if self.primary else 0
+            rundir.open_run(self.config.to_dict(), workdir, RESUME_IGNORES, self.fp)
+            if self.primary
+            else 0
         )
         resume = hosts.agree(resume)  # the others wait here for process 0's decision
         ds, place = setup.ds, setup.place
         probe = {"x": ds.x_val[setup.probe_idx], "y": ds.y_val[setup.probe_idx]}
         self.probe = hosts.put(probe, place.data)
         self.ckpt = checkpoint.Checkpointer(workdir, self.config.checkpoint.keep)
+        self.ckpt.fingerprint = self.fp  # each checkpoint carries it
         self.policy = decouple.FreezePolicy.from_config(self.config)  # this run's detector
         try:
             self.start, self.state = self._initial_state(resume)
             if self.primary:
+                if not resume or self.strict:  # created, or extended: what the run now is
+                    fingerprint.write(workdir, self.fp)
                 records.write_config(workdir, self.config.to_dict())
                 self._write_sites(announce=not resume)
         except BaseException:
@@ -385,7 +394,13 @@ class _Run:
         self.frozen = False  # on the host: whether the state's gates are frozen
         if not resume:
             return 0, state
-        restored = self.ckpt.restore_latest(state)
+        check = functools.partial(
+            rundir.checkpoint_mismatch,
+            current=self.fp,
+            config=self.config.to_dict(),
+            strict=self.strict,
+        )
+        restored = self._verified(self.ckpt.restore_latest(state, check), state, check)
         start, state = restored if restored else (0, state)
         if self.primary:
             if restored:
@@ -398,6 +413,47 @@ class _Run:
                 rows = records.read_rows(self.workdir)  # atomic truncation: any process
                 self.policy.feed(r for r in rows if r["step"] <= start)
         return start, state
+
+    def _verified(self, restored, like, check):
+        """``restored`` if every mask snapshot up to its step reads and matches the hashes
+        its checkpoint recorded; else each broken one is moved to ``broken_masks/``, the
+        checkpoints at or after the first of them to ``broken_checkpoints/``, and the run
+        resumes from the newest checkpoint before it (None: from step 0), which writes them
+        again."""
+        while restored is not None:
+            below = -1
+            if self.primary:
+                start = restored[0]
+                try:
+                    hashes = (self.ckpt.metadata(start) or {}).get("masks")
+                except ValueError:
+                    hashes = None
+                folder = self.workdir / records.MASKS_DIR
+                names = (
+                    p.name.removeprefix("step_").removesuffix(".npz")
+                    for p in folder.glob("step_*.npz")
+                )
+                steps = sorted(int(n) for n in names if n.isdigit() and int(n) <= start)
+                bad = fingerprint.bad_snapshots(self.workdir, steps, hashes)
+                for s, why in bad:
+                    moved = fingerprint.set_aside_snapshot(self.workdir, s)
+                    print(
+                        f"mask snapshot of step {s} is broken ({why}); moved to {moved}", flush=True
+                    )
+                if bad:
+                    below = min(s for s, _ in bad)
+                    for ck in self.ckpt._step_dirs():
+                        if ck >= below:
+                            self.ckpt.set_aside(ck)
+            below = hosts.agree(below)
+            if below < 0:
+                return restored
+            hosts.barrier(f"regime_jax_snapshots_{below}")
+            restored = self.ckpt.restore_latest(like, check, below=below)
+            if self.primary:
+                at = restored[0] if restored else 0
+                print(f"resuming from step {at} to write the snapshot of step {below} again")
+        return None
 
     def _measures(self) -> None:
         """The chunk runner, evaluation and stability test of this run."""

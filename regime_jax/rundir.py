@@ -16,12 +16,13 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from regime_jax import checkpoint, records
+from regime_jax import checkpoint, fingerprint, records
 from regime_jax.config import ConfigError
 
 LOCK = ".lock"
@@ -101,23 +102,53 @@ def cannot_extend(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> st
     return None
 
 
-def open_run(config: Mapping[str, Any], workdir: str | os.PathLike, ignores: Iterable[str]) -> bool:
+def open_run(
+    config: Mapping[str, Any],
+    workdir: str | os.PathLike,
+    ignores: Iterable[str],
+    current: Mapping[str, Any] | None = None,
+) -> bool:
     """Prepares a locked ``workdir``; True if an earlier run there should be resumed.
 
-    Raises ConfigError if the stored config differs in a field that changes results (or in
-    ``num_steps`` where the run cannot be extended), RecordError if the stored config is
-    unreadable. Writes nothing except with ``overwrite``, which deletes the earlier run.
+    ``current`` is this run's fingerprint (:mod:`regime_jax.fingerprint`): a run that has
+    ``fingerprint.json`` is compared against it (config fields and data), and its
+    ``config.json`` against it too (a hand edit is refused); a run from before fingerprints
+    is compared by ``config.json``. Raises ConfigError if the run differs in a field that
+    changes results (or in ``num_steps`` where the run cannot be extended), RecordError if
+    the stored config or fingerprint is unreadable. Writes nothing except with
+    ``overwrite``, which deletes the earlier run.
     """
     workdir = records.ensure_writable(workdir)
     existing = records.has_run(workdir) or (workdir / checkpoint.CHECKPOINTS).exists()
     if existing and config["overwrite"]:
         records.reset(workdir)
         checkpoint.remove(workdir)
+        shutil.rmtree(workdir / fingerprint.BROKEN_MASKS, ignore_errors=True)
         return False
     if not existing:
         return False
     stored = _stored_config(workdir)
-    diff = records.config_diff(stored, config, ignores)
+    recorded = fingerprint.read(workdir)
+    if recorded is not None:
+        edited = [
+            f for f in records.config_diff(recorded["config"], stored, ignores) if f != "num_steps"
+        ]
+        if edited:
+            mine = fingerprint.make(stored, None, ignores)
+            raise ConfigError(
+                f"{workdir / records.CONFIG} was edited: it differs from the fingerprint "
+                f"recorded when the run was created ({fingerprint.FILE}) in "
+                f"{fingerprint.describe(edited, recorded, mine)}; refusing to resume. "
+                f"{fingerprint.OUT}"
+            )
+    if recorded is not None and current is not None:
+        diff = [f for f in fingerprint.diff(recorded, current) if f != "num_steps"]
+        if stored.get("num_steps") != config["num_steps"]:
+            diff = sorted([*diff, "num_steps"])
+        shown = lambda: fingerprint.describe(diff, recorded, current)
+    else:
+        diff = records.config_diff(stored, config, ignores)
+        shown = lambda: str(diff)
     if diff == ["num_steps"]:
         why = cannot_extend(stored, config)
         if why:
@@ -129,7 +160,34 @@ def open_run(config: Mapping[str, Any], workdir: str | os.PathLike, ignores: Ite
         print(f"extending {workdir} from num_steps={stored['num_steps']}", flush=True)
     elif diff:
         raise ConfigError(
-            f"workdir={str(workdir)!r} holds a run whose config differs in {diff}; "
+            f"workdir={str(workdir)!r} holds a run whose config differs in {shown()}; "
             f"refusing to resume. Use another workdir or --config.overwrite=True."
         )
     return True
+
+
+def checkpoint_mismatch(
+    meta: Mapping[str, Any] | None,
+    current: Mapping[str, Any],
+    config: Mapping[str, Any],
+    strict: bool,
+) -> str | None:
+    """Why a checkpoint whose metadata fingerprint is ``meta`` is not this run's (None: it is).
+
+    A checkpoint may differ only in ``num_steps``, where the run may be extended from it.
+    ``strict`` (the run has ``fingerprint.json``): one without a fingerprint is refused.
+    """
+    if meta is None:
+        return (
+            "it carries no fingerprint (another program or a run of another workdir)"
+            if strict
+            else None
+        )
+    diff = fingerprint.diff(meta, current)
+    if "num_steps" in diff:
+        why = cannot_extend(meta["config"], config) if diff == ["num_steps"] else "it differs"
+        if why is None:
+            diff = []
+    if not diff:
+        return None
+    return f"it was written by a run that differs in {fingerprint.describe(diff, meta, current)}"

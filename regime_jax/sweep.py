@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -56,6 +57,9 @@ from regime_jax.overrides import apply_overrides
 from regime_jax.summary import SUMMARY, main_ratio
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Runs in one grid (before freeze variants): each is composed and validated up front and is
+# a directory of checkpoints; 10**4 runs of even the quick configs take days.
+RUNS_MAX = 10**4
 
 
 def _is_map(value: Any) -> bool:
@@ -92,6 +96,11 @@ def _check_names(sweep: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"setting/optimizer names must be unique path-safe words, got {bad}")
     if any(isinstance(k, bool) or not isinstance(k, int) for k in sweep.seeds):
         raise ConfigError(f"seeds must be ints, got {list(sweep.seeds)}")
+    runs = len(sweep.settings) * len(sweep.optimizers) * len(sweep.seeds)
+    if runs > RUNS_MAX:  # before a config is composed for each
+        raise ConfigError(
+            f"the grid has {runs} runs (settings x optimizers x seeds); allowed: at most {RUNS_MAX}"
+        )
 
 
 def _compose(sweep, setting: Mapping, opt: str, seed: int) -> ml_collections.ConfigDict:
@@ -193,6 +202,56 @@ def _resolve(spec: RunSpec, workdir: Path) -> tuple[RunSpec, str]:
     return dataclasses.replace(spec, config=config), note
 
 
+# The deepest file a run writes below its directory, with room to spare: orbax's
+# "checkpoints/<step>.orbax-checkpoint-tmp-<n>/default/ocdbt.process_0/d/<32 hex>", and
+# "broken_checkpoints/<step>/...".
+RUN_FILES_RESERVE = 200
+
+
+def _limit(existing: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(existing, name)
+    except (OSError, ValueError, AttributeError):  # not on this OS / file system
+        return default
+
+
+def check_paths(workdir: str | Path, specs: list[RunSpec]) -> None:
+    """ConfigError unless every run's directory, and the files a run writes in it, fit the
+    file system's limits on a name (``NAME_MAX``, usually 255 bytes) and on a path
+    (``PATH_MAX``); checked before anything is created or written, ``sweep.json`` included.
+    """
+    base = Path(os.path.abspath(workdir))
+    existing = next(p for p in (base, *base.parents) if p.exists())
+    name_max = _limit(existing, "PC_NAME_MAX", 255)
+    path_max = _limit(existing, "PC_PATH_MAX", 4096)
+    for part in base.parts[1:]:
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(
+                f"--workdir: the folder name {_short(part)} is longer than the file system "
+                f"allows ({name_max} bytes)"
+            )
+    what = ("setting", "optimizer", "seed")
+    for spec in specs:
+        for kind, part in zip(what, spec.path.split("/"), strict=True):
+            size = len(os.fsencode(part))
+            if size > name_max:
+                raise ConfigError(
+                    f"{kind} name {_short(part)} is {size} bytes, longer than the file system "
+                    f"allows for a folder name ({name_max} bytes): use a shorter {kind} name"
+                )
+        size = len(os.fsencode(str(base / spec.path))) + RUN_FILES_RESERVE
+        if size > path_max:
+            raise ConfigError(
+                f"run folder {_short(str(base / spec.path))} is too deep: with the files a run "
+                f"writes in it ({RUN_FILES_RESERVE} bytes) its paths pass the file system's "
+                f"limit of {path_max} bytes: use a shorter --workdir or setting name"
+            )
+
+
+def _short(name: str, keep: int = 40) -> str:
+    return repr(name if len(name) <= keep else f"{name[:keep]}...")
+
+
 def _write_grid(workdir: Path, sweep, specs: list[RunSpec]) -> None:
     grid = {
         "sweep": sweep.to_dict(),
@@ -224,6 +283,38 @@ def _run_one(spec: RunSpec, rundir: Path) -> str:
     )
 
 
+def _changed(spec: RunSpec, workdir: Path, rundir: Path) -> str | None:
+    """Why the finished run in ``rundir`` is not ``spec``'s run (None: it is, reuse it).
+
+    Compares the run's recorded fingerprint (``fingerprint.json``; for a run from before
+    fingerprints, ``config.json``) with ``spec``'s resolved config, and the run's
+    ``config.json`` with its fingerprint (a hand edit).
+    """
+    from regime_jax import fingerprint
+
+    try:
+        spec, _ = _resolve(spec, workdir)
+    except (ValueError, KeyError, OSError) as err:
+        return f"its freeze step cannot be resolved ({err})"
+    try:
+        stored = json.loads((rundir / records.CONFIG).read_text())
+        recorded = fingerprint.read(rundir)
+    except (OSError, ValueError) as err:  # RecordError is a ValueError
+        return f"its {records.CONFIG} / {fingerprint.FILE} do not read ({type(err).__name__})"
+    config = spec.config.to_dict()
+    if recorded is None:
+        diff = records.config_diff(stored, config, loop.RESUME_IGNORES)
+        return f"its config differs in {diff}" if diff else None
+    current = fingerprint.make(config, None, loop.RESUME_IGNORES)
+    edited = records.config_diff(recorded["config"], stored, loop.RESUME_IGNORES)
+    if edited:
+        return f"its {records.CONFIG} was edited ({edited})"
+    diff = fingerprint.diff(recorded, current)
+    if not diff:
+        return None
+    return f"its settings differ in {fingerprint.describe(diff, recorded, current)}"
+
+
 def run_sweep(
     sweep: ml_collections.ConfigDict,
     workdir: str | Path,
@@ -236,16 +327,20 @@ def run_sweep(
     """
     specs = expand_grid(sweep)
     workdir = Path(workdir)
+    check_paths(workdir, specs)  # before the first write
     workdir.mkdir(parents=True, exist_ok=True)
     _write_grid(workdir, sweep, specs)
     ran, skipped, failed = [], [], {}
     for i, spec in enumerate(specs, start=1):
         rundir = workdir / spec.path
         head = f"[{i}/{len(specs)}] {rundir}"
-        if (rundir / SUMMARY).exists():
+        changed = _changed(spec, workdir, rundir) if (rundir / SUMMARY).exists() else ""
+        if changed is None:
             skipped.append(spec.path)
             log(f"{head} | finished before, skipped")
             continue
+        if changed:  # never labels the old run's results with the new settings
+            log(f"{head} | finished before, but {changed}: running it afresh")
         try:
             log(f"{head} | {_run_one(spec, rundir)}")
             ran.append(spec.path)
