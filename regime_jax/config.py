@@ -3,7 +3,10 @@
 A config module (``regime_jax/configs/<name>.py``, or a file of your own) defines
 ``get_config(arg=None)`` that starts from :func:`base_config` and overrides fields.
 :func:`validate_config` runs before any data is loaded or any array is computed; every error
-names the field and the allowed values.
+names the field and the allowed values. Every numeric field has an upper bound too (the
+``*_MAX`` constants below, each with its reason), so a value the machine cannot honour
+(``num_steps=99999999999999999999``) is refused in one line before anything is allocated in
+proportion to it or written.
 """
 
 from __future__ import annotations
@@ -138,14 +141,45 @@ def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{field}={value!r} is unknown; allowed values: {sorted(allowed)}")
 
 
-def _positive(field: str, value: Any, kind: type = int) -> None:
+def _positive(field: str, value: Any, kind: type = int, high: int | None = None) -> None:
     ok = isinstance(value, kind | int) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or not value > 0:
         finite = ", finite" if kind is float else ""
-        raise ConfigError(f"{field}={value!r} must be a positive{finite} {kind.__name__}")
+        allowed = "" if high is None else f"; allowed values: an int >= 1 and <= {high}"
+        raise ConfigError(f"{field}={value!r} must be a positive{finite} {kind.__name__}{allowed}")
 
 
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding (mnist1d) takes 32-bit seeds
+
+# Upper bounds: what the machine can honour. Checked before any data is loaded.
+# The train state's step counter and the freeze step are int32 (max 2**31 - 1 = 2.1e9), and a
+# chunk's steps are counted past num_steps; 10**9 leaves that margin.
+STEPS_MAX = 10**9
+# Steps a run lists in memory or writes a row for: metric rows (record and eval steps,
+# stability-probe steps; load_run and the report hold every row, ~2 KB each in Python, so
+# 10**6 rows are ~2 GB), and the chunk boundaries (eval, checkpoint and decouple check
+# steps) the loop lists up front. num_steps / cadence must stay within this.
+EVENTS_MAX = 10**6
+# Example counts (batch, probe, eval batch): JAX indexes an axis with int32 by default. The
+# real bounds (the split sizes) are checked once the data is loaded, before any write.
+SIZE_MAX = 2**31 - 1
+# MNIST-1D is generated one example at a time (~0.2 ms each, float64): 10**6 examples take
+# minutes and ~0.3 GB; more is not an experiment this generator serves.
+NUM_SAMPLES_MAX = 10**6
+# K batches are stacked to [K, B, ...] on the host and the device per chunk, and up to
+# 1 + log2 K scan lengths are compiled; the gain is flat well before K=4096
+# (experiments/bench_throughput.py measures 1, 8, 32).
+STEPS_PER_CALL_MAX = 4096
+# No host has more local devices; the real bound (the devices JAX sees) is checked when the
+# data is placed, before any write.
+DEVICES_MAX = 2**16
+# Stability test loop counts: each (direction, radius) is a forward pass of the probe set,
+# radius_batch x num_directions of them at once; the radii grid has num_radii x (refine + 1)
+# points. Far beyond a useful test, and the grid stays ~10**6 floats.
+STABILITY_COUNT_MAX = 4096
+# Parameters are float32: a learning rate or radius above float32's largest finite value
+# (3.4e38) is inf in the update or in theta + eps u.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _seed(field: str, value: Any) -> None:
@@ -166,8 +200,32 @@ def _cadence(field: str, value: Any, num_steps: int) -> None:
         )
 
 
+def _int_in(field: str, value: Any, low: int, high: int, note: str = "") -> None:
+    """ConfigError unless ``value`` is an int (not a bool) in ``low..high``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{field}={value!r}; allowed values: an int >= {low} and <= {high}{note}")
+
+
+def _at_most(field: str, value: Any, high: int | float, note: str = "") -> None:
+    """ConfigError if ``value`` is a number above ``high`` (other checks say what else is wrong)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > high:
+        shown = high if isinstance(high, int) else f"{high:g}"
+        raise ConfigError(f"{field}={value!r} is too large; allowed values: at most {shown}{note}")
+
+
+def _events(field: str, every: Any, num_steps: int) -> None:
+    """ConfigError if a cadence ``every`` lists more than EVENTS_MAX steps of the run."""
+    if isinstance(every, int) and every > 0 and num_steps // every > EVENTS_MAX:
+        least = -(-num_steps // EVENTS_MAX)
+        raise ConfigError(
+            f"{field}={every} with num_steps={num_steps} gives {num_steps // every} such steps; "
+            f"allowed values: at most {EVENTS_MAX} per run, so {field} >= {least} (or a lower "
+            f"num_steps)"
+        )
+
+
 def _dataset_fields(d: ml_collections.ConfigDict) -> None:
-    _positive("dataset.num_samples", d.num_samples)
+    _int_in("dataset.num_samples", d.num_samples, 1, NUM_SAMPLES_MAX)
     if d.data_dir is not None and not (isinstance(d.data_dir, str) and d.data_dir):
         raise ConfigError(f"dataset.data_dir={d.data_dir!r} must be a path or None")
     _bool("dataset.download", d.download)
@@ -180,14 +238,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     implementation can check (a model's fields, the stability and timescales blocks) is
     :func:`regime_jax.loop.check_config`'s.
     """
-    devices = c.parallel.devices
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 0:
-        raise ConfigError(
-            f"parallel.devices={devices!r}; allowed values: an int >= 0 (0: all local devices)"
-        )
-    k = c.steps_per_call
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"steps_per_call={k!r}; allowed values: an int >= 1 (1: a step per call)")
+    _int_in("parallel.devices", c.parallel.devices, 0, DEVICES_MAX, " (0: all local devices)")
+    _int_in("steps_per_call", c.steps_per_call, 1, STEPS_PER_CALL_MAX, " (1: a step per call)")
     for field in ("seed", "probe.seed", "stability.seed"):
         _seed(field, get_field(c, field))
     if c.dataset.name != CUSTOM:  # a user's Dataset object has none of these fields
@@ -200,11 +252,18 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
     _choice("optimizer.schedule", c.optimizer.schedule, SCHEDULES)
     _positive("optimizer.learning_rate", c.optimizer.learning_rate, float)
+    _at_most("optimizer.learning_rate", c.optimizer.learning_rate, FLOAT32_MAX, " (float32)")
     momentum = c.optimizer.get("momentum", 0.0)
     if isinstance(momentum, bool) or not isinstance(momentum, float | int) or not 0 <= momentum < 1:
         raise ConfigError(f"optimizer.momentum={momentum!r} must be a number in [0, 1)")
-    for field in ("batch_size", "num_steps", "probe.size", "eval_batch_size"):
-        _positive(field, get_field(c, field))
+    for field, high, note in (
+        ("batch_size", SIZE_MAX, ""),
+        ("num_steps", STEPS_MAX, " (the step counter is int32)"),
+        ("probe.size", SIZE_MAX, ""),
+        ("eval_batch_size", SIZE_MAX, ""),
+    ):
+        _positive(field, get_field(c, field), high=high)
+        _int_in(field, get_field(c, field), 1, high, note)
     warmup = c.optimizer.get("warmup_steps", 0)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < c.num_steps:
         raise ConfigError(
@@ -218,18 +277,25 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         "eval_every_steps",
     ):
         _cadence(field, get_field(c, field), c.num_steps)
+    for field in ("record.every_steps", "eval_every_steps"):
+        _events(field, get_field(c, field), c.num_steps)
     ck = c.checkpoint
-    if not isinstance(ck.every_steps, int) or ck.every_steps < 0:
-        raise ConfigError(f"checkpoint.every_steps={ck.every_steps!r} must be an int >= 0")
-    _positive("checkpoint.keep", ck.keep)
+    _int_in("checkpoint.every_steps", ck.every_steps, 0, STEPS_MAX, " (0: only at the end)")
+    _events("checkpoint.every_steps", ck.every_steps, c.num_steps)
+    # Keeping more checkpoints than a run can write is harmless; the bound keeps it a count.
+    _int_in("checkpoint.keep", ck.keep, 1, STEPS_MAX)
     st = c.stability
-    if not isinstance(st.num_points, int) or st.num_points < 0:
-        raise ConfigError(f"stability.num_points={st.num_points!r} must be an int >= 0")
-    if not isinstance(st.num_examples, int) or not 0 <= st.num_examples <= c.probe.size:
+    _int_in("stability.num_points", st.num_points, 0, EVENTS_MAX, " (0: no stability test)")
+    if isinstance(st.num_examples, bool) or not isinstance(st.num_examples, int):
+        st_ok = False
+    else:
+        st_ok = 0 <= st.num_examples <= c.probe.size
+    if not st_ok:
         raise ConfigError(
             f"stability.num_examples={st.num_examples!r}; allowed values: 0..{c.probe.size} "
             f"(probe.size; 0 means the whole probe set)"
         )
+    _implementation_bounds(c)
     _decouple_fields(c)
     if c.record.snapshot_every_steps % c.record.every_steps:
         raise ConfigError(
@@ -238,12 +304,31 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         )
 
 
+def _implementation_bounds(c: ml_collections.ConfigDict) -> None:
+    """Upper bounds of the fields whose other checks are the implementations' (the
+    stability, timescales and online-detector dataclasses, in ``loop.check_config``)."""
+    st, ts, on = c.stability, c.timescales, c.decouple.online
+    for field in ("num_directions", "num_radii", "refine", "radius_batch"):
+        _at_most(f"stability.{field}", st.get(field), STABILITY_COUNT_MAX)
+    for field in ("min_radius", "max_radius"):
+        _at_most(f"stability.{field}", st.get(field), FLOAT32_MAX, " (float32)")
+    # Windows and counts of points of a recorded series, which has at most EVENTS_MAX + 2
+    # points; the smoothing allocates a window-long kernel.
+    for block, name, field in (
+        (ts, "timescales", "window"),
+        (ts, "timescales", "min_points"),
+        (on, "decouple.online", "window"),
+        (on, "decouple.online", "patience"),
+    ):
+        _at_most(f"{name}.{field}", block.get(field), EVENTS_MAX + 2, " (points of a series)")
+
+
 def _decouple_fields(c: ml_collections.ConfigDict) -> None:
     d = c.decouple
     f = d.freeze_step
-    if isinstance(f, bool) or not isinstance(f, int) or f < -1:
+    if isinstance(f, bool) or not isinstance(f, int) or not -1 <= f <= STEPS_MAX:
         raise ConfigError(
-            f"decouple.freeze_step={f!r}; allowed values: -1 (never) or a step >= 0 "
+            f"decouple.freeze_step={f!r}; allowed values: -1 (never) or a step in 0..{STEPS_MAX} "
             f"(>= num_steps={c.num_steps} also never freezes)"
         )
     _bool("decouple.auto", d.auto)
@@ -254,8 +339,9 @@ def _decouple_fields(c: ml_collections.ConfigDict) -> None:
         )
     if d.auto:
         _cadence("decouple.check_every_steps", d.check_every_steps, c.num_steps)
+        _events("decouple.check_every_steps", d.check_every_steps, c.num_steps)
     else:
-        _positive("decouple.check_every_steps", d.check_every_steps)
+        _int_in("decouple.check_every_steps", d.check_every_steps, 1, STEPS_MAX)
 
 
 # ----------------------------------------------------------------- config files and overrides

@@ -9,6 +9,7 @@ nested or dotted mappings in place (a sweep's settings). Every failure is a one-
 from __future__ import annotations
 
 import ast
+import decimal
 import difflib
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -79,13 +80,41 @@ _SCALARS = (bool, int, float, str)
 _TRUE, _FALSE = ("true", "t", "yes", "y", "1", "on"), ("false", "f", "no", "n", "0", "off")
 
 
+_INT_DIGITS_MAX = 4300  # Python's own limit on the digits of an int read from text
+
+
+def _parse_int(text: str) -> int:
+    """``int(text)``, or an integral value in exponent notation (``1e6``, ``2.5E3``) exactly.
+
+    The exponent is read before the value is made, so ``1e999999999`` is refused at once
+    instead of building a billion-digit int; the field's range is the validation's to check.
+
+    >>> _parse_int("1e14"), _parse_int("-2.5e3"), _parse_int("12")
+    (100000000000000, -2500, 12)
+    """
+    try:
+        return int(text)
+    except ValueError:
+        if "e" not in text.lower():
+            raise
+    try:
+        value = decimal.Decimal(text.strip())
+    except decimal.InvalidOperation:
+        raise ValueError("not a number") from None
+    if not value.is_finite() or value.adjusted() > _INT_DIGITS_MAX:
+        raise ValueError("not a finite int")
+    if value != value.to_integral_value():
+        raise ValueError("not an integral value")
+    return int(value)
+
+
 def _parse_scalar(text: str, kind: type) -> Any:
     if kind is bool:
         if text.lower() in _TRUE + _FALSE:
             return text.lower() in _TRUE
         raise ValueError("expected true or false")
     if kind is int:
-        return int(text)
+        return _parse_int(text)
     if kind is float:
         return float(text)
     if kind is str:

@@ -95,6 +95,14 @@ def _empty(fig, ax, message: str):
     return fig
 
 
+def _marked(fig, run: records.Run):
+    """``fig``, titled with the run's ``"partial at step N of M (why)"`` if it is not finished
+    (:attr:`regime_jax.records.Run.partial`): no figure of a partial run passes for a final one."""
+    if run.partial:
+        fig.suptitle(run.partial, color="tab:red", fontsize=9, wrap=True)
+    return fig
+
+
 def _lag_title(summary: Mapping[str, Any]) -> str:
     rule, parts = summary["main_rule"], []
     for kind in analysis.KINDS:
@@ -128,7 +136,7 @@ def timescales_figure(run: RunLike, summary: Mapping[str, Any] | None = None):
     ax.set(xlabel="step", ylabel=f"smoothed (window {window}), min-max normalized")
     ax.set_title(_lag_title(summary), fontsize=10)
     ax.legend(fontsize=7)
-    return fig
+    return _marked(fig, run)
 
 
 def mask_raster_figure(
@@ -147,7 +155,8 @@ def mask_raster_figure(
     fig, ax = _axes((8, 4.5))
     raster = analysis.flip_raster(run, layer, max_units)
     if raster is None:
-        return _empty(fig, ax, "needs >= 2 mask snapshots (record.snapshot_every_steps)")
+        message = "needs >= 2 mask snapshots (record.snapshot_every_steps)"
+        return _marked(_empty(fig, ax, message), run)
     layer, _, frac = raster
     x_edges, y_edges = np.asarray(run.mask_steps), np.arange(frac.shape[0] + 1) - 0.5
     mesh = ax.pcolormesh(
@@ -158,7 +167,7 @@ def mask_raster_figure(
     ax.set(xlabel="step (snapshot intervals)", ylabel=f"unit of {layer} (first {frac.shape[0]})")
     title = f"{layer}: per-unit pattern flips between snapshots"
     ax.set_title(f"{name}: {title}" if name else title, fontsize=10)
-    return fig
+    return _marked(fig, run)
 
 
 def layer_flips_figure(run: RunLike):
@@ -173,7 +182,7 @@ def layer_flips_figure(run: RunLike):
     ax.set(xlabel="step", ylabel=f"flip rate (smoothed, window {window})", yscale="log")
     ax.set_title("pattern flip rate per layer", fontsize=10)
     ax.legend(fontsize=7)
-    return fig
+    return _marked(fig, run)
 
 
 def _kept_curve(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -200,7 +209,8 @@ def stability_kept_figure(run: RunLike):
     fig, ax = _axes()
     rows = [r for r in run.rows if any(k.startswith("stability/kept@") for k in r)]
     if not rows:
-        return _empty(fig, ax, "no stability/kept@<r> metrics: set stability.num_points > 0")
+        message = "no stability/kept@<r> metrics: set stability.num_points > 0"
+        return _marked(_empty(fig, ax, message), run)
     norm = SymLogNorm(1, vmin=0, vmax=max(rows[-1]["step"], 1))
     cmap = colormaps["viridis"]
     for i, row in enumerate(rows):
@@ -211,7 +221,8 @@ def stability_kept_figure(run: RunLike):
             style = dict(color="tab:red" if last else "k", lw=2.2, label=label, zorder=3)
         ax.plot(*_kept_curve(row), marker="o", ms=3, **style)
     fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label="probed step")
-    return _kept_axes(fig, ax, "local stability of activation patterns along training")
+    title = "local stability of activation patterns along training"
+    return _marked(_kept_axes(fig, ax, title), run)
 
 
 def _kept_axes(fig, ax, title: str):
@@ -243,7 +254,7 @@ def stability_radius_figure(run: RunLike):
     ax.set(yscale="log", xlabel="step", ylabel="stability radius (||delta||_2)")
     ax.set_title("per-example stability radius: quantiles over the probe set", fontsize=10)
     ax.legend(fontsize=7)
-    return fig
+    return _marked(fig, run)
 
 
 def kept_vs_eps_figure(results: Mapping[str, Mapping[str, Any]]):
@@ -387,7 +398,9 @@ def sweep_figures(sweep: analysis.Sweep) -> Iterator[tuple[str, Any]]:
 def run_figures(run: RunLike) -> Iterator[tuple[str, Any]]:
     """``(name, Figure)`` of one run: ``timescales``, ``layer_flips``, ``raster``, and with
     ``stability/*`` metrics (``stability.num_points > 0``) ``stability_kept`` and
-    ``stability_radius``."""
+    ``stability_radius``. A run that is not finished (unfinished, live, stopped by a
+    non-finite loss) is drawn as far as it got, every figure titled with its
+    ``"partial at step N of M (why)"`` (:attr:`regime_jax.records.Run.partial`)."""
     run = _as_run(run)
     makers = {
         "timescales": timescales_figure,

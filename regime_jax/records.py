@@ -15,11 +15,14 @@ Example (needs a run directory, so not a doctest)::
     run = load_run("runs/mlp_mnist1d")
     steps, flips = run.series("flip/all")
     fc1 = run.masks(run.mask_steps[-1])["fc1"].unpack()
+    if run.partial:  # None for a finished run, else "partial at step N of M (why)"
+        print(run.partial)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -36,6 +39,7 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 MASKS_DIR = "masks"
 SUMMARY = "summary.json"
+LOCK = ".lock"  # regime_jax.rundir.LOCK: held (flock) by the process writing the run
 TB_DIR = "tb"  # TensorBoard event files (regime_jax.live), a view of metrics.jsonl
 
 
@@ -254,14 +258,15 @@ def expected_steps(config: Mapping[str, Any], upto: int | None = None) -> tuple[
     rec = config["record"]
     every, snap, evals = rec["every_steps"], rec["snapshot_every_steps"], config["eval_every_steps"]
     stab = log_spaced_steps(n, int(config.get("stability", {}).get("num_points", 0)))
-    rows, snaps = [0], [0]
-    for step in range(1, min(n, n if upto is None else upto) + 1):
-        record = itstime(step, every, n)
-        if record or step in stab or itstime(step, evals, n):
-            rows.append(step)
-        if record and itstime(step, snap, n):
-            snaps.append(step)
-    return rows, snaps
+    top = min(n, n if upto is None else upto)
+    # The steps of :func:`itstime` listed from the cadences, not by walking every step: the
+    # cost follows the rows, not num_steps.
+    multiples = lambda e: range(e, top + 1, e) if e > 0 else range(0)
+    last = {n} if 1 <= n <= top else set()
+    rows = {0, *multiples(every), *multiples(evals), *(s for s in stab if 1 <= s <= top), *last}
+    both = every * snap // math.gcd(every, snap) if every > 0 and snap > 0 else 0
+    snaps = {0, *multiples(both), *last}
+    return sorted(rows), sorted(snaps)
 
 
 def read_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -334,14 +339,119 @@ def is_complete(config: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) ->
     return all(s in have for s in expected_steps(config)[0])
 
 
+def complete(config: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> bool:
+    """:func:`is_complete`, or for a ``config.json`` from before its cadence fields, whether
+    the last row is at ``num_steps`` (what ``summary.json``'s ``complete`` says)."""
+    try:
+        return is_complete(config, rows)
+    except (KeyError, TypeError):
+        last = rows[-1]["step"] if rows else None
+        return last is not None and last == config.get("num_steps")
+
+
+def lock_holder(workdir: str | os.PathLike) -> str | None:
+    """Who holds ``workdir/.lock`` now (``"process <pid>"``), or None: nobody does.
+
+    Read-only: on Linux from ``/proc/locks`` (the lock is never taken, so a run starting at
+    this instant is not refused); elsewhere, the PID the holder wrote into the file, if that
+    process is alive (a holder that exits normally empties the file).
+    """
+    path = Path(workdir) / LOCK
+    try:
+        st = path.stat()
+        pid_text = path.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            table = f.read().splitlines()
+    except OSError:
+        table = None
+    if table is not None:
+        here = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        for line in table:
+            parts = line.split()
+            if len(parts) < 6 or parts[1] != "FLOCK":  # "->" marks a blocked waiter
+                continue
+            try:
+                major, minor, inode = parts[5].split(":")
+                where = (int(major, 16), int(minor, 16), int(inode))
+            except ValueError:
+                continue
+            # The device numbers can differ on overlay file systems; the inode and the PID
+            # the holder wrote into the file then identify it.
+            if where == here or (where[2] == st.st_ino and parts[4] == pid_text):
+                return f"process {parts[4]}"
+        return None
+    if not pid_text.isdigit():
+        return None
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return None
+    except OSError:  # alive, owned by another user
+        pass
+    return f"process {pid_text}"
+
+
+_STOPPED_BY = ("train/loss", "step/")  # a non-finite one ends the run (loop.NonFinite)
+
+
+def partial_mark(
+    workdir: str | os.PathLike, config: Mapping[str, Any], rows: list[Mapping[str, Any]]
+) -> str | None:
+    """None for a finished run (:func:`complete`), else ``"partial at step N of M (why)"``.
+
+    ``why``: the run is live (another process holds ``workdir/.lock``), it was stopped by a
+    non-finite loss or step size (its last row holds one), or it is unfinished (killed or
+    interrupted; rerunning its command resumes it).
+    """
+    if complete(config, rows):
+        return None
+    last = rows[-1]["step"] if rows else "none"
+    head = f"partial at step {last} of {config.get('num_steps')}"
+    holder = lock_holder(workdir)
+    if holder is not None:
+        return f"{head} (live: {holder} holds {Path(workdir) / LOCK} and is still writing)"
+    tail = rows[-1] if rows else {}
+    bad = [
+        k
+        for k, v in tail.items()
+        if k.startswith(_STOPPED_BY) and isinstance(v, float) and not math.isfinite(v)
+    ]
+    if bad:
+        return f"{head} (stopped by a non-finite {bad[0]} at step {last})"
+    return f"{head} (unfinished: killed or interrupted; rerun its command to resume)"
+
+
+def metrics_digest(workdir: str | os.PathLike) -> str:
+    """SHA-256 of ``metrics.jsonl``'s bytes: ``summary.json`` records the one it was computed
+    from, so a summary of rows that have since changed (a cut file) is recognized as stale."""
+    digest = hashlib.sha256()
+    with open(Path(workdir) / METRICS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @dataclasses.dataclass
 class Run:
-    """A run read back from its workdir."""
+    """A run read back from its workdir.
+
+    ``partial``: None for a finished run; for an unfinished, live or non-finite-stopped one
+    ``"partial at step N of M (why)"`` (:func:`partial_mark`), which every output made from
+    it (summaries, figure titles, reports) repeats.
+    """
 
     workdir: Path
     config: dict[str, Any]
     rows: list[dict[str, Any]]
     mask_steps: list[int]
+    partial: str | None = None
+
+    @property
+    def last_step(self) -> int | None:
+        return self.rows[-1]["step"] if self.rows else None
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of every row that has ``key``, as float64 arrays."""
@@ -388,15 +498,22 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
 def load_run(workdir: str | os.PathLike) -> Run:
     """Reads ``config.json``, ``metrics.jsonl`` and the list of mask snapshots.
 
+    A run that is not finished (killed mid-way, still being written by another process, or
+    stopped by a non-finite loss) is read and marked, not refused: ``run.partial`` says
+    ``"partial at step N of M (why)"`` and every output made from the run repeats it. Marking
+    rather than refusing lets a user look at a live run's progress or at what a killed run
+    reached, which a refusal would forbid, while nothing made from it can pass for a
+    finished run's result. A torn last line (a writer killed, or still writing, mid-line) is
+    dropped; a corrupt earlier line or steps out of order raise :class:`RecordError`.
+
     Runs written before 0.3 are read with their stability keys renamed (:func:`upgrade_row`,
     :func:`upgrade_config`); they are read, not resumed.
     """
     workdir = Path(workdir)
     config = upgrade_config(json.loads((workdir / CONFIG).read_text()))
-    with open(workdir / METRICS, encoding="utf-8") as f:
-        rows = [upgrade_row(parse_row(json.loads(line))) for line in f if line.strip()]
+    rows = [upgrade_row(row) for row in read_rows(workdir)]
     steps = sorted(
         int(p.stem.removeprefix("step_"))
         for p in (workdir / MASKS_DIR).glob("step_[0-9][0-9][0-9][0-9][0-9][0-9][0-9].npz")
     )
-    return Run(workdir, config, rows, steps)
+    return Run(workdir, config, rows, steps, partial_mark(workdir, config, rows))

@@ -7,6 +7,16 @@ sweep's ``summary.json`` and the figures of :func:`regime_jax.plots.sweep_figure
 ``--run <workdir>`` writes one run's figures under ``<workdir>/figures``. Errors are one line
 with exit code 2. Never imports training code; matplotlib only once a figure is drawn.
 
+Partial runs are marked, not refused. ``--run`` on a run that is not finished (killed
+mid-way, live: another process holds its ``.lock``, or stopped by a non-finite loss) exits 0
+with every figure titled ``partial at step N of M (why)`` and that line printed first: a user
+may well want to look at a live run's progress or at what a killed run reached, and the mark
+keeps it from passing for a finished result. A sweep report (``--workdir``) leaves such runs
+out of its statistics, names each in its notes (``partial at step N of M ...; left out``) and
+says at the top of ``report.md`` (and in what it prints) how many runs it lacks; a run's
+``summary.json`` is only used while ``metrics.jsonl`` is the file it was computed from
+(:func:`regime_jax.summary.load_or_summarize`).
+
 Example (needs a run directory, so not a doctest)::
 
     print(build_report("runs/reproduce")["table"])
@@ -15,6 +25,7 @@ Example (needs a run directory, so not a doctest)::
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,11 +92,14 @@ def _markdown(
     figures: list[Path],
     decoupled: list[str] = (),
     online: list[str] = (),
+    partial: str | None = None,
 ) -> str:
     main = ", ".join(sorted({a["main_rule"] for a in aggs.values()}))
     lines = ["# Lag ratio T_step / T_flip (regime change hypothesis, arXiv 2602.08333)", ""]
     if decoupled:
         lines = ["# The decoupling experiment (regime change hypothesis, arXiv 2602.08333)", ""]
+    lines += [f"**{partial}**", ""] if partial else []
+    if decoupled:
         lines += [*decoupled, "", "![decoupling](figures/decoupling.png)", ""]
         lines += ["## Lag ratio T_step / T_flip of every variant", ""]
     lines += [f"Main decay rule: {main}; paper: {PAPER_RATIO}x.", "", table, "", "## Verdicts", ""]
@@ -119,6 +133,27 @@ def write_figures(fig_dir: Path, sweep: Sweep) -> list[Path]:
     return paths
 
 
+def partial_sweep(root: Path, sweep: Sweep) -> str | None:
+    """``"Partial: k of n runs are not in this report ..."``, or None when every run is in.
+
+    ``n``: the grid of ``sweep.json`` where it can be read (runs not started count too), else
+    the run directories found; a run is in the report once it has a usable summary.
+    """
+    found = {f"{s}/{o}/seed_{k}" for s, o, k, _ in find_runs(root)}
+    try:
+        grid = {r["path"] for r in json.loads((root / "sweep.json").read_text())["runs"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        grid = set()
+    every = found | grid
+    missing = every - set(sweep.runs)
+    if not missing:
+        return None
+    return (
+        f"Partial: {len(missing)} of {len(every)} runs are not in this report (unfinished, live, "
+        f"stopped by a non-finite loss, or not started; see Notes)"
+    )
+
+
 def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
     """Summaries, seed statistics, ``summary.json``, ``report.md`` and figures of a sweep.
 
@@ -127,11 +162,13 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
 
     Returns:
       dict with ``runs`` (per-run summaries), ``groups`` (aggregates keyed
-      ``"<setting>/<optimizer>"``), ``notes``, ``table`` (markdown), ``report`` (path) and
-      ``figures`` (paths).
+      ``"<setting>/<optimizer>"``), ``notes``, ``table`` (markdown), ``report`` (path),
+      ``figures`` (paths) and ``partial`` (:func:`partial_sweep`: None when every run is in;
+      ``summary.json`` holds it too).
     """
     root = Path(sweep_workdir)
     sweep = summarize_sweep(root)
+    partial = partial_sweep(root, sweep)
     table = markdown_table(sweep)
     figures = write_figures(root / "figures", sweep)
     decoupled = decoupling.decoupling(sweep)
@@ -141,18 +178,19 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
         fig.savefig(figures[-1], dpi=DPI)
     section = decoupling.markdown(decoupled)
     online = decoupling.online_markdown(decoupled["online"])
-    text = _markdown(table, sweep.groups, sweep.notes, figures, section, online)
+    text = _markdown(table, sweep.groups, sweep.notes, figures, section, online, partial)
     (root / "report.md").write_text(text)
-    out = sweep.to_dict() | {"online": decoupled["online"]}
+    out = sweep.to_dict() | {"online": decoupled["online"], "partial": partial}
     out |= {"decoupling": decoupled} if decoupled["groups"] else {}
     records.write_atomic(root / records.SUMMARY, records.to_json(out, indent=1) + "\n")
     paths = {"report": str(root / "report.md"), "figures": [str(f) for f in figures]}
     return out | {"table": table} | paths
 
 
-def write_run_figures(workdir: str | Path) -> list[Path]:
-    """One run's figures (:func:`regime_jax.plots.run_figures`) as ``<workdir>/figures/*.png``."""
-    run = records.load_run(workdir)
+def write_run_figures(workdir: str | Path | records.Run) -> list[Path]:
+    """One run's figures (:func:`regime_jax.plots.run_figures`) as ``<workdir>/figures/*.png``;
+    a partial run's are titled ``partial at step N of M (why)`` (:attr:`records.Run.partial`)."""
+    run = workdir if isinstance(workdir, records.Run) else records.load_run(workdir)
     (run.workdir / "figures").mkdir(exist_ok=True)
     paths = []
     for name, fig in plots.run_figures(run):
@@ -170,7 +208,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.run:
             _require(Path(args.run), records.CONFIG, records.METRICS)
-            for path in write_run_figures(args.run):
+            run = records.load_run(args.run)
+            if run.partial:
+                print(f"{args.run}: {run.partial}; every figure is marked so", flush=True)
+            for path in write_run_figures(run):
                 print(path)
             return
         _require(Path(args.workdir))
@@ -179,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         report = build_report(args.workdir)
     except (OSError, ValueError, KeyError, IndexError) as err:
         parser.exit(2, f"regime_jax.report: error: {_one_line(err)}\n")
+    if report["partial"]:
+        print(report["partial"])
     print(report["table"])
     print(f"report: {report['report']}")
 

@@ -111,11 +111,7 @@ def reference_points(run: records.Run, cfg: DecayConfig) -> dict[str, Any]:
 
 def _complete(run: records.Run) -> bool:
     """Every row the run's config writes over steps 0..num_steps is in ``metrics.jsonl``."""
-    try:
-        return records.is_complete(run.config, run.rows)
-    except (KeyError, TypeError):  # a config.json from before these fields: last step only
-        last = run.rows[-1]["step"] if run.rows else None
-        return last is not None and last == run.config.get("num_steps")
+    return records.complete(run.config, run.rows)
 
 
 def summarize_run(workdir: str | Path) -> dict[str, Any]:
@@ -128,8 +124,13 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
       JSON-serializable dict (non-finite numbers as None): ``decay[series][rule]``,
       ``lag[abs|rel][rule]`` (LagResult dicts, ``ratio`` None unless status "ok"),
       ``lag_ratio_curves`` (abs step; :func:`regime_jax.curves.run_curves`), ``layers``,
-      ``reference``, ``main_rule``, ``final``, ``complete``, ``notes``.
+      ``reference``, ``main_rule``, ``final``, ``complete``, ``partial`` (None, or
+      ``"partial at step N of M (why)"`` for a run that is not finished:
+      :attr:`regime_jax.records.Run.partial`), ``metrics_sha256`` (of the ``metrics.jsonl``
+      it was computed from: :func:`load_or_summarize` recomputes a summary whose rows have
+      changed since), ``notes``.
     """
+    digest = records.metrics_digest(workdir)
     run = records.load_run(workdir)
     cfg, note = decay_config_of(run.config)
     notes = [note] if note else []
@@ -146,6 +147,8 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
         "num_steps": run.config.get("num_steps"),
         "last_step": last_step,
         "complete": _complete(run),
+        "partial": run.partial,
+        "metrics_sha256": digest,
         "final": {k: v[0] if v else None for k, v in final.items()},
         "main_rule": cfg.rule,
         "decay_config": cfg.to_dict(),
@@ -208,17 +211,53 @@ def find_runs(sweep_workdir: str | Path) -> list[tuple[str, str, int, Path]]:
 
 
 def load_or_summarize(rundir: Path) -> tuple[dict[str, Any] | None, str]:
-    """A run's summary (written now if missing and the run is complete), or None and why."""
-    if (rundir / SUMMARY).exists():
-        return json.loads((rundir / SUMMARY).read_text()), ""
+    """A run's summary and a note (``""``: nothing to say), or None and why it is left out.
+
+    A ``summary.json`` is used only while it still describes ``metrics.jsonl``: the file's
+    SHA-256 must be the one the summary was computed from (a summary written before the
+    digest existed: its last step and completeness must still hold). A stale one (e.g.
+    ``metrics.jsonl`` cut after the summary was written) or an unreadable one is never
+    trusted: it is recomputed if the rows are still complete (the note says so), else the run
+    is left out as partial.
+    A missing summary of a complete run is written now; a partial run (unfinished, live, or
+    stopped by a non-finite loss: :attr:`regime_jax.records.Run.partial`) is left out.
+    """
+    path, stale = rundir / SUMMARY, ""
     if not (rundir / records.METRICS).exists():
+        if path.exists():
+            return None, f"{SUMMARY} without metrics.jsonl (deleted after the run?); left out"
         return None, "not started (no metrics.jsonl)"
-    run = records.load_run(rundir)
-    last = run.rows[-1]["step"] if run.rows else None
-    if not _complete(run):
-        return None, f"incomplete: last logged step {last} of {run.config.get('num_steps')}"
+    if path.exists():
+        try:
+            summary = json.loads(path.read_text())
+        except ValueError:  # edited or damaged (it is written atomically): recompute
+            summary = None
+        if not isinstance(summary, dict):
+            summary, stale = {}, f"its {SUMMARY} is unreadable"
+        digest = summary.get("metrics_sha256")
+        fresh = None if digest is None else digest == records.metrics_digest(rundir)
+        if fresh and summary.get("complete") is True:
+            return summary, ""
+        run = records.load_run(rundir)
+        if fresh is None and not stale and _describes(summary, run):
+            return summary, ""
+        if not fresh and not stale:
+            stale = f"its {SUMMARY} is stale (metrics.jsonl changed after it was written)"
+    else:
+        run = records.load_run(rundir)
+    if run.partial:
+        return None, "; ".join(filter(None, [run.partial, stale, "left out"]))
     write_run_summary(rundir)
-    return json.loads((rundir / SUMMARY).read_text()), ""
+    return json.loads(path.read_text()), f"{stale}; recomputed" if stale else ""
+
+
+def _describes(summary: Mapping[str, Any], run: records.Run) -> bool:
+    """A summary without ``metrics_sha256`` still matches the run: same last step, complete."""
+    return (
+        run.partial is None
+        and summary.get("complete") is True
+        and summary.get("last_step") == run.last_step
+    )
 
 
 def aggregate(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -255,8 +294,8 @@ class Sweep:
 
     ``runs``: ``{"<setting>/<optimizer>/seed_<k>": run summary}``; ``members``:
     ``{(setting, optimizer): [(run summary, run directory)]}`` in seed order; ``groups``:
-    :func:`aggregate` of each member list; ``notes``: runs left out (not started, incomplete)
-    and runs whose main-rule lag is not ok, with why.
+    :func:`aggregate` of each member list; ``notes``: runs left out (not started, partial),
+    stale summaries recomputed, and runs whose main-rule lag is not ok, with why.
     """
 
     runs: dict[str, dict[str, Any]]
@@ -280,8 +319,8 @@ def summarize_sweep(sweep_workdir: str | Path) -> Sweep:
     for setting, opt, seed, rundir in find_runs(sweep_workdir):
         name = f"{setting}/{opt}/seed_{seed}"
         summary, why = load_or_summarize(rundir)
+        notes += [f"{name}: {why}"] if why else []
         if summary is None:
-            notes.append(f"{name}: {why}")
             continue
         runs[name] = summary
         notes += _run_notes(name, summary)

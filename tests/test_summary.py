@@ -121,7 +121,10 @@ def test_summarize_sweep_groups_runs_and_notes_why_one_is_left_out(tmp_path):
     assert list(sweep.members) == [("alpha", "adam"), ("alpha", "sgd")]  # name order
     assert [d.name for _, d in sweep.members["alpha", "sgd"]] == ["seed_0", "seed_1"]
     assert sorted(sweep.runs) == [f"alpha/{o}/seed_{k}" for o in ("adam", "sgd") for k in (0, 1)]
-    assert sweep.notes == ["alpha/adam/seed_2: incomplete: last logged step 50 of 300"]
+    assert sweep.notes == [
+        "alpha/adam/seed_2: partial at step 50 of 300 (unfinished: killed or interrupted; rerun "
+        "its command to resume); left out"
+    ]
     stats = sweep.groups["alpha", "sgd"]["lag"]["abs"]["settle"]
     per_seed = [summary.main_ratio(s) for s, _ in sweep.members["alpha", "sgd"]]
     assert stats["n"] == 2 and stats["per_seed"] == per_seed and min(per_seed) > 2

@@ -59,11 +59,12 @@ def test_build_report_on_synthetic_sweep(tmp_path, monkeypatch):
     assert "- alpha / adam: disagrees: patterns settle later than weights" in md
     assert "- beta / sgd: lag > 1 but below paper" in md
     assert "beta/adam/seed_2: abs lag: flip_rate:" in md
-    assert "beta/adam/seed_3: incomplete: last logged step 100 of 200" in md
+    assert "beta/adam/seed_3: partial at step 100 of 200 (unfinished" in md
+    assert "**Partial: 1 of 13 runs are not in this report" in md
     assert "| beta | adam | 2/3 |" in md
 
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert written == {k: out[k] for k in ("runs", "groups", "notes", "online")}
+    assert written == {k: out[k] for k in ("runs", "groups", "notes", "online", "partial")}
     assert sorted(written["groups"]) == ["alpha/adam", "alpha/sgd", "beta/adam", "beta/sgd"]
     settle = written["groups"]["alpha/sgd"]["lag"]["abs"]["settle"]
     assert settle["n"] == 3 and settle["mean"] == pytest.approx(3.85, rel=0.05)
