@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from regime_jax import bitmask
 from regime_jax.bitmask import Packed, Patterns
@@ -549,6 +550,25 @@ def _state_cause(err: BaseException, variables: Any, kwargs: Mapping[str, Any]) 
     return None
 
 
+def _check_finite(probe_x: Any) -> None:
+    """A NaN or inf probe input would read as "off" bits: refused, naming the first example.
+
+    Checked where the probe is a concrete array (a traced one, inside jit, cannot be read)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(probe_x):
+        if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            continue
+        bad = ~np.isfinite(np.asarray(leaf, np.float32)).reshape(len(leaf), -1).all(axis=1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            what = np.asarray(leaf, np.float32).reshape(len(leaf), -1)[i]
+            kind = "nan" if np.isnan(what).any() else "inf"
+            where = f"probe_x{jax.tree_util.keystr(path)}" if path else "probe_x"
+            raise ValueError(
+                f"{where} holds {kind} in probe example {i} ({int(bad.sum())} of {len(leaf)} "
+                f"examples are not finite): a non-finite input gives no activation pattern"
+            )
+
+
 def _check_probe(preacts_fn, params, probe_x, kwargs) -> None:
     """probe_x: an array (or a pytree of arrays, for multi-input models) with P >= 1 rows."""
     leaves = jax.tree.leaves(probe_x)
@@ -564,6 +584,7 @@ def _check_probe(preacts_fn, params, probe_x, kwargs) -> None:
             f"probe_x has {what}: it must be non-empty, with the same number P >= 1 of probe "
             f"examples on axis 0 of every input"
         )
+    _check_finite(probe_x)
     shape = shapes[0] if len(shapes) == 1 else (shapes[0][0], "...")
     try:
         _, preacts = jax.eval_shape(lambda p, x: preacts_fn(p, x, **kwargs), params, probe_x)

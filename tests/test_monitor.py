@@ -226,3 +226,18 @@ def test_monitor_metrics_carry_exact_counts_beside_the_rates():
     assert moved  # the flips were not all zero
     assert metrics["flip_count/all"] == sum(metrics[f"flip_count/{k}"] for k in layers)
     assert den["flip/all"] == 64 * (16 + 12) and den["dead/fc1"] == 16
+
+
+def test_monitor_refuses_a_probe_that_is_not_finite():
+    """NaN / inf probe inputs would count as "off" bits: refused at init, naming the example."""
+    preacts_fn = rj.capture_relus(lambda p, x: jax.nn.relu(x @ p))
+    w = jnp.ones((3, 4))
+    for bad, kind in ((jnp.nan, "nan"), (jnp.inf, "inf"), (-jnp.inf, "inf")):
+        x = jnp.ones((5, 3)).at[2, 1].set(bad)
+        with pytest.raises(ValueError, match=rf"probe_x holds {kind} in probe example 2 \(1 of 5"):
+            rj.pattern_monitor(preacts_fn, x).init(w)
+    pair = {"a": jnp.ones((5, 3)), "b": jnp.ones((5, 3)).at[4].set(jnp.nan)}
+    fn = rj.capture_relus(lambda p, x: jax.nn.relu((x["a"] + x["b"]) @ p))
+    with pytest.raises(ValueError, match=r"probe_x\['b'\] holds nan in probe example 4"):
+        rj.pattern_monitor(fn, pair).init(w)
+    rj.pattern_monitor(preacts_fn, jnp.ones((5, 3))).init(w)  # finite: accepted
