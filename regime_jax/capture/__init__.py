@@ -79,7 +79,7 @@ streams (the value stream is gated, so the custom rule gives way to the gating);
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +115,7 @@ def _check_callable(apply_fn: Any, who: str) -> None:
             raise TypeError(f"{who} takes apply_fn(params, x): pass model.apply")
         raise TypeError(
             f"{who} takes apply_fn(params, x): for an NNX module pass "
-            "rj.nnx_apply(module)[0] (with params = rj.nnx_apply(module)[1])"
+            "rj.nnx_apply(module)[0] (with its state, rj.nnx_apply(module)[1])"
         )
     if not callable(apply_fn):
         raise TypeError(f"{who} takes a function apply_fn(params, x), got {apply_fn!r}")
@@ -134,6 +134,16 @@ def _signature(params: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
     return key
 
 
+class _Prepared(NamedTuple):
+    """One trace of the function, ready to evaluate."""
+
+    closed: Any  # the closed jaxpr
+    out_shape: Any
+    rest: list[Any]  # the flat inputs after the params
+    infos: list[_sites.Info]  # one per flat input: parameter paths, the input tagged
+    an: _sites.Analysis
+
+
 class _Captured:
     """The traced function, what its analysis decided, and the evaluation of it."""
 
@@ -141,8 +151,8 @@ class _Captured:
         self.apply_fn = apply_fn
         self.cache: dict[Any, _sites.Analysis] = {}
 
-    def prepare(self, params: Any, args: tuple, kwargs: dict[str, Any]):
-        """``(closed jaxpr, output shape, flat inputs after params, analysis)``."""
+    def prepare(self, params: Any, args: tuple, kwargs: dict[str, Any]) -> _Prepared:
+        """Traces the function at these inputs; its analysis is cached per signature."""
         closed, out_shape = _sites.trace(self.apply_fn, params, args, kwargs)
         key = _signature(params, args, kwargs)
         an = self.cache.get(key) if key is not None else None
@@ -153,37 +163,38 @@ class _Captured:
                     self.cache.pop(next(iter(self.cache)))
                 self.cache[key] = an
         dynamic, _ = _sites.split_kwargs(kwargs)
-        self.infos = _sites.input_infos(params, args, dynamic)  # read by run, same trace
-        return closed, out_shape, jax.tree.leaves((args, dynamic)), an
+        infos = _sites.input_infos(params, args, dynamic)
+        return _Prepared(closed, out_shape, jax.tree.leaves((args, dynamic)), infos, an)
 
-    def run(self, closed, out_shape, inputs, an: _sites.Analysis, streams: int):
-        """``(out of stream 0, [(name, site, per-stream z, probe-major)])``."""
-        rec = Recorder(streams, take=an.take)
-        infos = self.infos
+    def run(self, prep: _Prepared, inputs: list[tuple[Any, ...]], streams: int):
+        """``(out of stream 0, [(name, site, per-stream z, each probe-major)])``."""
+        rec = Recorder(streams, take=prep.an.take)
         _sites._infer.reset_value_numbers()
+        closed, infos = prep.closed, prep.infos
         outs, _, _ = evaluate(
             closed.jaxpr, closed.consts, inputs, infos, [""] * len(infos), "", rec
         )
-        out = jax.tree.unflatten(jax.tree.structure(out_shape), [o[0] for o in outs])
+        out = jax.tree.unflatten(jax.tree.structure(prep.out_shape), [o[0] for o in outs])
+        axes = prep.an.axes
         recorded = [
-            (name, e.site, tuple(_sites.to_probe_major(z, an.axes[e.site]) for z in e.value))
-            for name, e in names(rec.entries, an.root)
+            (name, e.site, tuple(_sites.to_probe_major(z, axes[e.site]) for z in e.value))
+            for name, e in names(rec.entries, prep.an.root)
         ]
         return out, recorded
 
     def sites(self, params: Any, args: tuple, kwargs: dict[str, Any]) -> list[Site]:
         def shapes(params, args):
-            closed, out_shape, rest, an = self.prepare(params, args, kwargs)
-            inputs = [(leaf,) for leaf in (*jax.tree.leaves(params), *rest)]
-            _, recorded = self.run(closed, out_shape, inputs, an, streams=1)
-            found.append((an, [(n, s) for n, s, _ in recorded]))
+            prep = self.prepare(params, args, kwargs)
+            inputs = [(leaf,) for leaf in (*jax.tree.leaves(params), *prep.rest)]
+            _, recorded = self.run(prep, inputs, streams=1)
+            found.append((prep.an, [(n, s) for n, s, _ in recorded]))
             return [zs[0] for _, _, zs in recorded]
 
         found: list = []
         out = jax.eval_shape(shapes, params, args)
         an, keys = found[-1]
         recorded = [(n, s, tuple(z.shape)) for (n, s), z in zip(keys, out, strict=True)]
-        return _sites.table(an, recorded, _sites.num_examples(args[0]))
+        return _sites.table(an, recorded)
 
 
 def capture_relus(apply_fn: Callable[..., Any]) -> PreactsFn:
@@ -195,11 +206,12 @@ def capture_relus(apply_fn: Callable[..., Any]) -> PreactsFn:
         ``nnx.merge``, plain JAX).
 
     Returns:
-      ``preacts_fn(params, x, **kw) -> (out, preacts)``: ``out`` is bit-identical to
-      ``apply_fn(params, x, **kw)``; ``preacts`` maps each ReLU's name (module docstring) to
-      its pre-activation ``z`` (units on the last axis), in trace order. A unit is on iff
-      ``z > 0``. Pure and jit-able; keyword arguments pass through (array values are traced,
-      others are static).
+      ``preacts_fn(params, x, **kw) -> (out, preacts)``: ``out`` is ``apply_fn(params, x,
+      **kw)`` (bit-identical op by op; under jit up to XLA's fusion); ``preacts`` maps each
+      layer's name (module docstring) to its pre-activation ``z`` as ``[P, positions...,
+      units]`` (the probe axis first), in trace order. ``preacts_fn.sites(params, x)`` gives
+      the site table (:class:`Site`). A unit is on iff ``z > 0``. Pure and jit-able;
+      keyword arguments pass through (array values are traced, others are static).
 
     Raises:
       CaptureError: (a ValueError) when tracing finds no ReLU, or a ReLU inside a construct
@@ -221,9 +233,9 @@ def capture_relus(apply_fn: Callable[..., Any]) -> PreactsFn:
     captured = _Captured(apply_fn)
 
     def preacts_fn(params: Any, x: Any, **kwargs: Any) -> tuple[Any, dict[str, jax.Array]]:
-        closed, out_shape, rest, an = captured.prepare(params, (x,), kwargs)
-        inputs = [(leaf,) for leaf in (*jax.tree.leaves(params), *rest)]
-        out, recorded = captured.run(closed, out_shape, inputs, an, streams=1)
+        prep = captured.prepare(params, (x,), kwargs)
+        inputs = [(leaf,) for leaf in (*jax.tree.leaves(params), *prep.rest)]
+        out, recorded = captured.run(prep, inputs, streams=1)
         return out, {name: zs[0] for name, _, zs in recorded}
 
     def sites(params: Any, x: Any, **kwargs: Any) -> list[Site]:
@@ -287,12 +299,12 @@ def gate_relus(apply_fn: Callable[..., Any]) -> GatedFn:
     def gated_fn(
         values: Any, gates: Any, *args: Any, **kwargs: Any
     ) -> tuple[Any, dict[str, jax.Array], dict[str, jax.Array]]:
-        closed, out_shape, rest, an = captured.prepare(values, args, kwargs)
+        prep = captured.prepare(values, args, kwargs)
         _check_gates(values, gates)
         gates = jax.lax.stop_gradient(gates)
         pairs = zip(jax.tree.leaves(values), jax.tree.leaves(gates), strict=True)
-        inputs = [*pairs, *((leaf, leaf) for leaf in rest)]
-        out, recorded = captured.run(closed, out_shape, inputs, an, streams=2)
+        inputs = [*pairs, *((leaf, leaf) for leaf in prep.rest)]
+        out, recorded = captured.run(prep, inputs, streams=2)
         return out, {n: z[0] for n, _, z in recorded}, {n: z[1] for n, _, z in recorded}
 
     gated_fn.__wrapped__ = apply_fn  # type: ignore[attr-defined]

@@ -308,15 +308,14 @@ def _note_activation(eqn: jex.JaxprEqn, rec: Recorder) -> None:
 
 
 # ------------------------------------------------------------------ the interpreter
-def has_candidate(jaxpr: jex.Jaxpr, consts: Sequence[Any], infos: Sequence[Info]) -> bool:
-    """Whether ``jaxpr`` (or any sub-computation of it) applies a ReLU candidate."""
+def look(
+    jaxpr: jex.Jaxpr, consts: Sequence[Any], infos: Sequence[Info], scans: tuple[int, ...] = ()
+) -> tuple[bool, list[Info]]:
+    """One walk with no numbers: whether ``jaxpr`` (or a sub-computation of it) applies a
+    ReLU candidate, and the :class:`Info` of its outputs."""
     probe = _Probe()
-    evaluate(jaxpr, consts, None, infos, [""] * len(infos), "", probe)
-    return probe.found
-
-
-def sub_infos(jaxpr: jex.Jaxpr, consts: Sequence[Any], infos: Sequence[Info]) -> list[Info]:
-    return evaluate(jaxpr, consts, None, infos, [""] * len(infos), "", _Probe())[2]
+    out_infos = evaluate(jaxpr, consts, None, infos, [""] * len(infos), "", probe, scans)[2]
+    return probe.found, out_infos
 
 
 def evaluate(
@@ -476,13 +475,14 @@ def _higher_order(eqn, invals, in_infos, in_scopes, scope, rec: Recorder, scans,
         )
         jaxpr, consts = _jaxpr_of(eqn.params[key])
         sub_in = _sub_in_infos(jaxpr, in_infos)
-        if not values or not has_candidate(jaxpr, consts, sub_in):
-            if not values:
-                _, _, out_infos = evaluate(
-                    jaxpr, consts, None, sub_in, in_scopes, scope, rec, scans, where
-                )
-                return None, out_infos
-            return _bind_streams(eqn, invals, scope, rec.streams), sub_infos(jaxpr, consts, sub_in)
+        if not values:  # the analysis walk: into every sub-computation
+            _, _, out_infos = evaluate(
+                jaxpr, consts, None, sub_in, in_scopes, scope, rec, scans, where
+            )
+            return None, out_infos
+        found, out_infos = look(jaxpr, consts, sub_in)
+        if not found:
+            return _bind_streams(eqn, invals, scope, rec.streams), out_infos
         if name in _REMAT:
             return _eval_remat(eqn, jaxpr, consts, invals, sub_in, in_scopes, scope, rec, scans)
         outs, _, out_infos = evaluate(
@@ -494,7 +494,7 @@ def _higher_order(eqn, invals, in_infos, in_scopes, scope, rec: Recorder, scans,
         return outs, out_infos
     # cond, while, anything else: refused if a candidate is inside, else bound whole
     subs = _subjaxprs(eqn.params)
-    if any(has_candidate(j, c, _sub_in_infos(j, in_infos)) for j, c in subs):
+    if any(look(j, c, _sub_in_infos(j, in_infos))[0] for j, c in subs):
         if name in _REFUSED:
             raise CaptureError(
                 f"a ReLU inside {_REFUSED[name]} (primitive {name!r}) cannot be captured: which "
@@ -560,20 +560,12 @@ def _eval_scan(eqn, invals, in_infos, in_scopes, scope, rec: Recorder, scans, wh
         *(_infer.sliced(x) for x in in_infos[n_consts + n_carry :]),
     ]
     here = (*scans, p["length"])
-    values = invals is not None
-    if not values or not has_candidate(jaxpr, consts, sub_in):
-        _, _, body_infos = evaluate(
-            jaxpr,
-            consts,
-            None,
-            sub_in,
-            in_scopes,
-            scope,
-            rec if not values else _Probe(),
-            here,
-            where,
-        )
-        outs = _bind_streams(eqn, invals, scope, rec.streams) if values else None
+    if invals is None:  # the analysis walk: into the body
+        _, _, body_infos = evaluate(jaxpr, consts, None, sub_in, in_scopes, scope, rec, here, where)
+        return None, _scan_out_infos(body_infos, n_carry, carry_in)
+    found, body_infos = look(jaxpr, consts, sub_in, here)
+    if not found:
+        outs = _bind_streams(eqn, invals, scope, rec.streams)
         return outs, _scan_out_infos(body_infos, n_carry, carry_in)
     const_vals = invals[:n_consts]
     carry0 = [tuple(c) for c in invals[n_consts : n_consts + n_carry]]  # one leaf per stream

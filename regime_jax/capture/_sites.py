@@ -272,7 +272,7 @@ def to_probe_major(z: jax.Array, axis: int) -> jax.Array:
     return z[:, None] if z.ndim == 1 else z
 
 
-def table(an: Analysis, recorded: list[tuple[str, int, tuple]], p: int) -> list[Site]:
+def table(an: Analysis, recorded: list[tuple[str, int, tuple]]) -> list[Site]:
     """The site table: one row per recorded key, then the candidates and notes not taken."""
     by_site = {c.site: c for c in an.candidates}
     rows = []
