@@ -52,7 +52,7 @@ import numpy as np
 
 from regime_jax import bitmask
 from regime_jax.bitmask import Packed, Patterns
-from regime_jax.capture import CaptureError
+from regime_jax.capture import CaptureError, key_names
 
 
 def _check_patterns(cur: Patterns) -> None:
@@ -261,7 +261,7 @@ def trained_part(variables: Any, updates: Any) -> Any:
         return variables
     held = _leaves_by_path(variables)
     wanted, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    paths = [_path(p) for p, _ in wanted]
+    paths = [key_names(p) for p, _ in wanted]
     if not paths:
         raise ValueError("updates have no leaf: there is no trained parameter to measure")
     first = paths[0]
@@ -296,25 +296,10 @@ def trained_part(variables: Any, updates: Any) -> Any:
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _path(keypath: tuple) -> tuple:
-    """A key path as plain names, an NNX Variable's trailing ``.value`` dropped."""
-    names = []
-    for k in keypath:
-        for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
-            if hasattr(k, attr):
-                names.append(getattr(k, attr))
-                break
-        else:
-            names.append(str(k))
-    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
-        names.pop()
-    return tuple(names)
-
-
 def _leaves_by_path(tree: Any) -> dict[tuple, Any]:
     out = {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out.setdefault(_path(keypath), leaf)
+        out.setdefault(key_names(keypath), leaf)
     return out
 
 

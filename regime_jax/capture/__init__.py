@@ -87,7 +87,7 @@ import numpy as np
 
 from regime_jax.capture import _sites
 from regime_jax.capture._jaxpr import WHAT_IS_RECOGNISED, CaptureError, Recorder, evaluate, names
-from regime_jax.capture._sites import Site, format_sites
+from regime_jax.capture._sites import Site, format_sites, key_names
 
 __all__ = [
     "WHAT_IS_RECOGNISED",
@@ -98,6 +98,7 @@ __all__ = [
     "capture_relus",
     "format_sites",
     "gate_relus",
+    "key_names",
 ]
 
 PreactsFn = Callable[..., tuple[Any, dict[str, jax.Array]]]

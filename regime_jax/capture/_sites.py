@@ -104,19 +104,29 @@ def split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return dynamic, static
 
 
-def _path(keypath: tuple) -> str:
-    parts = []
-    for key in keypath:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            if key.name != "value":  # nnx.Variable's .value
-                parts.append(key.name)
+def key_names(keypath: tuple) -> tuple:
+    """A pytree key path as plain names (dict keys, sequence indices, attribute names), an NNX
+    ``Variable``'s trailing ``.value`` dropped: the one spelling of a parameter's path that
+    site names, step-size parts and NNX state checks share.
+
+    >>> key_names(jax.tree_util.tree_flatten_with_path({"fc1": [0.0]})[0][0][0])
+    ('fc1', 0)
+    """
+    names = []
+    for k in keypath:
+        for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+            if hasattr(k, attr):
+                names.append(getattr(k, attr))
+                break
         else:
-            parts.append(str(getattr(key, "key", getattr(key, "name", key))).strip("[]."))
-    return "/".join(parts)
+            names.append(str(k))
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+        names.pop()
+    return tuple(names)
+
+
+def _path(keypath: tuple) -> str:
+    return "/".join(map(str, key_names(keypath)))
 
 
 def param_paths(params: Any) -> list[str]:

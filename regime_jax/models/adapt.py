@@ -24,7 +24,7 @@ import jax
 from flax import nnx
 
 from regime_jax.analyzer import StateError
-from regime_jax.capture import PreactsFn, capture_relus
+from regime_jax.capture import PreactsFn, capture_relus, key_names
 from regime_jax.models.record import PREACTS
 
 # linen __call__ arguments that set the mode; "deterministic" is True in eval mode.
@@ -80,23 +80,12 @@ class Net:
 # ----------------------------------------------------------------------------- NNX
 
 
-def _names(keypath: tuple) -> tuple:
-    """A pytree key path as plain names (an NNX state's paths, as ``nnx.to_flat_state``'s)."""
-    out = []
-    for k in keypath:
-        for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
-            if hasattr(k, attr):
-                out.append(getattr(k, attr))
-                break
-    return tuple(out)
-
-
 def _nnx_paths(state: Any) -> set[tuple]:
     """The variable paths of an NNX state (Variables or their bare values)."""
     flat = jax.tree_util.tree_flatten_with_path(
         state, is_leaf=lambda v: isinstance(v, nnx.Variable)
     )
-    return {_names(p) for p, _ in flat[0]}
+    return {key_names(p) for p, _ in flat[0]}
 
 
 def _show(paths: set[tuple], limit: int = 4) -> str:
