@@ -54,6 +54,15 @@ BUILTIN = {
 }
 
 
+@pytest.fixture
+def keep_signal_handlers():
+    """main.run installs its start-up handlers; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 def wait_for_signal_handlers(proc, timeout_s: float = 60) -> None:
     """Waits until subprocess ``proc`` has installed its SIGTERM handler (or has exited).
 

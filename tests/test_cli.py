@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 
@@ -16,13 +15,7 @@ EXPERIMENTS = [n for n in configs.names() if n not in configs.SWEEPS]
 QUICK = "--config=mlp_mnist1d:quick"
 
 
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    """main.run installs its start-up handlers; give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
+pytestmark = pytest.mark.usefixtures("keep_signal_handlers")  # main.run installs its own
 
 
 def _run(capsys, *args):

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -48,13 +47,7 @@ CKPT = {"num_steps": 12, "checkpoint.every_steps": 4}
 EVAL10 = "--config.eval_every_steps=10"
 
 
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    """main.run installs its start-up handlers; give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
+pytestmark = pytest.mark.usefixtures("keep_signal_handlers")  # main.run installs its own
 
 
 @pytest.fixture(scope="module")
