@@ -235,6 +235,18 @@ def test_vmap_ensemble_axis_is_a_unit_axis_whatever_its_size():
     assert site.taken and site.shape == (p, p, 7)
 
 
+def test_examples_on_another_axis_are_moved_first():
+    """A pre-activation traced as [units, P] (a transpose before the ReLU) comes back [P, units]:
+    the probe axis is the one that follows the number of examples, wherever it is."""
+    w = jax.random.normal(jax.random.key(0), (5, 4))
+    x = jax.random.normal(jax.random.key(1), (6, 5))
+    preacts_fn = rj.capture_relus(lambda p, x: jax.nn.relu((x @ p).T).sum(0))
+    (z,) = preacts_fn(w, x)[1].values()
+    np.testing.assert_array_equal(z, x @ w)
+    (site,) = preacts_fn.sites(w, x)
+    assert (site.probe_axis, site.shape, site.units) == (1, (6, 4), 4)
+
+
 def test_statistics_and_parameters_are_not_layers():
     """A variance clamp (by hand, in Equinox's LayerNorm / GroupNorm) and a ReLU of a
     parameter whose leading size equals P are listed, not measured."""
