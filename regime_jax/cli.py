@@ -2,22 +2,26 @@
 
 ``--config <name|file.py>[:arg]`` (``regime_jax.configs.load``) plus ``--config.<field>=<value>``
 overrides (parsed here, not by absl's ``config_flags``, so that every mistake is one line),
-absl flag parsing, ``--help`` detection and the exit: 0 / 1 / 2 (user error) / 130 (SIGINT) /
-143 (SIGTERM). This module defines no flags; each program defines its own (``--config``,
-``--workdir``, ...).
+absl flag parsing, ``--help`` detection and the exit: 0 / 1 / 2 (user error) / 3-6 (an
+environment fault, :mod:`regime_jax.faults`) / 130 (SIGINT) / 143 (SIGTERM). This module
+defines no flags; each program defines its own (``--config``, ``--workdir``, ...).
 """
 
 from __future__ import annotations
 
+import atexit
+import logging as std_logging
 import os
 import re
 import sys
+import threading
+import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from absl import flags, logging
 
-from regime_jax import signals
+from regime_jax import faults
 
 HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
 _OVERRIDE = re.compile(r"^--?(no)?config\.([A-Za-z0-9_.]*)(?:=(.*))?$", re.DOTALL)
@@ -133,7 +137,64 @@ def quiet_logging() -> None:
 
 
 def error_printer(prog: str) -> Callable[[str], None]:
-    return lambda text: print(f"{prog}: {text}", file=sys.stderr, flush=True)
+    def err_line(text: str) -> None:
+        if faults.debug() and sys.exc_info()[0] is not None:
+            traceback.print_exc()
+        print(f"{prog}: {text}", file=sys.stderr, flush=True)
+
+    return err_line
+
+
+_LIBRARY_NOISE = (f"{os.sep}orbax{os.sep}", f"{os.sep}asyncio{os.sep}", "tensorstore")
+
+
+def _from_library(tb) -> bool:
+    return any(
+        any(part in frame.filename for part in _LIBRARY_NOISE) for frame in traceback.extract_tb(tb)
+    )
+
+
+_quieted: list[bool] = []
+
+
+def quiet_library_noise() -> None:
+    """Keeps what storage libraries print from their own threads off the terminal.
+
+    orbax's writer threads log an error with a traceback and then re-raise it in the caller,
+    which reports it in one line (:mod:`regime_jax.faults`); asyncio reports the same error
+    again for each future nobody awaited. ``REGIME_JAX_DEBUG=1`` keeps all of it.
+    """
+    if faults.debug() or _quieted:
+        return
+    _quieted.append(True)
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+
+    def drop_orbax_errors(record: std_logging.LogRecord) -> bool:
+        noisy = f"{os.sep}orbax{os.sep}" in record.pathname
+        return not (noisy and record.levelno >= std_logging.ERROR)
+
+    std_logging.getLogger("absl").addFilter(drop_orbax_errors)
+    previous_thread_hook, previous_unraisable = threading.excepthook, sys.unraisablehook
+
+    def thread_hook(args) -> None:
+        if not _from_library(args.exc_traceback):
+            previous_thread_hook(args)
+
+    def unraisable(args) -> None:  # tensorstore's callbacks into a closed asyncio loop
+        if not _from_library(args.exc_traceback):
+            previous_unraisable(args)
+
+    threading.excepthook, sys.unraisablehook = thread_hook, unraisable
+
+
+def fault_exit(err: BaseException, err_line: Callable[[str], None], workdir) -> int | None:
+    """Reports an environment fault behind ``err`` in one line and returns its exit code
+    (:mod:`regime_jax.faults`); None if ``err`` is not one."""
+    fault = faults.classify(err)
+    if fault is None:
+        return None
+    err_line(faults.describe(fault, workdir))
+    return fault.code
 
 
 def run_and_exit(run: Callable[[list[str]], int]) -> NoReturn:
@@ -148,8 +209,13 @@ def run_and_exit(run: Callable[[list[str]], int]) -> NoReturn:
 
 
 def exit_with(code: int) -> NoReturn:
+    """Exits without the interpreter's teardown, which restores the default signal handlers
+    (a SIGINT then kills a finished run with no message) and lets library threads and
+    unawaited futures print tracebacks; the exit handlers still run, under our handlers."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if code in (signals.exit_code(s) for s in signals.SIGNALS):
-        os._exit(code)  # skip interpreter teardown: no XLA thread can crash a stopped run
-    sys.exit(code)
+    if code == 0:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)

@@ -13,9 +13,11 @@ cluster): every process runs the same command and process 0 writes the records (
 "Scale").
 
 Exit codes: 0 done, 1 non-finite loss or step size, 2 a user error (bad flag, field, value,
-config file, data, workdir, or a workdir whose records do not match its checkpoints), 130
-SIGINT, 143 SIGTERM (in the loop: after the step, with metrics flushed and a checkpoint saved).
-Each is reported in one line, never a traceback.
+config file, data, workdir, or a workdir whose records do not match its checkpoints), 3 disk
+full, 4 the workdir vanished, 5 write permission lost, 6 another I/O error (README, "Resuming
+and failures"), 130 SIGINT, 143 SIGTERM (in the loop: after the step, with metrics flushed and
+a checkpoint saved; after the run completed: 0). Each is reported in one line, never a
+traceback (``REGIME_JAX_DEBUG=1`` adds it).
 """
 
 from __future__ import annotations
@@ -100,14 +102,16 @@ def run(argv: list[str]) -> int:
         data.DatasetUnavailableError,
         checkpoint.CheckpointError,
         records.RecordError,
+        records.UnwritableWorkdir,
         rundir.WorkdirBusy,
-        PermissionError,
-        ValueError,
     )
+    workdir = None
     try:
         config, workdir = parse(argv)
         cli.quiet_logging()
+        cli.quiet_library_noise()
         loop.train_and_evaluate(config, workdir)
+        signals.completed("the run completed (summary.json written)")
     except loop.NonFinite as err:
         err_line(f"stopped: {err}")
         return 1
@@ -115,6 +119,14 @@ def run(argv: list[str]) -> int:
         err_line(str(err))
         return err.exit_code
     except user_errors as err:
+        err_line(f"error: {err}")
+        return 2
+    except Exception as err:
+        code = cli.fault_exit(err, err_line, workdir)
+        if code is not None:
+            return code
+        if not isinstance(err, ValueError):
+            raise  # a bug: its traceback is the report
         err_line(f"error: {err}")
         return 2
     return 0

@@ -22,11 +22,13 @@ Example (needs a run directory, so not a doctest)::
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import shutil
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,11 @@ MASKS_DIR = "masks"
 SUMMARY = "summary.json"
 LOCK = ".lock"  # regime_jax.rundir.LOCK: held (flock) by the process writing the run
 TB_DIR = "tb"  # TensorBoard event files (regime_jax.live), a view of metrics.jsonl
+
+
+class UnwritableWorkdir(PermissionError):
+    """The workdir cannot be created or written when a program starts (a user error, exit 2;
+    permission lost later, mid-run, is an environment fault: :mod:`regime_jax.faults`)."""
 
 
 class RecordError(ValueError):
@@ -122,12 +129,20 @@ def parse_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class MetricsWriter:
-    """Appends rows to ``metrics.jsonl`` and flushes after every :meth:`write`."""
+    """Appends rows to ``metrics.jsonl`` and flushes after every :meth:`write`.
+
+    Each write first checks that the file is still the run's: appending to a file someone
+    deleted (the workdir removed mid-run) succeeds and loses every row, so it raises
+    ``FileNotFoundError`` instead (an environment fault, :mod:`regime_jax.faults`).
+    """
 
     def __init__(self, workdir: str | os.PathLike):
-        self._file = open(Path(workdir) / METRICS, "a", encoding="utf-8")
+        self.path = Path(workdir) / METRICS
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        if os.fstat(self._file.fileno()).st_nlink == 0:
+            raise FileNotFoundError(errno.ENOENT, "deleted during the run", str(self.path))
         for row in rows:
             self._file.write(to_json(row) + "\n")
         self._file.flush()
@@ -146,7 +161,7 @@ def ensure_writable(workdir: str | os.PathLike) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise PermissionError(f"workdir={str(workdir)!r} cannot be written: {err}") from err
+        raise UnwritableWorkdir(f"workdir={str(workdir)!r} cannot be written: {err}") from err
     return workdir
 
 
@@ -464,8 +479,16 @@ class Run:
         return sorted({k for r in self.rows for k in r if k.startswith(prefix) and k != "step"})
 
     def masks(self, step: int) -> dict[str, Packed]:
-        """The snapshot at ``step`` as ``{layer: Packed}`` (numpy bits)."""
-        return read_masks(mask_path(self.workdir, step))
+        """The snapshot at ``step`` as ``{layer: Packed}`` (numpy bits); RecordError in one
+        line if it does not read (:func:`broken_snapshot`)."""
+        path = mask_path(self.workdir, step)
+        try:
+            masks = read_masks(path)
+            if not masks:
+                raise ValueError("no layers")
+            return masks
+        except Exception as err:  # BadZipFile, EOFError, a CRC error, a missing member
+            raise broken_snapshot(path, err) from None
 
 
 # Names before regime_jax 0.3 (the stability test was called a "probe", like the probe set).
@@ -495,6 +518,30 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def broken_snapshot(path: Path, err: BaseException) -> RecordError:
+    why = (str(err).splitlines() or [""])[0][:120]
+    return RecordError(
+        f"{path} does not read ({type(err).__name__}: {why}): a broken mask snapshot; run the "
+        f"run's training command again on its workdir (it sets the snapshot aside and writes "
+        f"it again from a checkpoint)"
+    )
+
+
+def _check_snapshot(path: Path) -> None:
+    """Raises RecordError unless ``path`` opens as an ``.npz`` with bits and units per layer
+    (its directory only; :meth:`Run.masks` checks each array's CRC as it reads it)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+        layers = {
+            n.removeprefix("bits/").removesuffix(".npy") for n in names if n.startswith("bits/")
+        }
+        if not layers or any(f"units/{k}.npy" not in names for k in layers):
+            raise ValueError("no layers" if not layers else "a layer without its unit count")
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise broken_snapshot(path, err) from None
+
+
 def load_run(workdir: str | os.PathLike) -> Run:
     """Reads ``config.json``, ``metrics.jsonl`` and the list of mask snapshots.
 
@@ -504,7 +551,9 @@ def load_run(workdir: str | os.PathLike) -> Run:
     rather than refusing lets a user look at a live run's progress or at what a killed run
     reached, which a refusal would forbid, while nothing made from it can pass for a
     finished run's result. A torn last line (a writer killed, or still writing, mid-line) is
-    dropped; a corrupt earlier line or steps out of order raise :class:`RecordError`.
+    dropped; a corrupt earlier line or steps out of order raise :class:`RecordError`, as does
+    a mask snapshot that does not open (truncated, not an ``.npz``, a layer missing), naming
+    the file and the way out; :meth:`Run.masks` checks each array as it reads it.
 
     Runs written before 0.3 are read with their stability keys renamed (:func:`upgrade_row`,
     :func:`upgrade_config`); they are read, not resumed.
@@ -512,8 +561,8 @@ def load_run(workdir: str | os.PathLike) -> Run:
     workdir = Path(workdir)
     config = upgrade_config(json.loads((workdir / CONFIG).read_text()))
     rows = [upgrade_row(row) for row in read_rows(workdir)]
-    steps = sorted(
-        int(p.stem.removeprefix("step_"))
-        for p in (workdir / MASKS_DIR).glob("step_[0-9][0-9][0-9][0-9][0-9][0-9][0-9].npz")
-    )
+    snapshots = sorted((workdir / MASKS_DIR).glob("step_[0-9][0-9][0-9][0-9][0-9][0-9][0-9].npz"))
+    for path in snapshots:
+        _check_snapshot(path)
+    steps = [int(p.stem.removeprefix("step_")) for p in snapshots]
     return Run(workdir, config, rows, steps, partial_mark(workdir, config, rows))

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from regime_jax import curves, decoupling, plots, records
+from regime_jax import curves, decoupling, faults, plots, records
 from regime_jax.summary import KINDS, PAPER_RATIO, Sweep, find_runs, summarize_sweep, verdict
 from regime_jax.timescales import RULES
 
@@ -219,11 +219,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise ValueError(f"{args.workdir} holds no runs (<setting>/<optimizer>/seed_<k>/)")
         report = build_report(args.workdir)
     except (OSError, ValueError, KeyError, IndexError) as err:
+        fault = faults.classify(err) if not isinstance(err, FileNotFoundError) else None
+        if fault is not None:  # a full disk or lost permission while writing the figures
+            parser.exit(fault.code, f"regime_jax.report: {faults.describe(fault, None, _KEPT)}\n")
         parser.exit(2, f"regime_jax.report: error: {_one_line(err)}\n")
     if report["partial"]:
         print(report["partial"])
     print(report["table"])
     print(f"report: {report['report']}")
+
+
+_KEPT = "the runs' records are untouched (a report only writes figures and report.md)"
 
 
 def _require(directory: Path, *names: str) -> None:

@@ -49,7 +49,9 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
         workdir.mkdir(parents=True, exist_ok=True)
         fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise PermissionError(f"workdir={str(workdir)!r} cannot be written: {err}") from None
+        raise records.UnwritableWorkdir(
+            f"workdir={str(workdir)!r} cannot be written: {err}"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

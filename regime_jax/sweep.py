@@ -51,7 +51,7 @@ if __name__ == "__main__":
 import ml_collections
 from absl import flags
 
-from regime_jax import cli, configs, loop, records, report
+from regime_jax import cli, configs, faults, loop, records, report
 from regime_jax.config import ConfigError
 from regime_jax.overrides import apply_overrides
 from regime_jax.summary import SUMMARY, main_ratio
@@ -350,6 +350,9 @@ def run_sweep(
             log(f"{head} | {stopped}, checkpoint saved")
             raise  # a KeyboardInterrupt: the sweep stops here, finished runs are kept
         except Exception as err:  # one failed run must not lose the rest of the grid
+            if faults.classify(err):  # ... but a full disk fails every run after it
+                err.sweep_run = spec.path
+                raise
             failed[spec.path] = f"{type(err).__name__}: {err}"
             log(f"{head} | FAILED {failed[spec.path]}")
     result = report.build_report(workdir)
@@ -405,14 +408,17 @@ def run(argv: list[str]) -> int:
     if cli.wants_help(argv[1:]):
         print(_help(argv[1:]))
         return 0
+    workdir = None
     try:
         overrides = cli.parse_flags(argv, ("config", "workdir"))
         sweep = cli.load_with_overrides(flags.FLAGS.config, overrides, sweep=True)
         cli.quiet_logging()  # keep one line per run readable
+        cli.quiet_library_noise()
         workdir = Path(flags.FLAGS.workdir)
         if flags.FLAGS.compilation_cache:
             enable_compilation_cache(workdir / ".jax_cache")
         result = run_sweep(sweep, workdir)
+        signals.completed("the sweep completed (report written)")
     except loop.Interrupted as err:
         run_path = getattr(err, "sweep_run", "?")
         err_line(
@@ -420,7 +426,14 @@ def run(argv: list[str]) -> int:
             f"checkpoint; finished runs are kept and skipped when the same command is run again"
         )
         return err.exit_code
-    except (cli.UsageError, ConfigError, OSError, ValueError) as err:
+    except (cli.UsageError, ConfigError, records.RecordError, records.UnwritableWorkdir) as err:
+        err_line(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}")
+        return 2
+    except (OSError, ValueError) as err:
+        where = getattr(err, "sweep_run", None)
+        code = cli.fault_exit(err, err_line, workdir / where if where else None)
+        if code is not None:
+            return code
         err_line(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}")
         return 2
     if result["failed"]:
