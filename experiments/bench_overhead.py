@@ -44,8 +44,9 @@ import jax.numpy as jnp
 import optax
 
 import regime_jax as rj
-from regime_jax import configs, models, step
+from regime_jax import configs, models
 from regime_jax.models.adapt import as_net
+from regime_jax.run import step
 
 
 def _plain_step(state, batch, probe, *, model, tx, forward_probe):

@@ -6,7 +6,7 @@ COMMAND:
 
 For each job it builds the run from the experiment's own config (model, batch, probe set,
 optimizer; every step recorded, snapshots and the log cadence as configured) and times the
-loop's hot path exactly as ``regime_jax.loop`` runs it, minus eval, the stability test and
+loop's hot path exactly as ``regime_jax.run.loop`` runs it, minus eval, the stability test and
 checkpoints: host batches (a pure function of (seed, step)) stacked and put on the device,
 one call per chunk of K steps (``chunks.Runner``: the plain jitted step for K=1, the compiled
 ``lax.scan`` otherwise), metrics held on device and fetched one call late on the log cadence
@@ -40,8 +40,9 @@ from pathlib import Path
 
 import jax
 
-from regime_jax import chunks, configs, data, fetch, hosts, loop, step
+from regime_jax import configs, data
 from regime_jax.records import itstime
+from regime_jax.run import chunks, fetch, hosts, loop, step
 
 JOBS = {"main": "mlp_mnist1d", "transformer": "transformer_mnist1d"}
 

@@ -43,7 +43,8 @@ def _normal_json(path: pathlib.Path, root: pathlib.Path):
 def write(out: pathlib.Path, only: list[str] | None) -> None:
     import tensorflow_datasets as tfds
 
-    from regime_jax import configs, data, loop, sweep
+    from regime_jax import configs, data, sweep
+    from regime_jax.run import loop
 
     names = [n for n in configs.names() if not only or n in only]
     for name in names:

@@ -38,6 +38,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from regime_jax import _deprecations
+
+_deprecations.install()  # old module paths (regime_jax.loop, ...) warn and still work
+
 __version__ = "0.3.0"
 
 # public name -> (module, attribute or None for the module itself)
@@ -54,9 +58,9 @@ _API = {
     "nnx_apply": ("regime_jax.models.adapt", "nnx_apply"),
     "load_run": ("regime_jax.records", "load_run"),
     "bitmask": ("regime_jax.bitmask", None),
-    "decouple": ("regime_jax.decouple", None),
+    "gating": ("regime_jax.gating", None),
     "stability": ("regime_jax.stability", None),
-    "timescales": ("regime_jax.timescales", None),
+    "timescales": ("regime_jax.analysis.timescales", None),
 }
 
 __all__ = [
@@ -68,9 +72,9 @@ __all__ = [
     "__version__",
     "bitmask",
     "capture_relus",
-    "decouple",
     "format_sites",
     "gate_relus",
+    "gating",
     "load_run",
     "nnx_apply",
     "pattern_monitor",
@@ -80,6 +84,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "decouple":  # rj.decouple before 0.4
+        _deprecations.warn("regime_jax.decouple", "regime_jax.gating")
+        return importlib.import_module("regime_jax.gating")
     if name not in _API:
         raise AttributeError(f"module 'regime_jax' has no attribute {name!r}")
     module, attr = _API[name]
@@ -94,7 +101,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from regime_jax import bitmask, decouple, stability, timescales
+    from regime_jax import bitmask, gating, stability
+    from regime_jax.analysis import timescales
     from regime_jax.analyzer import MonitorState, PatternMonitor, pattern_monitor
     from regime_jax.capture import CaptureError, Site, capture_relus, format_sites, gate_relus
     from regime_jax.models.adapt import Net, nnx_apply

@@ -22,16 +22,16 @@ traceback (``REGIME_JAX_DEBUG=1`` adds it).
 
 from __future__ import annotations
 
-from regime_jax import signals
+from regime_jax.run import signals
 
 if __name__ == "__main__":
     signals.exit_on_signals()  # as early as possible: a signal during imports is a clean stop
 
 from absl import flags
 
-from regime_jax import cli
-from regime_jax.cli import UsageError as UsageError  # re-exported: main.UsageError
-from regime_jax.cli import split_overrides as split_overrides  # re-exported (tests, callers)
+from regime_jax.run import cli
+from regime_jax.run.cli import UsageError as UsageError  # re-exported: main.UsageError
+from regime_jax.run.cli import split_overrides as split_overrides  # re-exported (tests, callers)
 
 _CONFIG = flags.DEFINE_string(
     "config",
@@ -51,13 +51,13 @@ PROG = "regime_jax"
 
 def _help(args: list[str]) -> str:
     from regime_jax import configs
-    from regime_jax.config import base_config
-    from regime_jax.overrides import describe
+    from regime_jax.configs.base import base_config
+    from regime_jax.configs.overrides import describe
 
     config, source = cli.help_config(
         args,
         base_config,
-        "regime_jax.config.base_config() (the defaults every experiment starts from)",
+        "regime_jax.configs.base.base_config() (the defaults every experiment starts from)",
     )
     return (
         f"{__doc__}\n"
@@ -80,7 +80,7 @@ def parse(argv: list[str]):
     """
     overrides = cli.parse_flags(argv, ("config", "workdir"))
     if _DISTRIBUTED.value:
-        from regime_jax import hosts
+        from regime_jax.run import hosts
 
         hosts.initialize()
     return cli.load_with_overrides(_CONFIG.value, overrides), _WORKDIR.value
@@ -93,8 +93,9 @@ def run(argv: list[str]) -> int:
     if cli.wants_help(argv[1:]):
         print(_help(argv[1:]))
         return 0
-    from regime_jax import checkpoint, data, loop, records, rundir
-    from regime_jax.config import ConfigError
+    from regime_jax import data, records
+    from regime_jax.configs.base import ConfigError
+    from regime_jax.run import checkpoint, loop, rundir
 
     user_errors = (
         UsageError,

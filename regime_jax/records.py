@@ -31,18 +31,21 @@ import shutil
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from regime_jax.bitmask import Packed
+if TYPE_CHECKING:  # reading a run's records needs neither JAX nor flax
+    from regime_jax.bitmask import Packed
+
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 MASKS_DIR = "masks"
 SUMMARY = "summary.json"
-LOCK = ".lock"  # regime_jax.rundir.LOCK: held (flock) by the process writing the run
-TB_DIR = "tb"  # TensorBoard event files (regime_jax.live), a view of metrics.jsonl
+LOCK = ".lock"  # regime_jax.run.rundir.LOCK: held (flock) by the process writing the run
+TB_DIR = "tb"  # TensorBoard event files (regime_jax.run.live), a view of metrics.jsonl
+TIMING = "timing.json"  # each training phase's wall-clock (regime_jax.run.live.PhaseClock)
 
 
 class UnwritableWorkdir(PermissionError):
@@ -237,6 +240,8 @@ def write_masks(workdir: str | os.PathLike, step: int, masks: Mapping[str, Packe
 
 
 def read_masks(path: str | os.PathLike) -> dict[str, Packed]:
+    from regime_jax.bitmask import Packed  # JAX only once masks are read, not rows
+
     with np.load(path) as f:
         layers = [k.removeprefix("bits/") for k in f.files if k.startswith("bits/")]
         return {k: Packed(f[f"bits/{k}"], int(f[f"units/{k}"])) for k in layers}

@@ -1,6 +1,7 @@
 """Name registries for models and datasets, readable without importing either.
 
-The config schema (:mod:`regime_jax.config`) checks ``model.name`` and ``dataset.name`` against
+The config schema (:mod:`regime_jax.configs.base`) checks ``model.name`` and ``dataset.name``
+against
 these registries and imports nothing else: a built-in entry is an import path resolved on first
 use, and a user's entry is added with :meth:`Registry.register` (``models.register_model``,
 ``data.register_dataset``).

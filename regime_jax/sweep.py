@@ -14,7 +14,7 @@ The sweep config (a ConfigDict, see ``regime_jax/configs/reproduce.py``) has
 * ``optimizers``: ``{name: {field: value}}`` of ``optimizer.*`` fields.
 * ``seeds``: list of ints; only ``config.seed`` changes (probe and dataset seeds stay fixed).
 * ``overrides``: fields applied to every run.
-* optional ``freeze`` (the decoupling experiment, :mod:`regime_jax.decoupling`):
+* optional ``freeze`` (the decoupling experiment, :mod:`regime_jax.analysis.decoupling`):
   ``{multiples: [float], auto: bool, overrides: {field: value}}``. Each (setting, optimizer,
   seed) then runs as variants, in this order: ``never`` (ordinary training, the reference),
   ``auto`` (``decouple.auto``), and one per multiple m, frozen at
@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from regime_jax import signals
+from regime_jax.run import signals
 
 if __name__ == "__main__":
     signals.exit_on_signals()  # as early as possible: a signal during imports is a clean stop
@@ -51,10 +51,11 @@ if __name__ == "__main__":
 import ml_collections
 from absl import flags
 
-from regime_jax import cli, configs, faults, loop, records, report
-from regime_jax.config import ConfigError
-from regime_jax.overrides import apply_overrides
-from regime_jax.summary import SUMMARY, main_ratio
+from regime_jax import configs, faults, records, report
+from regime_jax.analysis.summary import SUMMARY, main_ratio
+from regime_jax.configs.base import ConfigError
+from regime_jax.configs.overrides import apply_overrides
+from regime_jax.run import cli, loop
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Runs in one grid (before freeze variants): each is composed and validated up front and is
@@ -147,7 +148,7 @@ def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def _variants(sweep, spec: RunSpec) -> list[RunSpec]:
     """The decoupling variants of one run (see the module doc), validated."""
-    from regime_jax.decoupling import AUTO, NEVER, SEP, variant_name
+    from regime_jax.analysis.decoupling import AUTO, NEVER, SEP, variant_name
 
     freeze = sweep.freeze
     name = lambda v: f"{spec.setting}{SEP}{v}"
@@ -290,7 +291,7 @@ def _changed(spec: RunSpec, workdir: Path, rundir: Path) -> str | None:
     fingerprints, ``config.json``) with ``spec``'s resolved config, and the run's
     ``config.json`` with its fingerprint (a hand edit).
     """
-    from regime_jax import fingerprint
+    from regime_jax.run import fingerprint
 
     try:
         spec, _ = _resolve(spec, workdir)
@@ -380,7 +381,7 @@ REPRODUCE = "reproduce"  # the packaged sweep config --help describes by default
 
 
 def _help(args: list[str]) -> str:
-    from regime_jax.overrides import describe
+    from regime_jax.configs.overrides import describe
 
     config, source = cli.help_config(args, lambda: configs.load(REPRODUCE), REPRODUCE)
     described = describe(config)

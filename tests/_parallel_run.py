@@ -16,10 +16,11 @@ import jax
 import numpy as np
 from conftest import tiny_config
 
-from regime_jax import chunks, hosts, loop, models, step
-from regime_jax import config as config_lib
 from regime_jax import data as data_lib
+from regime_jax import models
+from regime_jax.configs import base as config_lib
 from regime_jax.models.adapt import as_net
+from regime_jax.run import chunks, hosts, loop, step
 
 # 23 steps, eval every 10: spans 10, 10, 3, so K=8 runs chunks of 8, 2 and 1 steps; every
 # second step records, so a chunk mixes record and non-record steps.

@@ -16,8 +16,8 @@ import pytest
 
 from regime_jax import records
 from regime_jax.bitmask import Packed
-from regime_jax.config import base_config
-from regime_jax.overrides import apply_overrides
+from regime_jax.configs.base import base_config
+from regime_jax.configs.overrides import apply_overrides
 
 
 def tiny_config(**overrides):

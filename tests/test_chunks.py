@@ -10,8 +10,9 @@ from conftest import tiny_config
 from hypothesis import given
 from hypothesis import strategies as st
 
-from regime_jax import chunks, loop, records, step
-from regime_jax.config import ConfigError, validate_config
+from regime_jax import records
+from regime_jax.configs.base import ConfigError, validate_config
+from regime_jax.run import chunks, loop, step
 
 
 @given(

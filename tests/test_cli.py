@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 
 from regime_jax import configs, main, report
-from regime_jax.overrides import fields
+from regime_jax.configs.overrides import fields
 
 EXPERIMENTS = [n for n in configs.names() if n not in configs.SWEEPS]
 QUICK = "--config=mlp_mnist1d:quick"
@@ -105,7 +105,7 @@ def test_missing_config_file_unknown_name_and_unknown_variant(capsys, tmp_path):
 
 @pytest.mark.parametrize("name", configs.names())
 def test_every_experiment_refuses_an_unknown_variant(name):
-    from regime_jax.config import ConfigError
+    from regime_jax.configs.base import ConfigError
 
     with pytest.raises(ConfigError, match="unknown config variant ':nope'; allowed"):
         configs.load(f"{name}:nope")
@@ -157,7 +157,7 @@ def test_every_field_of_every_experiment_can_be_overridden(name):
         overrides, rest = main.split_overrides([f"--config.{name}={text}"])
         assert not rest
         for field, raw in overrides:
-            from regime_jax.overrides import override
+            from regime_jax.configs.overrides import override
 
             override(config, field, raw)
         got = config
@@ -173,7 +173,7 @@ def test_data_dir_none_round_trips_through_config_json():
 
     config = configs.load("mlp_mnist1d:quick")
     assert json.loads(json.dumps(config.to_dict()))["dataset"]["data_dir"] is None
-    from regime_jax.overrides import override
+    from regime_jax.configs.overrides import override
 
     override(config, "dataset.data_dir", "/d")
     override(config, "dataset.data_dir", "None")

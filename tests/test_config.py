@@ -6,8 +6,9 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import tiny_config
 
-from regime_jax import data, loop, step
-from regime_jax.config import ConfigError, validate_config
+from regime_jax import data
+from regime_jax.configs.base import ConfigError, validate_config
+from regime_jax.run import loop, step
 
 
 @pytest.fixture
@@ -92,8 +93,9 @@ def test_base_config_stability_and_timescales_are_the_dataclass_defaults():
     """base_config writes them as literals (no implementation import); they must not drift."""
     import dataclasses
 
-    from regime_jax import stability, timescales
-    from regime_jax.config import base_config
+    from regime_jax import stability
+    from regime_jax.analysis import timescales
+    from regime_jax.configs.base import base_config
 
     def typed(d):
         return {k: (type(v), v) for k, v in d.items()}

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import analyzer, bitmask, decouple, fetch, loop, records
+from regime_jax import analyzer, bitmask, records
+from regime_jax import gating as decouple
 from regime_jax.bitmask import Packed
+from regime_jax.run import fetch, loop
 
 RNG = np.random.default_rng(20)
 SHAPES = [(5, 13), (3, 4, 21), (7, 2, 3, 9), (2, 8)]  # [P, positions..., units]

@@ -1,4 +1,4 @@
-"""Tests for regime_jax.curves and the lag-ratio curves in a run's summary.json."""
+"""Tests for regime_jax.analysis.curves and the lag-ratio curves in a run's summary.json."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 from conftest import strict_json, write_synthetic_run
 
-from regime_jax import curves, summary, timescales
+from regime_jax.analysis import curves, summary, timescales
 
 
 def test_run_summary_curves_match_known_ratio_at_default_parameters(tmp_path):

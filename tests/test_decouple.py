@@ -1,4 +1,4 @@
-"""Gate freezing: the gated transform (capture.gate_relus, decouple.gated_net) and disagreement.
+"""Gate freezing: the gated transform (capture.gate_relus, gating.gated_net) and disagreement.
 
 With gates == values (F = the current step) the gated network is the network, bit for bit, on
 every kind of model; with other gates every ReLU is ``z_values * [z_gates > 0]``, checked
@@ -19,7 +19,7 @@ from conftest import BUILTIN
 from flax import nnx
 
 import regime_jax as rj
-from regime_jax import decouple, models
+from regime_jax import gating, models
 
 KEY = jax.random.key(0)
 
@@ -174,7 +174,7 @@ def test_value_stream_is_z_values_times_gate_bit(mode):
     out, z_values, z_gates = gated(values, gates, x)
     out_ref, zs_v, zs_g = _gated_mlp_by_hand(values, gates, x)
     assert list(z_values) == ["0", "1"]  # named after the kernels: params[0], params[1]
-    disagree = decouple.disagreement(z_values, z_gates)
+    disagree = gating.disagreement(z_values, z_gates)
     assert 0.1 < float(disagree["all"]) < 0.9  # the gates really switch other units
     for name, z_v, z_g in zip(z_values, zs_v, zs_g, strict=True):
         np.testing.assert_allclose(z_values[name], z_v, rtol=1e-5, atol=1e-6)
@@ -185,7 +185,7 @@ def test_value_stream_is_z_values_times_gate_bit(mode):
 def test_builtin_mlp_gated_by_hand():
     apply_fn, values, x = _case("mlp")
     gates = _perturb(values, 0.3, 2)
-    out, z_values, z_gates = decouple.gated_net(lambda p, x: apply_fn(p, x)).preacts_fn(
+    out, z_values, z_gates = gating.gated_net(lambda p, x: apply_fn(p, x)).preacts_fn(
         values, gates, x
     )
     h_v, h_g = x, x
@@ -341,7 +341,7 @@ def test_gated_network_is_linear_in_one_layer_of_values():
 # ----------------------------------------------------------------------------- jit
 def test_gated_step_traces_once():
     apply_fn, values, x = _case("mlp")
-    net = decouple.gated_net(apply_fn)
+    net = gating.gated_net(apply_fn)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
@@ -350,7 +350,7 @@ def test_gated_step_traces_once():
         grads = jax.grad(loss)(values)
         _, z_values, z_gates = net.preacts_fn(values, gates, x)
         return jax.tree.map(lambda p, g: p - 0.1 * g, values, grads), (
-            decouple.disagreement_metrics(z_values, z_gates)
+            gating.disagreement_metrics(z_values, z_gates)
         )
 
     gates = values
@@ -370,19 +370,19 @@ def test_gated_net_takes_linen_nnx_net_and_functions():
     x = jax.random.normal(KEY, (4, 10))
     linen = models.create_model(BUILTIN["mlp"][0], 3)
     params = linen.init(KEY, x)["params"]
-    out = decouple.gated_net(linen).apply(params, params, x)
+    out = gating.gated_net(linen).apply(params, params, x)
     _assert_bit_equal(out, linen.apply({"params": params}, x))
     module = nnx.Sequential(nnx.Linear(10, 6, rngs=nnx.Rngs(0)), nnx.relu)
     apply_fn, nparams = rj.nnx_apply(module)
     for model in (module, rj.Net(lambda k, x: nparams, apply_fn, rj.capture_relus(apply_fn))):
-        _assert_bit_equal(decouple.gated_net(model).apply(nparams, nparams, x), module(x))
+        _assert_bit_equal(gating.gated_net(model).apply(nparams, nparams, x), module(x))
 
 
 # ----------------------------------------------------------------------------- disagreement
 def test_disagreement_is_zero_for_gates_equal_to_values():
     apply_fn, params, x = _case("transformer")
     _, z_values, z_gates = rj.gate_relus(apply_fn)(params, params, x)
-    rates = decouple.disagreement(z_values, z_gates)
+    rates = gating.disagreement(z_values, z_gates)
     assert set(rates) == {*z_values, "all"}
     assert all(float(r) == 0.0 for r in rates.values())
 
@@ -396,7 +396,7 @@ def test_disagreement_counts_by_hand(jit):
     v_b = -jnp.ones((2, 2, 9))
     g_b = v_b.at[0, 0, 8].set(1.0).at[1, 1, 0].set(1.0).at[1, 0, 4].set(2.0).at[0, 1, 7].set(3.0)
     z_v["b"], z_g["b"] = v_b, g_b
-    fn = jax.jit(decouple.disagreement_metrics) if jit else decouple.disagreement_metrics
+    fn = jax.jit(gating.disagreement_metrics) if jit else gating.disagreement_metrics
     got = {k: float(v) for k, v in fn(z_v, z_g).items()}
     assert got == pytest.approx(
         {
@@ -409,13 +409,13 @@ def test_disagreement_counts_by_hand(jit):
 
 def test_disagreement_of_nothing_is_an_error():
     with pytest.raises(ValueError, match="no ReLU layer"):
-        decouple.disagreement({}, {})
+        gating.disagreement({}, {})
     with pytest.raises(ValueError, match="no bits"):
-        decouple.disagreement({"a": jnp.zeros((0, 4))}, {"a": jnp.zeros((0, 4))})
+        gating.disagreement({"a": jnp.zeros((0, 4))}, {"a": jnp.zeros((0, 4))})
     with pytest.raises(ValueError, match="layers"):
-        decouple.disagreement({"a": jnp.ones((2, 4))}, {"b": jnp.ones((2, 4))})
+        gating.disagreement({"a": jnp.ones((2, 4))}, {"b": jnp.ones((2, 4))})
     with pytest.raises(ValueError, match="shape"):
-        decouple.disagreement({"a": jnp.ones((2, 4))}, {"a": jnp.ones((3, 4))})
+        gating.disagreement({"a": jnp.ones((2, 4))}, {"a": jnp.ones((3, 4))})
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import analyzer, chunks, data, decouple, loop, online, records, step
-from regime_jax.config import ConfigError
+from regime_jax import analyzer, data, records
+from regime_jax import gating as decouple
+from regime_jax.analysis import online
+from regime_jax.configs.base import ConfigError
+from regime_jax.run import chunks, loop, step
 
 F = 5  # the freeze step of the tiny runs (12 steps, every step recorded and snapshotted)
 CKPT = {"checkpoint.every_steps": 2, "checkpoint.keep": 20}

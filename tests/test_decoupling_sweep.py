@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import write_synthetic_run
 
-from regime_jax import decoupling, loop, summary, sweep
-from regime_jax.config import ConfigError
+from regime_jax import sweep
+from regime_jax.analysis import decoupling, summary
 from regime_jax.configs import decoupled
+from regime_jax.configs.base import ConfigError
+from regime_jax.run import loop
 
 
 def _quick(**extra):

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from regime_jax import checkpoint, faults, main, records, report
+from regime_jax import faults, main, records, report
+from regime_jax.run import checkpoint
 
 ROOT = Path(__file__).parent.parent
 BASE = ["--config", "mlp_mnist1d:quick"]

@@ -8,8 +8,9 @@ import importlib
 import pytest
 import tensorflow_datasets as tfds
 
-from regime_jax import configs, data, loop, records
-from regime_jax.config import ConfigError
+from regime_jax import configs, data, records
+from regime_jax.configs.base import ConfigError
+from regime_jax.run import loop
 
 NAMES = configs.names()
 SWEEPS = configs.SWEEPS  # sweep configs: python -m regime_jax.sweep

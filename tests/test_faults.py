@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from conftest import HAS_PROC, strict_json, tiny_config, wait_for_signal_handlers
 
-from regime_jax import checkpoint, data, loop, records, rundir, summary
-from regime_jax.config import ConfigError
+from regime_jax import data, records
+from regime_jax.analysis import summary
+from regime_jax.configs.base import ConfigError
+from regime_jax.run import checkpoint, loop, rundir
 
 ROOT = Path(__file__).parent.parent
 CKPT = {"num_steps": 12, "checkpoint.every_steps": 4, "checkpoint.keep": 3}

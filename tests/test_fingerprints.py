@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import checkpoint, fingerprint, loop, records, sweep
-from regime_jax.config import ConfigError
+from regime_jax import records, sweep
+from regime_jax.configs.base import ConfigError
+from regime_jax.run import checkpoint, fingerprint, loop
 
 CKPT = {"checkpoint.every_steps": 4, "checkpoint.keep": 3}
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from regime_jax import loop, records, sweep
+from regime_jax import records, sweep
+from regime_jax.run import loop
 
 
 def _early_late(run, key):

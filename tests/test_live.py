@@ -11,7 +11,8 @@ import numpy as np
 from conftest import tiny_config
 from tensorboardX.proto.event_pb2 import Event
 
-from regime_jax import live, loop, records
+from regime_jax import records
+from regime_jax.run import live, loop
 
 
 def read_events(directory: Path) -> list[Event]:

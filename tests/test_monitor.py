@@ -16,7 +16,8 @@ from conftest import tiny_config
 from flax import nnx
 
 import regime_jax as rj
-from regime_jax import analyzer, data, loop, models, records
+from regime_jax import analyzer, data, models, records
+from regime_jax.run import loop
 
 
 class UserMLP(nn.Module):

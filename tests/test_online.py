@@ -1,4 +1,4 @@
-"""Tests for regime_jax.online (the causal settle detector)."""
+"""Tests for regime_jax.analysis.online (the causal settle detector)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from regime_jax import timescales
-from regime_jax.online import OnlineConfig, OnlineSettle, online_settle_time
+from regime_jax.analysis import timescales
+from regime_jax.analysis.online import OnlineConfig, OnlineSettle, online_settle_time
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_online_detector_measures_from_the_peak_and_reports_never_and_nonfinite(
 
 
 def test_moved_names_still_import_from_timescales():
-    from regime_jax import seeds
+    from regime_jax.analysis import seeds
 
     assert timescales.OnlineSettle is OnlineSettle
     assert timescales.online_settle_time is online_settle_time

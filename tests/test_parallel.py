@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import checkpoint, loop, records, sweep
-from regime_jax.config import ConfigError
+from regime_jax import records, sweep
+from regime_jax.configs.base import ConfigError
+from regime_jax.run import checkpoint, loop
 
 HERE = Path(__file__).parent
 FLOAT_RTOL = 1e-4

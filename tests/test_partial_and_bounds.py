@@ -27,20 +27,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import (
-    cli,
-    data,
-    loop,
-    main,
-    plots,
-    records,
-    registry,
-    report,
-    rundir,
-    summary,
-    sweep,
-)
-from regime_jax.config import ConfigError, validate_config
+from regime_jax import data, main, records, registry, report, sweep
+from regime_jax.analysis import summary
+from regime_jax.configs.base import ConfigError, validate_config
+from regime_jax.report import plots
+from regime_jax.run import cli, loop, rundir
 
 ROOT = Path(__file__).parent.parent
 CKPT = {"num_steps": 12, "checkpoint.every_steps": 4}
@@ -280,7 +271,7 @@ def test_the_cli_refuses_a_nan_dataset_in_one_line_before_any_write(tmp_path, ca
     config_file.write_text(
         "import numpy as np\n"
         "from regime_jax import data\n"
-        "from regime_jax.config import base_config\n\n"
+        "from regime_jax.configs.base import base_config\n\n"
         "def load(cfg):\n"
         "    x = np.ones((100, 40), np.float32)\n"
         "    xv = np.ones((50, 40), np.float32)\n"

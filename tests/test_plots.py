@@ -1,4 +1,5 @@
-"""Tests for regime_jax.plots: every figure from a tiny real run, saved to PNG with no display."""
+"""Tests for regime_jax.report.plots: every figure from a tiny real run, saved to PNG with no
+display."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import loop, models, plots, records, report, stability, timescales
-from regime_jax import summary as analysis
+from regime_jax import models, records, report, stability
+from regime_jax.analysis import summary as analysis
+from regime_jax.analysis import timescales
+from regime_jax.report import plots
+from regime_jax.run import loop
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = {

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import strict_json, write_synthetic_run
 
-from regime_jax import records, summary
+from regime_jax import records
+from regime_jax.analysis import summary
 
 NONFINITE = {"nan": math.nan, "inf": math.inf, "neg_inf": -math.inf}
 

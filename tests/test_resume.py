@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import checkpoint, chunks, loop, models, records, signals, step, sweep
-from regime_jax.config import ConfigError
-from regime_jax.overrides import apply_overrides
+from regime_jax import models, records, sweep
+from regime_jax.configs.base import ConfigError
+from regime_jax.configs.overrides import apply_overrides
+from regime_jax.run import checkpoint, chunks, loop, signals, step
 
 ROOT = Path(__file__).parent.parent
 EXPERIMENT = "mlp_mnist1d"

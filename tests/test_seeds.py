@@ -1,4 +1,4 @@
-"""Tests for regime_jax.seeds (mean, median and bootstrap CI over seeds)."""
+"""Tests for regime_jax.analysis.seeds (mean, median and bootstrap CI over seeds)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from regime_jax.seeds import seed_stats
+from regime_jax.analysis.seeds import seed_stats
 
 
 def test_seed_stats_basic() -> None:

@@ -26,10 +26,11 @@ from conftest import tiny_config
 from flax import nnx
 
 import regime_jax as rj
-from regime_jax import data, loop, models, records, step
+from regime_jax import data, models, records
 from regime_jax.analyzer import StateError
-from regime_jax.config import ConfigError
+from regime_jax.configs.base import ConfigError
 from regime_jax.models.adapt import as_net
+from regime_jax.run import loop, step
 
 STEPS = 5
 

@@ -1,4 +1,5 @@
-"""Tests for regime_jax.summary: run summaries, sweep aggregation, verdicts, figure data."""
+"""Tests for regime_jax.analysis.summary: run summaries, sweep aggregation, verdicts, figure
+data."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 from conftest import write_synthetic_run
 
-from regime_jax import records, summary
-from regime_jax.config import base_config
+from regime_jax import records
+from regime_jax.analysis import summary
+from regime_jax.configs.base import base_config
 
 LN10 = math.log(10.0)
 

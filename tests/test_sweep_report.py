@@ -12,8 +12,10 @@ import ml_collections
 import pytest
 from conftest import write_synthetic_run
 
-from regime_jax import loop, records, report, summary, sweep, timescales
-from regime_jax.config import ConfigError, base_config
+from regime_jax import records, report, sweep
+from regime_jax.analysis import summary, timescales
+from regime_jax.configs.base import ConfigError, base_config
+from regime_jax.run import loop
 
 ROOT = Path(__file__).resolve().parent.parent
 MLP_MNIST1D = "mlp_mnist1d"
@@ -22,7 +24,7 @@ LN10 = math.log(10.0)
 
 def test_import_report_and_summary_is_light():
     code = (
-        "import sys, regime_jax.report, regime_jax.summary; "
+        "import sys, regime_jax.report, regime_jax.analysis.summary; "
         "heavy = ('matplotlib', 'regime_jax.train', 'regime_jax.sweep'); "
         "bad = [m for m in heavy if m in sys.modules]; "
         "sys.exit(str(bad) if bad else 0)"

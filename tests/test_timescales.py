@@ -1,4 +1,4 @@
-"""Tests for regime_jax.timescales (smoothing, decay times, lag ratio)."""
+"""Tests for regime_jax.analysis.timescales (smoothing, decay times, lag ratio)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from regime_jax.timescales import (
+from regime_jax.analysis.timescales import (
     RULES,
     DecayConfig,
     DecayResult,

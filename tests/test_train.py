@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from regime_jax import checkpoint, data, loop, models, records, stability, step, sweep
-from regime_jax.config import ConfigError
+from regime_jax import data, models, records, stability, sweep
+from regime_jax.configs.base import ConfigError
+from regime_jax.run import checkpoint, loop, step
 
 
 def _setup(config):

@@ -12,8 +12,9 @@ import optax
 import pytest
 from conftest import tiny_config
 
-from regime_jax import data, loop, records, registry
-from regime_jax.config import ConfigError
+from regime_jax import data, records, registry
+from regime_jax.configs.base import ConfigError
+from regime_jax.run import loop
 
 
 def _arrays(seed: int = 0, n_train: int = 96, n_val: int = 48) -> data.Dataset:
@@ -99,9 +100,10 @@ def test_regression_labels_have_loss_but_no_accuracy(tmp_path):
 
 def test_step_imports_no_files_signals_or_orbax():
     code = (
-        "import sys, regime_jax.step as s; "
-        "bad = [m for m in ('orbax', 'regime_jax.signals', 'regime_jax.records', "
-        "'regime_jax.checkpoint', 'regime_jax.loop', 'regime_jax.report') if m in sys.modules]; "
+        "import sys, regime_jax.run.step as s; "
+        "bad = [m for m in ('orbax', 'regime_jax.run.signals', 'regime_jax.records', "
+        "'regime_jax.run.checkpoint', 'regime_jax.run.loop', 'regime_jax.report') "
+        "if m in sys.modules]; "
         "print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

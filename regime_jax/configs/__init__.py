@@ -9,9 +9,9 @@ Variants inherit, as in the Flax examples: a config starts from its parent's ful
 (``cnn_digits.get_config()``), sets what differs and defines its own ``:quick``; one that only
 adds fields its parent's ``:quick`` leaves alone passes ``arg`` through
 (``stability_mlp_mnist1d`` is ``mlp_mnist1d.get_config(arg)`` plus the stability test). The
-root is :func:`regime_jax.config.base_config`, where every field is documented::
+root is :func:`regime_jax.configs.base.base_config`, where every field is documented::
 
-  base_config                     regime_jax/config.py
+  base_config                     regime_jax/configs/base.py
   └─ mlp_mnist1d                  the main job
      ├─ stability_mlp_mnist1d     + the stability test (with_probe)
      ├─ mlp_mnist
@@ -45,14 +45,18 @@ from types import ModuleType
 
 import ml_collections
 
-from regime_jax.config import ConfigError
+from regime_jax.configs.base import ConfigError
+
+__all__ = ["NOT_CONFIGS", "SWEEPS", "is_path", "load", "names"]
 
 SWEEPS = ("decoupled", "reproduce")  # the packaged sweep configs
+NOT_CONFIGS = ("base", "overrides")  # the schema and the override parser, beside the configs
 
 
 def names() -> list[str]:
     """The packaged configs' names, sorted (:data:`SWEEPS` are sweep configs)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    mods = pkgutil.iter_modules(__path__)
+    return sorted(m.name for m in mods if not m.name.startswith("_") and m.name not in NOT_CONFIGS)
 
 
 def is_path(text: str) -> bool:
@@ -64,7 +68,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
     """``get_config(arg)`` of the config in ``spec``: ``NAME[:arg]`` or ``path/to/file.py[:arg]``.
 
     ``NAME`` is a module of this package (:func:`names`); a value ending in ``.py`` or holding a
-    ``/`` is a file. Every failure is a one-line :class:`~regime_jax.config.ConfigError`: an
+    ``/`` is a file. Every failure is a one-line :class:`~regime_jax.configs.base.ConfigError`: an
     unknown name (listing the available ones), a missing file, a module that does not import,
     no ``get_config``, an unknown ``:arg``, a result that is not a ConfigDict.
     """

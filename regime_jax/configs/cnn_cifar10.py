@@ -11,8 +11,8 @@ COMMAND:
 EXPECTED: not measured on this machine (offline); an accelerator is recommended.
 """
 
-from regime_jax.config import smoke, variant
 from regime_jax.configs import cnn_mnist
+from regime_jax.configs.base import smoke, variant
 
 
 def get_config(arg: str | None = None):

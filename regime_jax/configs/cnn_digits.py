@@ -14,8 +14,8 @@ EXPECTED (2 CPU cores): measured 23 s wall at load average ~2.5, 42 s at ~4 (the
 
 import ml_collections
 
-from regime_jax.config import variant
 from regime_jax.configs import mlp_digits
+from regime_jax.configs.base import variant
 
 
 def get_config(arg: str | None = None):

@@ -13,8 +13,8 @@ EXPECTED (2 CPU cores): measured 35 s wall at load average ~2.5, 76 s at ~4 (the
   5.0e-02 -> 2.2e-03 (23x) over the same windows.
 """
 
-from regime_jax.config import smoke, variant
 from regime_jax.configs import cnn_digits
+from regime_jax.configs.base import smoke, variant
 
 
 def get_config(arg: str | None = None):

@@ -29,8 +29,8 @@ record every 10 steps, which is all the report reads from them.
 
 import ml_collections
 
-from regime_jax.config import variant
 from regime_jax.configs import reproduce
+from regime_jax.configs.base import variant
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -10,8 +10,8 @@ EXPECTED (2 CPU cores): 19 s wall (2000 steps, every step recorded, probe 256); 
   eval/acc 0.986; flip/all ~3e-4 per step at the end.
 """
 
-from regime_jax.config import smoke, variant
 from regime_jax.configs import mlp_mnist1d
+from regime_jax.configs.base import smoke, variant
 
 
 def get_config(arg: str | None = None):

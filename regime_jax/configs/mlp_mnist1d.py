@@ -11,7 +11,7 @@ EXPECTED (2 CPU cores): 23 s wall (3000 steps, every step recorded, probe 512); 
   per step over the first 300 steps to ~6e-5 at the end, step/abs/all from ~0.12 to ~2e-3.
 """
 
-from regime_jax.config import base_config, smoke, variant
+from regime_jax.configs.base import base_config, smoke, variant
 
 
 def get_config(arg: str | None = None):

@@ -28,7 +28,7 @@ num_steps) for the MLP and CNN ones. The report shows a row for each (setting, o
 
 import ml_collections
 
-from regime_jax.config import variant
+from regime_jax.configs.base import variant
 
 # Shared by every offline run: flips every step, a 256-example probe, sparse host logging,
 # mask snapshots every 10 steps (the per-unit flip raster needs consecutive snapshots).

@@ -17,8 +17,8 @@ EXPECTED (2 CPU cores): 2 min 29 s wall (while another job shared the cores); fi
   every pattern is kept up to eps=5e-4; kept 0.72 at 2e-2; median radius 0.015.
 """
 
-from regime_jax.config import variant
 from regime_jax.configs import cnn_digits, stability_mlp_mnist1d
+from regime_jax.configs.base import variant
 
 
 def get_config(arg: str | None = None):

@@ -20,8 +20,8 @@ EXPECTED (2 CPU cores): 49 s wall. At init every pattern is kept up to eps ~4e-5
   (direction, example) pairs.
 """
 
-from regime_jax.config import variant
 from regime_jax.configs import mlp_mnist1d
+from regime_jax.configs.base import variant
 
 
 def get_config(arg: str | None = None):

@@ -17,8 +17,8 @@ EXPECTED (2 CPU cores): measured 4 min 11 s wall at load average ~3, 4 min 23 s 
 
 import ml_collections
 
-from regime_jax.config import smoke, variant
 from regime_jax.configs import mlp_mnist1d
+from regime_jax.configs.base import smoke, variant
 
 
 def get_config(arg: str | None = None):

@@ -74,7 +74,7 @@ def help_config(args: list[str], default: Callable[[], object], default_source: 
     """The config ``--help`` describes: ``--config``'s config if given and loadable, else
     ``default()``; returns ``(config, where it came from)``."""
     from regime_jax import configs
-    from regime_jax.config import ConfigError
+    from regime_jax.configs.base import ConfigError
 
     spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
     if spec is None and "--config" in args[:-1]:
@@ -114,8 +114,8 @@ def load_with_overrides(spec: str, overrides: list[tuple[str, str | None]], swee
     kind is refused in one line naming the program that runs it.
     """
     from regime_jax import configs
-    from regime_jax.config import ConfigError
-    from regime_jax.overrides import override
+    from regime_jax.configs.base import ConfigError
+    from regime_jax.configs.overrides import override
 
     config = configs.load(spec)
     if ("settings" in config) != sweep:

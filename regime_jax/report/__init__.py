@@ -1,8 +1,9 @@
 """The sweep report (``report.md``, ``summary.json``, ``figures/``) and its command line.
 
-:func:`build_report` summarizes a sweep (:func:`regime_jax.summary.summarize_sweep`), writes
+:func:`build_report` summarizes a sweep (:func:`regime_jax.analysis.summary.summarize_sweep`),
+writes
 the markdown table of lag ratios beside the paper's 3.85x with a verdict per group, the
-sweep's ``summary.json`` and the figures of :func:`regime_jax.plots.sweep_figures`.
+sweep's ``summary.json`` and the figures of :func:`regime_jax.report.plots.sweep_figures`.
 ``python -m regime_jax.report --workdir <sweep>`` rebuilds a sweep's report;
 ``--run <workdir>`` writes one run's figures under ``<workdir>/figures``. Errors are one line
 with exit code 2. Never imports training code; matplotlib only once a figure is drawn.
@@ -15,7 +16,7 @@ keeps it from passing for a finished result. A sweep report (``--workdir``) leav
 out of its statistics, names each in its notes (``partial at step N of M ...; left out``) and
 says at the top of ``report.md`` (and in what it prints) how many runs it lacks; a run's
 ``summary.json`` is only used while ``metrics.jsonl`` is the file it was computed from
-(:func:`regime_jax.summary.load_or_summarize`).
+(:func:`regime_jax.analysis.summary.load_or_summarize`).
 
 Example (needs a run directory, so not a doctest)::
 
@@ -26,13 +27,33 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from regime_jax import curves, decoupling, faults, plots, records
-from regime_jax.summary import KINDS, PAPER_RATIO, Sweep, find_runs, summarize_sweep, verdict
-from regime_jax.timescales import RULES
+import numpy as np
+
+from regime_jax import faults, records
+from regime_jax.analysis import curves, decoupling
+from regime_jax.analysis.summary import (
+    KINDS,
+    PAPER_RATIO,
+    Sweep,
+    find_runs,
+    summarize_sweep,
+    verdict,
+)
+from regime_jax.analysis.timescales import RULES
+from regime_jax.report import plots
+
+__all__ = [
+    "build_report",
+    "main",
+    "markdown_table",
+    "plots",
+    "write_figures",
+    "write_run_figures",
+]
 
 DPI = 110
 DESCRIPTION = "A sweep's report.md, summary.json and figures, or one run's figures."
@@ -63,7 +84,8 @@ def table_row(setting: str, optimizer: str, agg: dict[str, Any], runs: int) -> s
 
 def curves_table(aggs: dict) -> str:
     """Per (setting, optimizer) and rule parameter: where along the parameter's grid the mean
-    lag ratio's 95% CI contains 3.85 (:func:`regime_jax.curves.paper_ranges`), or "nowhere"."""
+    lag ratio's 95% CI contains 3.85 (:func:`regime_jax.analysis.curves.paper_ranges`), or
+    "nowhere"."""
     heads = [f"{p} ({curves.grid_span(p)})" for p in curves.PARAMS]
     lines = ["| setting | optimizer | " + " | ".join(heads) + " |", "|---" * (2 + len(heads)) + "|"]
     for (s, o), agg in sorted(aggs.items()):
@@ -124,7 +146,8 @@ def markdown_table(sweep: Sweep) -> str:
 
 
 def write_figures(fig_dir: Path, sweep: Sweep) -> list[Path]:
-    """Saves :func:`regime_jax.plots.sweep_figures` as ``fig_dir/<name>.png``; their paths."""
+    """Saves :func:`regime_jax.report.plots.sweep_figures` as ``fig_dir/<name>.png``; their
+    paths."""
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, fig in plots.sweep_figures(sweep):
@@ -173,11 +196,11 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
     figures = write_figures(root / "figures", sweep)
     decoupled = decoupling.decoupling(sweep)
     if decoupled["groups"]:
-        fig = decoupling.accuracy_figure(decoupled)
+        fig = plots.decoupled_accuracy_figure(decoupled)
         figures.append(root / "figures" / "decoupling.png")
         fig.savefig(figures[-1], dpi=DPI)
-    section = decoupling.markdown(decoupled)
-    online = decoupling.online_markdown(decoupled["online"])
+    section = decoupling_markdown(decoupled)
+    online = online_markdown(decoupled["online"])
     text = _markdown(table, sweep.groups, sweep.notes, figures, section, online, partial)
     (root / "report.md").write_text(text)
     out = sweep.to_dict() | {"online": decoupled["online"], "partial": partial}
@@ -188,7 +211,8 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
 
 
 def write_run_figures(workdir: str | Path | records.Run) -> list[Path]:
-    """One run's figures (:func:`regime_jax.plots.run_figures`) as ``<workdir>/figures/*.png``;
+    """One run's figures (:func:`regime_jax.report.plots.run_figures`) as
+    ``<workdir>/figures/*.png``;
     a partial run's are titled ``partial at step N of M (why)`` (:attr:`records.Run.partial`)."""
     run = workdir if isinstance(workdir, records.Run) else records.load_run(workdir)
     (run.workdir / "figures").mkdir(exist_ok=True)
@@ -247,5 +271,90 @@ def _one_line(err: BaseException) -> str:
     return text if plain else f"{type(err).__name__}: {text}"
 
 
-if __name__ == "__main__":
-    main()
+# ------------------------------------------------------------ the decoupling section
+
+
+def online_markdown(online: Mapping[str, Any]) -> list[str]:
+    """The online-vs-offline table (report.md, every sweep)."""
+    if not online:
+        return []
+    lines = ["## The online settle detector against the offline rule", ""]
+    lines += [
+        "T(flip) of `flip/all`: the offline main rule (the whole series) and the causal detector",
+        "`online.OnlineSettle` (trailing window, fraction of its running peak, patience), mean",
+        "[95% CI] over seeds; `never`: runs where it did not trigger.",
+        "",
+        "| setting | optimizer | T(flip) offline | T(flip) online | online ÷ offline | never |",
+        "|---|---|---|---|---|---|",
+    ]
+    for group, o in online.items():
+        setting, opt = group.split("/")
+        cells = [_ci(o["offline"], ".0f"), _ci(o["online"], ".0f")]
+        cells += [_ci(o["online_over_offline"], ".2f"), str(o["online_missing"])]
+        lines.append(f"| {setting} | {opt} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ci(stats: Mapping[str, Any] | None, fmt: str = ".3f", signed: bool = False) -> str:
+    if not stats or stats.get("mean") is None or not np.isfinite(stats["mean"]):
+        return "–"
+    f = ("+" if signed else "") + fmt
+    text = format(stats["mean"], f)
+    lo, hi = stats.get("ci_low"), stats.get("ci_high")
+    if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
+        text += f" [{lo:{f}}, {hi:{f}}]"
+    return text
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+DECOUPLING_HEAD = (
+    "| setting | optimizer | freeze | F (mean step; seeds that froze) | seeds | val acc [95% CI] | "
+    "gap to full training | val loss [95% CI] | gap to full training | disagreement at end | "
+    "ms/step ordinary / frozen | frozen ÷ ordinary |\n" + "|---" * 12 + "|"
+)
+
+
+def _freeze_cell(v: Mapping[str, Any]) -> str:
+    return f"{_num(v['freeze_step'], '.0f')} ({v['frozen_seeds']}/{len(v['seeds'])})"
+
+
+def decoupling_markdown(result: Mapping[str, Any]) -> list[str]:
+    """report.md's decoupling section (empty when the sweep has no variants)."""
+    if not result["groups"]:
+        return []
+    lines = ["## Decoupling: freeze the patterns, keep training the values", ""]
+    lines += [
+        "Per seed, the variant against full training (`never`) of the same seed: val acc / loss",
+        "at the last step, mean over seeds with a 95% bootstrap CI, and the paired gap (variant",
+        "minus full training). F: the freeze step (`xT`: x times the full run's T(flip) under",
+        "the main rule; `auto`: the online detector's check step), averaged over the seeds that",
+        "froze; a run whose F is at or past its last step trains as full training and still",
+        "counts in the accuracy columns. Disagreement: the fraction",
+        "of probe bits where the value stream's pattern differs from the frozen gates. Timing:",
+        "wall-clock per step of the frozen phase over the ordinary phase, within each run.",
+        "",
+        DECOUPLING_HEAD,
+    ]
+    for group, variants in result["groups"].items():
+        setting, opt = group.split("/")
+        for variant, v in variants.items():
+            ms = f"{_num(v['ordinary_ms'], '.2f')} / {_num(v['gated_ms'], '.2f')}"
+            cells = [
+                setting,
+                opt,
+                variant,
+                _freeze_cell(v) if variant != decoupling.NEVER else "–",
+                str(len(v["seeds"])),
+                _ci(v["acc"]),
+                _ci(v["acc_gap"], signed=True) if variant != decoupling.NEVER else "0",
+                _ci(v["loss"]),
+                _ci(v["loss_gap"], signed=True) if variant != decoupling.NEVER else "0",
+                _num(v["disagreement"], ".3f"),
+                ms,
+                _ci(v["gated_over_ordinary"], ".2f"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines

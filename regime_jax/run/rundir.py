@@ -22,8 +22,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from regime_jax import checkpoint, fingerprint, records
-from regime_jax.config import ConfigError
+from regime_jax import records
+from regime_jax.configs.base import ConfigError
+from regime_jax.run import checkpoint, fingerprint
 
 LOCK = ".lock"
 
@@ -112,7 +113,7 @@ def open_run(
 ) -> bool:
     """Prepares a locked ``workdir``; True if an earlier run there should be resumed.
 
-    ``current`` is this run's fingerprint (:mod:`regime_jax.fingerprint`): a run that has
+    ``current`` is this run's fingerprint (:mod:`regime_jax.run.fingerprint`): a run that has
     ``fingerprint.json`` is compared against it (config fields and data), and its
     ``config.json`` against it too (a hand edit is refused); a run from before fingerprints
     is compared by ``config.json``. Raises ConfigError if the run differs in a field that

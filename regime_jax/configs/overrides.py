@@ -3,7 +3,7 @@
 :func:`override` parses a field's text by the field's type (a placeholder's declared type when
 its value is None) and answers a typo with a did-you-mean line; :func:`apply_overrides` sets
 nested or dotted mappings in place (a sweep's settings). Every failure is a one-line
-:class:`~regime_jax.config.ConfigError`.
+:class:`~regime_jax.configs.base.ConfigError`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from regime_jax.config import ConfigError, get_field
+from regime_jax.configs.base import ConfigError, get_field
 
 
 def _is_map(value: Any) -> bool:

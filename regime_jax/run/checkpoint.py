@@ -1,9 +1,9 @@
 """Orbax save / restore of everything a resumed run needs.
 
-A checkpoint at step ``t`` holds the whole :class:`~regime_jax.step.TrainState`: params,
+A checkpoint at step ``t`` holds the whole :class:`~regime_jax.run.step.TrainState`: params,
 optimizer state, the step counter and the packed probe patterns of the last record step (the
 previous masks the next flip rate needs), and for a model with a train mode its
-:class:`~regime_jax.step.ModelState` (BatchNorm statistics, the RNG key data). Nothing else is
+:class:`~regime_jax.run.step.ModelState` (BatchNorm statistics, the RNG key data). Nothing else is
 needed for an exact resume: the data position is the step itself (batches are a pure function
 of ``(seed, step)``), the probe set is fixed by ``probe.seed``, and the only randomness a step
 consumes, a model's dropout, is keyed by ``fold_in(rng, step)``. Before a checkpoint is
@@ -15,7 +15,7 @@ atomic (orbax commits a step directory only when complete). A checkpoint that fa
 restore (a truncated file, a missing item folder) is skipped; once an older one restores, every
 newer unreadable one is moved to ``workdir/broken_checkpoints/`` with a warning naming it, so
 the run can save those steps again and finish. If none restores, nothing is moved and the
-error lists each checkpoint in one line. With several processes (:mod:`regime_jax.hosts`)
+error lists each checkpoint in one line. With several processes (:mod:`regime_jax.run.hosts`)
 every process saves and restores (orbax's multi-host protocol) and process 0 alone moves
 folders.
 """
@@ -33,8 +33,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from regime_jax import fingerprint as fingerprints
-from regime_jax import hosts
+from regime_jax.run import fingerprint as fingerprints
+from regime_jax.run import hosts
 
 CHECKPOINTS = "checkpoints"
 BROKEN = "broken_checkpoints"
@@ -66,7 +66,7 @@ def _one_line(err: BaseException) -> str:
 class Checkpointer:
     """Keeps the last ``keep`` checkpoints of a run under ``workdir/checkpoints``.
 
-    With a ``fingerprint`` (:mod:`regime_jax.fingerprint`) each checkpoint carries it in its
+    With a ``fingerprint`` (:mod:`regime_jax.run.fingerprint`) each checkpoint carries it in its
     orbax metadata, with the hashes of the mask snapshots up to its step.
     """
 

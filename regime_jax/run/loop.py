@@ -2,11 +2,11 @@
 
 :func:`train_and_evaluate` builds a run from a config (and optionally a user's model, dataset
 and loss), takes the workdir's lock, resumes from the newest checkpoint if the stored config
-matches, and drives the jitted steps of :mod:`regime_jax.step`. Every metric stays on device
+matches, and drives the jitted steps of :mod:`regime_jax.run.step`. Every metric stays on device
 and is fetched on the log cadence, one step late (after dispatching step t it fetches up to
 t - 1), under a device-to-host transfer guard so an accidental per-step sync fails loudly.
 Rows go to ``metrics.jsonl`` and TensorBoard, masks to snapshot files, and a finished run gets
-its ``summary.json`` from :mod:`regime_jax.summary`.
+its ``summary.json`` from :mod:`regime_jax.analysis.summary`.
 """
 
 from __future__ import annotations
@@ -26,32 +26,25 @@ import ml_collections
 import numpy as np
 import optax
 
-from regime_jax import (
-    analyzer,
-    capture,
-    checkpoint,
-    chunks,
-    data,
-    decouple,
-    fetch,
-    fingerprint,
-    hosts,
-    live,
-    models,
-    online,
-    records,
-    rundir,
-    signals,
-    stability,
-    step,
-    summary,
-    timescales,
-)
-from regime_jax.config import ConfigError, validate_config
+from regime_jax import analyzer, capture, data, gating, models, records, stability
+from regime_jax.analysis import online, summary, timescales
+from regime_jax.configs.base import ConfigError, validate_config
 from regime_jax.models.adapt import Net, as_net
 from regime_jax.records import itstime, log_spaced_steps
 from regime_jax.registry import CUSTOM
-from regime_jax.step import LossFn, Placement, TrainState
+from regime_jax.run import (
+    checkpoint,
+    chunks,
+    fetch,
+    fingerprint,
+    freeze,
+    hosts,
+    live,
+    rundir,
+    signals,
+    step,
+)
+from regime_jax.run.step import LossFn, Placement, TrainState
 
 # Fields that do not change a run's results: a resumed run may differ in these.
 RESUME_IGNORES = ("overwrite", "log_every_steps", "checkpoint")
@@ -167,7 +160,7 @@ class Setup:
     tx: optax.GradientTransformation
     place: Placement
     loss_fn: LossFn
-    gated: decouple.GatedNet | None  # the model's gated transform, if the run may freeze
+    gated: gating.GatedNet | None  # the model's gated transform, if the run may freeze
 
 
 def _need(config: ml_collections.ConfigDict, field: str, given: Any, argument: str) -> None:
@@ -194,14 +187,14 @@ def build(config, *, model=None, dataset=None, loss_fn=None) -> Setup:
     if model is None:
         model = models.create_model(config.model, ds.num_classes)
     net, tx = as_net(model), step.make_optimizer(config.optimizer, config.num_steps)
-    may_freeze = decouple.FreezePolicy.from_config(config).enabled
+    may_freeze = freeze.FreezePolicy.from_config(config).enabled
     if may_freeze and net.modes is not None:
         raise ConfigError(
             f"decouple.freeze_step / decouple.auto: gate freezing needs a model without a train "
             f"mode, and {_qualname(model)} sets one with {net.modes.flag!r}; leave "
             f"decouple.freeze_step=-1 and decouple.auto=False"
         )
-    gated = decouple.gated_net(net) if may_freeze else None
+    gated = gating.gated_net(net) if may_freeze else None
     setup = Setup(config, ds, probe_idx, net, tx, place, loss_fn or step.cross_entropy, gated)
     _check_model(setup)
     return setup
@@ -357,7 +350,7 @@ class _Run:
         self.probe = hosts.put(probe, place.data)
         self.ckpt = checkpoint.Checkpointer(workdir, self.config.checkpoint.keep)
         self.ckpt.fingerprint = self.fp  # each checkpoint carries it
-        self.policy = decouple.FreezePolicy.from_config(self.config)  # this run's detector
+        self.policy = freeze.FreezePolicy.from_config(self.config)  # this run's detector
         try:
             self.start, self.state = self._initial_state(resume)
             if self.primary:
@@ -550,7 +543,7 @@ class _Run:
                 print(f"decouple: gates frozen at step {step_}", flush=True)
 
     def _steps(self, fetcher: fetch.Fetcher, stop: signals.StopFlag | hosts.SyncedStop) -> None:
-        """Chunk by chunk (see :mod:`regime_jax.chunks`); fetches one chunk late."""
+        """Chunk by chunk (see :mod:`regime_jax.run.chunks`); fetches one chunk late."""
         c, n = self.config, self.config.num_steps
         batches = data.batches(self.setup.ds, c.batch_size, c.seed, start_step=self.start)
         policy = self.policy

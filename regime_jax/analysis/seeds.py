@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from regime_jax.timescales import _DictMixin
+from regime_jax.analysis.timescales import _DictMixin
 
 __all__ = ["SeedStats", "seed_stats"]
 

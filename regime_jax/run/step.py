@@ -35,7 +35,7 @@ from flax import struct
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from regime_jax import analyzer, decouple
+from regime_jax import analyzer, gating
 from regime_jax.bitmask import Patterns
 from regime_jax.models.adapt import Net, as_net
 
@@ -45,7 +45,7 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 @struct.dataclass
 class Frozen:
-    """Decoupled training's part of the state (``decouple.*``, :mod:`regime_jax.decouple`).
+    """Decoupled training's part of the state (``decouple.*``, :mod:`regime_jax.gating`).
 
     Attributes:
       gates: a copy of the parameters at the freeze step F; from then on every ReLU unit's
@@ -228,7 +228,7 @@ def _train_mode_loss(params, variables, key, batch, train: Callable, loss_fn: Lo
     return loss_fn(logits, batch["y"]).mean(), (logits, variables)
 
 
-def _gated(gated: decouple.GatedNet, gates: Any) -> Net:
+def _gated(gated: gating.GatedNet, gates: Any) -> Net:
     """The value network under fixed gates, as a Net of the values (init unused)."""
     return Net(
         None,
@@ -246,11 +246,11 @@ def train_step(
     tx: optax.GradientTransformation,
     record: bool,
     loss_fn: LossFn = cross_entropy,
-    gated: decouple.GatedNet | None = None,
+    gated: gating.GatedNet | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns | None]:
     """One update, then the monitor: step sizes, and with ``record`` the post-update patterns.
 
-    With ``gated`` (the model's :func:`regime_jax.decouple.gated_net`; a state frozen by
+    With ``gated`` (the model's :func:`regime_jax.gating.gated_net`; a state frozen by
     :func:`freeze`) the update trains the values through the gated network; the recorded
     patterns are the value stream's own ``z_values > 0``, and the metrics add
     ``decouple/freeze_step`` and, with ``record``, ``decouple/disagree/*`` (those patterns
@@ -286,7 +286,7 @@ def train_step(
     if gated is not None:
         metrics["decouple/freeze_step"] = state.frozen.step
         if record:
-            metrics |= decouple.disagreement_of_patterns(monitor.masks, state.frozen.masks)
+            metrics |= gating.disagreement_of_patterns(monitor.masks, state.frozen.masks)
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, monitor=monitor)
     if model_state is not None:
         state = state.replace(model_state=model_state)
@@ -300,7 +300,7 @@ def eval_step(
     model: Any,
     loss_fn: LossFn = cross_entropy,
     gates: Any = None,
-    gated: decouple.GatedNet | None = None,
+    gated: gating.GatedNet | None = None,
 ) -> dict[str, jax.Array]:
     """Summed loss (and correct count) over a padded batch; ``w`` masks the padding.
 
@@ -331,7 +331,7 @@ def make_step_fns(
     tx: optax.GradientTransformation,
     loss_fn: LossFn = cross_entropy,
     out_shardings: Any = None,
-    gated: decouple.GatedNet | None = None,
+    gated: gating.GatedNet | None = None,
 ) -> dict[bool, Callable]:
     """The two jitted step variants, keyed by ``record``; each traces once.
 
@@ -380,7 +380,7 @@ def train_chunk(
     loss_fn: LossFn = cross_entropy,
     every_record: bool,
     slots: int,
-    gated: decouple.GatedNet | None = None,
+    gated: gating.GatedNet | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns]:
     """``T`` consecutive :func:`train_step` calls in one ``lax.scan``.
 
@@ -423,7 +423,7 @@ def make_chunk_fn(
     every_record: bool,
     slots: int,
     out_shardings: Any = None,
-    gated: decouple.GatedNet | None = None,
+    gated: gating.GatedNet | None = None,
 ) -> Callable:
     """:func:`train_chunk` jitted, donating the state; one trace per chunk length ``T``."""
     kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
@@ -467,7 +467,7 @@ class Placement:
     ``chunk`` shards a chunk's stacked batches ``[T, B, ...]`` on their batch axis. With one
     device all are None (the default device, no sharding annotations), so a 1-device run
     compiles exactly the program it did before meshes existed: same bytes. With several
-    processes (:mod:`regime_jax.hosts`) the mesh spans every process's devices.
+    processes (:mod:`regime_jax.run.hosts`) the mesh spans every process's devices.
     """
 
     data: NamedSharding | None

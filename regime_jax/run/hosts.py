@@ -5,7 +5,7 @@ A TPU slice or a GPU cluster runs one process per host, every one with the same 
 ``jax.distributed.initialize()`` before anything touches a device, and the run adapts to
 ``jax.process_count() > 1`` on its own:
 
-* The mesh spans every process's devices (:class:`regime_jax.step.Placement`), and
+* The mesh spans every process's devices (:class:`regime_jax.run.step.Placement`), and
   :func:`put` hands JAX only this process's rows of a global batch: every process computes
   the same global batch (a pure function of ``(seed, step)``) and keeps the rows of its own
   devices (``jax.make_array_from_process_local_data``).

@@ -4,7 +4,8 @@ Host-side (pure numpy) analysis of per-step series such as the activation-patter
 flip rate ``h_t`` and the weight step size ``s_t = ||theta_t - theta_{t-1}||``.
 The claim under test (arXiv 2602.08333) is that ``h`` settles about 3x earlier
 than ``s``; the lag ratio is ``T_s / T_h``. Statistics over seeds are in
-:mod:`regime_jax.seeds`, the causal (online) settle detector in :mod:`regime_jax.online`;
+:mod:`regime_jax.analysis.seeds`, the causal (online) settle detector in
+:mod:`regime_jax.analysis.online`;
 both are still importable from here.
 
 Smoothing (:func:`smooth`): a centered moving average of odd width
@@ -405,4 +406,4 @@ _MOVED = {
 def __getattr__(name: str) -> Any:
     if name in _MOVED:
         return getattr(importlib.import_module(f"regime_jax.{_MOVED[name]}"), name)
-    raise AttributeError(f"module 'regime_jax.timescales' has no attribute {name!r}")
+    raise AttributeError(f"module 'regime_jax.analysis.timescales' has no attribute {name!r}")

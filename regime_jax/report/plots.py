@@ -1,5 +1,5 @@
 """Every figure: one run's, a stability test's and a sweep's, as matplotlib Figures; the numbers are
-:mod:`regime_jax.summary`'s.
+:mod:`regime_jax.analysis.summary`'s.
 
 Each figure function takes a :class:`regime_jax.records.Run` (or its workdir), a summary or
 stability test outputs, and returns a bare matplotlib ``Figure`` (Agg; no pyplot, nothing
@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from regime_jax import curves, records, timescales
-from regime_jax import summary as analysis
-from regime_jax.summary import SummaryLike, table_frame, table_rows
+from regime_jax import records
+from regime_jax.analysis import curves, decoupling, timescales
+from regime_jax.analysis import summary as analysis
+from regime_jax.analysis.summary import SummaryLike, table_frame, table_rows
 
-# table_rows / table_frame are data (regime_jax.summary), re-exported for older callers.
+# table_rows / table_frame are data (regime_jax.analysis.summary), re-exported for older callers.
 __all__ = [
     "kept_vs_eps_figure",
     "lag_curves_figure",
@@ -117,7 +118,7 @@ def timescales_figure(run: RunLike, summary: Mapping[str, Any] | None = None):
 
     One axes: the three curves, a vertical line at each decay time under the main rule (where
     there is one) and at the max-validation-accuracy step, the lag ratios in the title.
-    ``summary``: :func:`regime_jax.summary.summarize_run` of the run (computed if None).
+    ``summary``: :func:`regime_jax.analysis.summary.summarize_run` of the run (computed if None).
     """
     run = _as_run(run)
     summary = summary or analysis.summarize_run(run.workdir)
@@ -142,7 +143,8 @@ def timescales_figure(run: RunLike, summary: Mapping[str, Any] | None = None):
 def mask_raster_figure(
     run: RunLike, layer: str | None = None, max_units: int = 128, name: str | None = None
 ):
-    """Per-unit flips between consecutive mask snapshots (:func:`regime_jax.summary.flip_raster`).
+    """Per-unit flips between consecutive mask snapshots
+    (:func:`regime_jax.analysis.summary.flip_raster`).
 
     Each cell spans the snapshot interval it was measured over; colour is the fraction of
     probe sites (examples x positions) of that unit whose bit changed. First layer by default;
@@ -300,7 +302,7 @@ def lag_curves_figure(summary: SummaryLike):
     """The lag ratio (abs step) over each rule's parameter, one panel per parameter: per
     (setting, optimizer) the seed mean with its 95% CI band, lines at the paper's 3.85x and 1x.
 
-    Takes what :func:`table_rows` does (groups' ``curves``, :mod:`regime_jax.curves`).
+    Takes what :func:`table_rows` does (groups' ``curves``, :mod:`regime_jax.analysis.curves`).
     """
     groups = sorted(analysis.load_sweep_summary(summary)["groups"].items())
     fig = _figure_class()(figsize=(13, 8.5), layout="constrained")
@@ -363,7 +365,7 @@ def setting_figure(setting: str, members: Mapping[str, Sequence[tuple[Mapping, A
     layer's smoothed flip rate, seed mean (bottom).
 
     ``members``: ``{optimizer: [(run summary, run directory or Run)]}``, as in
-    :attr:`regime_jax.summary.Sweep.members`.
+    :attr:`regime_jax.analysis.summary.Sweep.members`.
     """
     fig = _figure_class()(figsize=(5.5 * len(members), 7.5), layout="constrained")
     axes = fig.subplots(2, len(members), squeeze=False)
@@ -414,3 +416,45 @@ def run_figures(run: RunLike) -> Iterator[tuple[str, Any]]:
         }
     for name, make in makers.items():
         yield name, make(run)
+
+
+def decoupled_accuracy_figure(result: Mapping[str, Any]):
+    """Final val accuracy against the freeze step (as a fraction of the run), per setting.
+
+    One panel per setting, one line per optimizer (mean over seeds, 95% CI bars); full
+    training sits at 1.0 (never frozen); a freeze at or after the last step is drawn there too.
+    """
+    settings = sorted({g.split("/")[0] for g in result["groups"]})
+    fig = _figure_class()(figsize=(3.6 * max(1, len(settings)), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(settings))))
+    for ax, setting in zip(axes, settings, strict=False):
+        for group, variants in result["groups"].items():
+            if group.split("/")[0] != setting:
+                continue
+            pts = []
+            for variant, v in variants.items():
+                mean = v["acc"]["mean"]
+                if mean is None or not np.isfinite(mean) or v["num_steps"] is None:
+                    continue
+                f = v["num_steps"] if v["freeze_step"] is None else v["freeze_step"]
+                x = min(1.0, f / v["num_steps"])
+                lo, hi = v["acc"]["ci_low"], v["acc"]["ci_high"]
+                err = [[mean - lo], [hi - mean]] if lo is not None and np.isfinite(lo) else None
+                pts.append((x, mean, err, variant))
+            pts.sort()
+            line = ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], marker="o", label=group.split("/")[1]
+            )
+            for x, mean, err, variant in pts:
+                if err is not None:
+                    ax.errorbar([x], [mean], yerr=err, color=line[0].get_color(), capsize=2)
+                if variant == decoupling.AUTO:
+                    ax.annotate(
+                        "auto", (x, mean), fontsize=7, xytext=(3, -9), textcoords="offset points"
+                    )
+        ax.set(
+            xlabel="freeze step / num_steps (1 = never)", ylabel="final val acc", xlim=(-0.05, 1.05)
+        )
+        ax.set_title(setting, fontsize=10)
+        ax.legend(fontsize=7)
+    return fig

@@ -20,8 +20,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from regime_jax import analyzer, live, records
+from regime_jax import analyzer, records
 from regime_jax.bitmask import Patterns
+from regime_jax.run import live
 
 # (step, index into the stacked metrics or None for unstacked ones, whether it recorded)
 Row = tuple[int, int | None, bool]

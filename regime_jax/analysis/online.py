@@ -1,6 +1,6 @@
 """A causal settle detector: :class:`OnlineSettle`, fed one point at a time during training.
 
-The online counterpart of the offline decay rules of :mod:`regime_jax.timescales`: it reads
+The online counterpart of the offline decay rules of :mod:`regime_jax.analysis.timescales`: it reads
 no value after the step at which it triggers, so it can drive a decision while training runs
 (freezing the activation patterns once the flip rate settles, issue 15), and
 :func:`online_settle_time` runs it over a recorded series. Pure Python / numpy, no files.
@@ -14,7 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from regime_jax.timescales import DecayResult, _check_int, _check_open, _DictMixin, _validate
+from regime_jax.analysis.timescales import (
+    DecayResult,
+    _check_int,
+    _check_open,
+    _DictMixin,
+    _validate,
+)
 
 __all__ = ["OnlineConfig", "OnlineSettle", "online_settle_time"]
 

@@ -27,9 +27,7 @@ from typing import Any
 import jax
 
 from regime_jax import records
-from regime_jax.records import TB_DIR
-
-TIMING = "timing.json"
+from regime_jax.records import TB_DIR, TIMING
 
 _SHOWN = (
     ("train/loss", ".4f"),

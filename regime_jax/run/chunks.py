@@ -1,6 +1,7 @@
 """Several steps per host call (``steps_per_call = K``): which steps run together, and running them.
 
-A chunk is ``T`` consecutive steps in one jitted ``lax.scan`` (:func:`regime_jax.step.train_chunk`)
+A chunk is ``T`` consecutive steps in one jitted ``lax.scan``
+(:func:`regime_jax.run.step.train_chunk`)
 over ``T`` stacked batches. The host needs the state at the exact step of an eval, a
 stability test, a checkpoint and the last step, so a chunk **ends** at each of those
 (:func:`boundaries`). Between two such steps the span is cut into chunks of ``K`` steps, then
@@ -34,9 +35,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from regime_jax import data, hosts, step
-from regime_jax.fetch import Entry
+from regime_jax import data
 from regime_jax.records import itstime
+from regime_jax.run import hosts, step
+from regime_jax.run.fetch import Entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +92,7 @@ class Runner:
     """Runs a run's chunks: the plain jitted step for length 1, the compiled scan otherwise.
 
     A run that may freeze its gates (``setup.gated``) has both variants, ordinary and gated
-    (:func:`regime_jax.step.train_step`), each compiled for every chunk length up front.
+    (:func:`regime_jax.run.step.train_step`), each compiled for every chunk length up front.
     """
 
     def __init__(self, setup: Any, state: Any, probe: Any, chunk_lengths: set[int]):

@@ -1,9 +1,9 @@
 """The lag ratio as curves over each decay rule's parameter: per run, over seeds, vs 3.85x.
 
 Pure numpy (no matplotlib, no training code). :func:`run_curves` is a run's
-:func:`regime_jax.timescales.lag_ratio_curves` as plain data (``summary.json``'s
+:func:`regime_jax.analysis.timescales.lag_ratio_curves` as plain data (``summary.json``'s
 ``lag_ratio_curves``); :func:`aggregate_curves` gives, per parameter value, the mean lag ratio
-over seeds with its 95% bootstrap CI (:func:`regime_jax.seeds.seed_stats`);
+over seeds with its 95% bootstrap CI (:func:`regime_jax.analysis.seeds.seed_stats`);
 :func:`paper_ranges` says where along each parameter that CI contains the paper's 3.85x.
 
 >>> t = np.arange(3000)
@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from regime_jax import records, timescales
-from regime_jax.seeds import seed_stats
-from regime_jax.timescales import CURVE_GRIDS, DecayConfig
+from regime_jax import records
+from regime_jax.analysis import timescales
+from regime_jax.analysis.seeds import seed_stats
+from regime_jax.analysis.timescales import CURVE_GRIDS, DecayConfig
 
 PAPER_RATIO = 3.85
 PARAMS: tuple[str, ...] = tuple(CURVE_GRIDS)

@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
         per_layer=False,  # directions in one top-level parameter subtree at a time
         radius_batch=4,  # radii evaluated together (bounds memory); None: all at once
     )
-    # Decoupled training (regime_jax.decouple): from the freeze step F on, every ReLU's on/off
+    # Decoupled training (regime_jax.gating): from the freeze step F on, every ReLU's on/off
     # comes from a frozen copy of the parameters at F (the gates) and the parameters (the
     # values) train through the gated network, evaluation included (README "Decoupling").
     c.decouple = dict(
@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
         online=dict(window=25, fraction=0.1, patience=10),
     )
     # Decay-time analysis of the recorded series (timescales.DecayConfig's fields and
-    # defaults; the rules' formulas are in regime_jax/timescales.py).
+    # defaults; the rules' formulas are in regime_jax/analysis/timescales.py).
     c.timescales = dict(
         rule="settle",  # the main rule: settle | cumsum | threshold (all are reported)
         window=25,  # centered moving-average width (points) before any rule
@@ -236,7 +236,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
 
     The schema only: names are checked against :mod:`regime_jax.registry`; what only an
     implementation can check (a model's fields, the stability and timescales blocks) is
-    :func:`regime_jax.loop.check_config`'s.
+    :func:`regime_jax.run.loop.check_config`'s.
     """
     _int_in("parallel.devices", c.parallel.devices, 0, DEVICES_MAX, " (0: all local devices)")
     _int_in("steps_per_call", c.steps_per_call, 1, STEPS_PER_CALL_MAX, " (1: a step per call)")

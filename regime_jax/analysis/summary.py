@@ -1,15 +1,16 @@
 """Pure analysis of a run and of a sweep: numbers and plain data, never a figure.
 
 :func:`summarize_run` measures one run: decay times of ``flip/all``, ``step/abs/all``,
-``step/rel/all`` under every rule of :mod:`regime_jax.timescales` (the run's
+``step/rel/all`` under every rule of :mod:`regime_jax.analysis.timescales` (the run's
 ``config.timescales`` rule is the main one), lag ratios ``T_step / T_flip`` overall and per layer
 (layer ``fc1`` vs parameter part ``fc1``, ``block0/ffn`` vs ``block0``), MVA and the 1.1x-loss
-step, and the abs lag ratio as curves over each rule's parameter (:mod:`regime_jax.curves`).
+step, and the abs lag ratio as curves over each rule's parameter
+(:mod:`regime_jax.analysis.curves`).
 Failed measurements stay in the output as statuses with messages.
 :func:`summarize_sweep` walks ``<sweep>/<setting>/<optimizer>/seed_<k>/`` and aggregates the lag
 ratios over seeds (:func:`aggregate`, :func:`verdict`, :func:`table_rows`).
 :func:`normalized_curves` and :func:`flip_raster` are the arrays the figures of
-:mod:`regime_jax.plots` draw. Imports neither matplotlib nor training code.
+:mod:`regime_jax.report.plots` draw. Imports neither matplotlib nor training code.
 
 Example (needs a run directory, so not a doctest)::
 
@@ -29,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from regime_jax import curves, online, records, timescales
-from regime_jax.curves import PAPER_RATIO
-from regime_jax.timescales import RULES, DecayConfig, decay_times_all_rules
+from regime_jax import records
+from regime_jax.analysis import curves, online, timescales
+from regime_jax.analysis.curves import PAPER_RATIO
+from regime_jax.analysis.timescales import RULES, DecayConfig, decay_times_all_rules
 
 SUMMARY = records.SUMMARY
 KINDS = ("abs", "rel")
@@ -123,7 +125,7 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
     Returns:
       JSON-serializable dict (non-finite numbers as None): ``decay[series][rule]``,
       ``lag[abs|rel][rule]`` (LagResult dicts, ``ratio`` None unless status "ok"),
-      ``lag_ratio_curves`` (abs step; :func:`regime_jax.curves.run_curves`), ``layers``,
+      ``lag_ratio_curves`` (abs step; :func:`regime_jax.analysis.curves.run_curves`), ``layers``,
       ``reference``, ``main_rule``, ``final``, ``complete``, ``partial`` (None, or
       ``"partial at step N of M (why)"`` for a run that is not finished:
       :attr:`regime_jax.records.Run.partial`), ``metrics_sha256`` (of the ``metrics.jsonl``
@@ -165,7 +167,8 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
 
 
 def _online(run: records.Run, flips: np.ndarray, steps: np.ndarray, frozen: int | None):
-    """The causal detector's T(flip) (:func:`regime_jax.online.online_settle_time`) over the
+    """The causal detector's T(flip) (:func:`regime_jax.analysis.online.online_settle_time`) over
+    the
     recorded ``flip/all``, with the run's ``decouple.online`` settings (else the defaults);
     only the rows up to the freeze step ``frozen`` (after it the series is the value
     stream's)."""
@@ -262,7 +265,7 @@ def _describes(summary: Mapping[str, Any], run: records.Run) -> bool:
 
 def aggregate(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """seed_stats of the lag ratios of one (setting, optimizer) group, per kind and rule, and
-    of its lag-ratio curves (``curves``: :func:`regime_jax.curves.aggregate_curves`)."""
+    of its lag-ratio curves (``curves``: :func:`regime_jax.analysis.curves.aggregate_curves`)."""
     main = summaries[0]["main_rule"]
     out = {"main_rule": main, "seeds": [s["seed"] for s in summaries], "lag": {}, "layers": {}}
     for kind in KINDS:

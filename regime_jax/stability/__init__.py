@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from regime_jax.capture import PreactsFn
-from regime_jax.radius import (
+from regime_jax.stability._radius import (
     any_layer,
     as_preacts_fn,
     dtype_of,
