@@ -195,7 +195,9 @@ def parse(argv: list[str]):
 
 
 def run(argv: list[str]) -> int:
-    """Parses ``argv``, trains, and returns the exit code; every outcome is one stderr line."""
+    """Parses ``argv``, trains, prints the result (:func:`result_block`; a stopped run:
+    :func:`stopped_block`) on stdout and returns the exit code; every failure is one stderr
+    line."""
     signals.exit_on_signals()  # until the loop takes over: a signal means "stop now"
     err_line = cli.error_printer(PROG)
     if cli.wants_help(argv[1:]):
