@@ -5,8 +5,12 @@
 
 Any config field can be overridden with ``--config.<field>=<value>``, e.g.
 ``--config.optimizer.name=adam --config.num_steps=500``; ``--help`` lists every field with its
-default (``--config <name> --help``: that config's fields). Running the same command again on
-the same workdir resumes from the newest checkpoint.
+default and its one-line meaning (``--config <name> --help``: that config's fields). Running the
+same command again on the same workdir resumes from the newest checkpoint.
+
+The run ends with its result on stdout (:func:`result_block`): the final val accuracy, T(flip),
+T(step) and the lag ratio from its ``summary.json`` (or why there is none), where the records
+are, and the command that draws the run's figures. A stopped run says how far it got instead.
 
 With ``--distributed`` this is one process of several, one per host (a TPU slice, a GPU
 cluster): every process runs the same command and process 0 writes the records (README,
@@ -26,6 +30,11 @@ from regime_jax.run import signals
 
 if __name__ == "__main__":
     signals.exit_on_signals()  # as early as possible: a signal during imports is a clean stop
+
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from absl import flags
 
@@ -52,7 +61,7 @@ PROG = "regime_jax"
 def _help(args: list[str]) -> str:
     from regime_jax import configs
     from regime_jax.configs.base import base_config
-    from regime_jax.configs.overrides import describe
+    from regime_jax.configs.overrides import describe, help_for
 
     config, source = cli.help_config(
         args,
@@ -68,7 +77,106 @@ def _help(args: list[str]) -> str:
         f"  --distributed: {flags.FLAGS['distributed'].help}\n"
         f"  --verbosity: absl logging verbosity (default: warnings only)\n\n"
         f"packaged configs: {', '.join(configs.names())}\n\n"
-        f"config fields and their defaults in {source}:\n{describe(config)}\n"
+        f"config fields (--config.<field>=<default>  meaning) of {source}:\n"
+        f"{describe(config, help_for(config))}\n"
+    )
+
+
+# ------------------------------------------------------------------ the result, on stdout
+
+REPORT_COMMAND = "python -m regime_jax.report --run {workdir}"  # never imported: an import rule
+_WHY = {  # a decay time's status (regime_jax.analysis.timescales.STATUSES), in words
+    "never_settles": "had not settled when the run ended",
+    "too_short": "has too few recorded points",
+    "flat": "is constant",
+    "nonfinite": "has NaN or inf values",
+}
+
+
+def _records(workdir: Path, summary: bool = True) -> str:
+    """The workdir and the records in it (README "What a run writes")."""
+    from regime_jax import records
+    from regime_jax.run import checkpoint
+
+    files = (records.METRICS, *([records.SUMMARY] if summary else []), records.CONFIG)
+    folders = (records.MASKS_DIR, checkpoint.CHECKPOINTS, records.TB_DIR)
+    present = [f for f in files if (workdir / f).is_file()]
+    present += [f"{d}/" for d in folders if (workdir / d).is_dir()]
+    return f"{workdir}: {', '.join(present)}" if present else str(workdir)
+
+
+def _figures(workdir: Path) -> str:
+    return REPORT_COMMAND.format(workdir=shlex.quote(str(workdir)))
+
+
+def _decay(result: Mapping[str, Any], series: str) -> str:
+    """``"120 steps (flip/all, settle rule)"`` or ``"none: did not settle ... (message)"``."""
+    if result.get("time") is not None:
+        return f"{result['time']:g} steps ({series} decay time, {result.get('rule')} rule)"
+    status = result.get("status", "?")
+    message = result.get("message")
+    return f"none: {series} {_WHY.get(status, status)}" + (f" ({message})" if message else "")
+
+
+def _lag(summary: Mapping[str, Any]) -> str:
+    """The main rule's lag ratio, or why there is none; the other rules' where they give one."""
+    from regime_jax.analysis.summary import PAPER_RATIO, main_ratio
+
+    rule = summary["main_rule"]
+    lag = summary["lag"]["abs"][rule]
+    ratio = main_ratio(summary)
+    others = [
+        f"{r} {main_ratio(summary, rule=r):.2f}"
+        for r in summary["lag"]["abs"]
+        if r != rule and main_ratio(summary, rule=r) is not None
+    ]
+    if ratio is not None:
+        text = f"{ratio:.2f} = T(step) / T(flip), {rule} rule (paper: {PAPER_RATIO}x)"
+        return text + (f"; other rules: {', '.join(others)}" if others else "")
+    why = lag["status"] if lag["status"] != "undefined" else lag.get("message") or "undefined"
+    tail = f"; other rules: {', '.join(others)}" if others else ""
+    return f"none under the {rule} rule ({why}){tail}"
+
+
+def result_block(workdir: str | Path, summary: Mapping[str, Any] | None = None) -> str:
+    """What a finished run prints last: its headline figures from ``summary.json``, where the
+    records are and the command that draws its figures (``regime_jax.report``)."""
+    import json
+
+    from regime_jax import records
+
+    workdir = Path(workdir)
+    if summary is None:
+        summary = json.loads((workdir / records.SUMMARY).read_text())
+    acc = summary["final"].get("eval/acc")
+    lag = summary["lag"]["abs"][summary["main_rule"]]
+    lines = [
+        f"done: {summary['last_step']} of {summary['num_steps']} steps",
+        f"  val accuracy  {'none recorded' if acc is None else f'{acc:.3f} (final eval/acc)'}",
+        f"  T(flip)       {_decay(lag['t_flip'], 'flip/all')}",
+        f"  T(step)       {_decay(lag['t_step'], 'step/abs/all')}",
+        f"  lag ratio     {_lag(summary)}",
+    ]
+    frozen = (summary.get("decouple") or {}).get("freeze_step")
+    if frozen is not None:
+        lines.append(f"  gates frozen  at step {frozen}")
+    if summary.get("partial"):
+        lines.append(f"  partial       {summary['partial']}")
+    lines += [f"  records       {_records(workdir)}", f"  figures       {_figures(workdir)}"]
+    return "\n".join(lines)
+
+
+def stopped_block(workdir: str | Path, step: int, num_steps: int, why: str) -> str:
+    """What a run stopped before its end prints last: how far it got, where the records are,
+    how to resume, and the report command (its figures are marked partial)."""
+    workdir = Path(workdir)
+    return "\n".join(
+        [
+            f"partial: stopped at step {step} of {num_steps} ({why})",
+            "  resume        run the same command again",
+            f"  records       {_records(workdir, summary=False)} (summary.json: once complete)",
+            f"  figures       {_figures(workdir)}   (of the steps so far, marked partial)",
+        ]
     )
 
 
@@ -87,7 +195,9 @@ def parse(argv: list[str]):
 
 
 def run(argv: list[str]) -> int:
-    """Parses ``argv``, trains, and returns the exit code; every outcome is one stderr line."""
+    """Parses ``argv``, trains, prints the result (:func:`result_block`; a stopped run:
+    :func:`stopped_block`) on stdout and returns the exit code; every failure is one stderr
+    line."""
     signals.exit_on_signals()  # until the loop takes over: a signal means "stop now"
     err_line = cli.error_printer(PROG)
     if cli.wants_help(argv[1:]):
@@ -106,17 +216,21 @@ def run(argv: list[str]) -> int:
         records.UnwritableWorkdir,
         rundir.WorkdirBusy,
     )
-    workdir = None
+    workdir = config = None
     try:
         config, workdir = parse(argv)
         cli.quiet_logging()
         cli.quiet_library_noise()
         loop.train_and_evaluate(config, workdir)
         signals.completed("the run completed (summary.json written)")
+        _print_result(workdir)
     except loop.NonFinite as err:
         err_line(f"stopped: {err}")
         return 1
     except loop.Interrupted as err:
+        if _primary():
+            why = f"{signals.name(err.signum)}, checkpoint saved"
+            print(stopped_block(workdir, err.step, config.num_steps, why), flush=True)
         err_line(str(err))
         return err.exit_code
     except user_errors as err:
@@ -131,6 +245,18 @@ def run(argv: list[str]) -> int:
         err_line(f"error: {err}")
         return 2
     return 0
+
+
+def _primary() -> bool:
+    """Whether this process wrote the records (the only one, unless ``--distributed``)."""
+    from regime_jax.run import hosts
+
+    return hosts.is_primary()
+
+
+def _print_result(workdir) -> None:
+    if _primary():
+        print(result_block(workdir), flush=True)
 
 
 def main() -> None:

@@ -380,11 +380,45 @@ PROG = "regime_jax.sweep"
 REPRODUCE = "reproduce"  # the packaged sweep config --help describes by default
 
 
+# The sweep config's own fields (the module doc has the details); the fields they set in each
+# run (optimizers.<name>.*, overrides.*) take their meaning from base_config's comments.
+SWEEP_FIELDS = {
+    "settings": "the grid's rows: {name, experiment, arg, overrides} each (module doc)",
+    "seeds": "the seeds of every (setting, optimizer); only config.seed changes",
+    "optimizers": "the grid's columns: {name: optimizer.* fields}",
+    "overrides": "config fields set in every run (dotted or nested)",
+    "freeze": "the decoupling variants of every run (regime_jax.analysis.decoupling)",
+    "freeze.multiples": "freeze at these multiples of the never-frozen run's T(flip)",
+    "freeze.auto": "also a variant frozen by the online settle detector (decouple.auto)",
+    "freeze.overrides": "config fields set in the frozen-at-a-multiple variants",
+}
+_SETS_RUN_FIELDS = {"overrides": "every run", "freeze.overrides": "frozen variants"}
+
+
+def field_help(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Each sweep config field's one-line meaning (:data:`SWEEP_FIELDS`, and the run config
+    field it sets: :func:`regime_jax.configs.overrides.field_help`)."""
+    from regime_jax.configs.overrides import field_help as run_help
+    from regime_jax.configs.overrides import fields
+
+    runs, out = run_help(), dict(SWEEP_FIELDS)
+    for name, _ in fields(config):
+        if name.startswith("optimizers."):
+            _, opt, field = name.split(".", 2)
+            out[f"optimizers.{opt}"] = f"the optimizer column {opt!r}"
+            out.setdefault(name, f"{opt}: {runs.get('optimizer.' + field, '')}".rstrip(": "))
+        for prefix, who in _SETS_RUN_FIELDS.items():
+            if name.startswith(prefix + ".") and name not in out:
+                field = name.removeprefix(prefix + ".")
+                out[name] = f"{who}: {runs[field]}" if runs.get(field) else ""
+    return {k: v for k, v in out.items() if v}
+
+
 def _help(args: list[str]) -> str:
     from regime_jax.configs.overrides import describe
 
     config, source = cli.help_config(args, lambda: configs.load(REPRODUCE), REPRODUCE)
-    described = describe(config)
+    described = describe(config, field_help(config))
     return (
         f"{__doc__}\n"
         f"usage: python -m regime_jax.sweep --config <name|file.py>[:arg] --workdir <dir>\n"
@@ -398,7 +432,7 @@ def _help(args: list[str]) -> str:
         f"  --workdir: {flags.FLAGS['workdir'].help}\n"
         f"  --[no]compilation_cache: {flags.FLAGS['compilation_cache'].help} (default: true)\n"
         f"  --verbosity: absl logging verbosity (default: warnings only)\n\n"
-        f"sweep config fields and their defaults in {source}:\n{described}\n"
+        f"sweep config fields (--config.<field>=<default>  meaning) of {source}:\n{described}\n"
     )
 
 

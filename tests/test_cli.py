@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import ml_collections
 import pytest
@@ -219,3 +220,193 @@ def test_report_errors_are_one_line_with_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         report.main(["--run", str(tmp_path / "half")])
     assert exit_info.value.code == 2 and "metrics.jsonl is missing" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ --help: every field's meaning
+
+
+def _help_lines(out: str, name: str) -> str:
+    """The ``--config.<name>=`` line of ``--help`` and the line after it (a long default pushes
+    the meaning there)."""
+    lines = out.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(f"  --config.{name}="))
+    return lines[i] + "\n" + lines[i + 1]
+
+
+def test_every_base_field_has_a_one_line_meaning_from_the_comments_of_base_config():
+    from regime_jax.configs.base import base_config
+    from regime_jax.configs.overrides import field_help
+
+    helps = field_help()
+    for name, _ in fields(base_config()):
+        text = helps.get(name)
+        assert text and text.strip() and "\n" not in text, name
+    assert helps["optimizer.learning_rate"] == "peak learning rate"  # read from the comment
+    assert helps["decouple.online.patience"]  # nested groups too
+    assert helps["probe"].startswith("The fixed probe set")  # a group's comment
+
+
+def test_help_gives_each_field_its_meaning(capsys):
+    from regime_jax.configs.overrides import UNDOCUMENTED, field_help, help_for
+
+    code, out, err = _run(capsys, "--help")
+    assert code == 0 and not err
+    helps = field_help()
+    for name, _ in fields(configs.load("mlp_mnist1d")):
+        assert helps[name] in _help_lines(out, name), name
+    assert "--config.<field>=<default>  meaning" in out
+    for name in EXPERIMENTS:  # fields a config adds (a CNN's channels) have one too
+        config = configs.load(name)
+        helps = help_for(config)
+        assert not [f for f, _ in fields(config) if not helps.get(f)], name
+    code, out, _ = _run(capsys, "--config=cnn_digits", "--help")
+    assert code == 0 and "conv widths" in _help_lines(out, "model.channels")
+    assert UNDOCUMENTED not in out
+
+
+def test_help_exits_0_from_the_command_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "regime_jax.main", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and not done.stderr
+    assert "peak learning rate" in _help_lines(done.stdout, "optimizer.learning_rate")
+
+
+def test_a_sweeps_help_gives_each_field_its_meaning():
+    from regime_jax import sweep
+    from regime_jax.configs.overrides import field_help
+
+    for name in configs.SWEEPS:
+        for arg in (None, "quick"):
+            config = configs.load(name if arg is None else f"{name}:{arg}")
+            helps = sweep.field_help(config)
+            assert not [f for f, _ in fields(config) if not helps.get(f)], (name, arg)
+    helps = sweep.field_help(configs.load("reproduce"))
+    assert helps["optimizers.sgd.momentum"] == "sgd: " + field_help()["optimizer.momentum"]
+    assert helps["overrides.probe.size"] == "every run: " + field_help()["probe.size"]
+
+
+def test_reports_help_gives_each_flag_a_meaning(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m regime_jax.report")
+    assert "--workdir SWEEP  a sweep's directory" in out
+    assert "--run WORKDIR    one run's workdir" in out
+
+
+# ------------------------------------------------------------------ the run ends with its result
+
+TINY = (
+    "--config.num_steps=12",
+    "--config.model.hidden=16,12",
+    "--config.probe.size=24",
+    "--config.batch_size=32",
+    "--config.eval_every_steps=6",
+    "--config.record.snapshot_every_steps=6",
+)
+
+
+def _lag_line(block: str) -> str:
+    return next(line for line in block.splitlines() if line.startswith("  lag ratio"))
+
+
+def test_the_run_ends_with_its_headline_figures_and_the_report_command(capsys, tmp_path):
+    import json
+    import shlex
+
+    from regime_jax.analysis.summary import main_ratio
+
+    workdir = tmp_path / "run"
+    code, out, err = _run(capsys, QUICK, f"--workdir={workdir}", *TINY)
+    assert code == 0 and "Traceback" not in err, err
+    summary = json.loads((workdir / "summary.json").read_text())
+    block = main.result_block(workdir, summary)
+    assert out.rstrip("\n").endswith("\n" + block)  # the last thing printed
+    lines = block.splitlines()
+    assert lines[0] == "done: 12 of 12 steps"
+    assert f"val accuracy  {summary['final']['eval/acc']:.3f}" in block
+    assert "  T(flip)  " in block and "  T(step)  " in block
+    lag = summary["lag"]["abs"][summary["main_rule"]]
+    ratio = main_ratio(summary)
+    expected = f"{ratio:.2f} = T(step) / T(flip)" if ratio else f"({lag['status']})"
+    assert expected in _lag_line(block)
+    assert lines[-2].startswith(f"  records       {workdir}: metrics.jsonl, summary.json")
+    assert lines[-1] == f"  figures       python -m regime_jax.report --run {workdir}"
+    command = shlex.split(lines[-1].split("figures", 1)[1])
+    assert command[:3] == ["python", "-m", "regime_jax.report"]
+    report.main(command[3:])  # the command works: it draws the run's figures
+    assert any((workdir / "figures").glob("*.png"))
+    capsys.readouterr()
+
+    code, out, _ = _run(capsys, QUICK, f"--workdir={workdir}", *TINY)  # already complete
+    assert code == 0 and f"resuming {workdir} from step 12" in out
+    assert out.rstrip("\n").endswith("\n" + main.result_block(workdir))
+
+
+def _summary(t_flip, t_step, status="ok", ratio=None, message="", others=None):
+    def decay(time, why):
+        ok = time is not None
+        return {"time": time, "status": "ok" if ok else why, "rule": "settle", "message": message}
+
+    lag = {"ratio": ratio, "t_flip": decay(t_flip, "never_settles")}
+    lag |= {"t_step": decay(t_step, "never_settles"), "status": status, "message": message}
+    rules = {"settle": lag} | {
+        rule: {"ratio": value, "status": "ok" if value else "x"}
+        for rule, value in (others or {}).items()
+    }
+    return {
+        "main_rule": "settle",
+        "last_step": 3000,
+        "num_steps": 3000,
+        "final": {"eval/acc": 0.6789},
+        "lag": {"abs": rules},
+        "decouple": {"freeze_step": None},
+        "partial": None,
+    }
+
+
+def test_the_result_gives_the_ratio_or_why_there_is_none(tmp_path):
+    ok = main.result_block(tmp_path, _summary(100.0, 385.0, ratio=3.85, others={"cumsum": 2.5}))
+    assert "val accuracy  0.679 (final eval/acc)" in ok
+    assert "T(flip)       100 steps (flip/all decay time, settle rule)" in ok
+    assert "T(step)       385 steps (step/abs/all decay time, settle rule)" in ok
+    assert _lag_line(ok).endswith(
+        "3.85 = T(step) / T(flip), settle rule (paper: 3.85x); other rules: cumsum 2.50"
+    )
+
+    status = "step_size: never_settles; flip_rate: never_settles"
+    message = "enters the +/-0.1*range band only in the final 4 points"
+    none = main.result_block(tmp_path, _summary(None, None, status, message=message))
+    assert f"T(flip)       none: flip/all had not settled when the run ended ({message})" in none
+    assert "T(step)       none: step/abs/all had not settled when the run ended" in none
+    assert _lag_line(none).endswith(f"none under the settle rule ({status})")
+
+    why = "flip decay time is 0 (settles at the first step 0); ratio undefined"
+    undefined = main.result_block(tmp_path, _summary(0.0, 50.0, "undefined", message=why))
+    assert _lag_line(undefined).endswith(f"none under the settle rule ({why})")
+    assert "python -m regime_jax.report --run" in undefined
+
+
+def test_a_stopped_run_says_how_far_it_got_and_prints_no_figures(capsys, tmp_path, monkeypatch):
+    from regime_jax.run import loop
+
+    def stopped(config, workdir):
+        Path(workdir).mkdir()
+        (Path(workdir) / "metrics.jsonl").write_text('{"step": 0}\n')
+        raise loop.Interrupted(7)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", stopped)
+    workdir = tmp_path / "w"
+    code, out, err = _run(capsys, QUICK, f"--workdir={workdir}", *TINY)
+    assert code == 130
+    assert err.strip() == (
+        "regime_jax: SIGINT: interrupted at step 7; metrics flushed and a checkpoint saved; run "
+        "the same command again to resume"
+    )
+    lines = out.rstrip("\n").splitlines()[-4:]
+    assert lines[0] == "partial: stopped at step 7 of 12 (SIGINT, checkpoint saved)"
+    assert lines[2].startswith(f"  records       {workdir}: metrics.jsonl")
+    assert f"python -m regime_jax.report --run {workdir}" in lines[3]
+    assert "T(flip)" not in out and "val accuracy" not in out and "lag ratio" not in out

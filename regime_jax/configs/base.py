@@ -42,19 +42,24 @@ def base_config() -> ml_collections.ConfigDict:
         name="mnist1d",  # mnist1d | digits (offline); mnist | fashion_mnist | cifar10 (tfds)
         num_samples=5000,  # mnist1d only: examples generated (80% train, 20% validation)
         seed=42,  # mnist1d: the generator's seed; digits: the split's; unused by tfds
-        # tfds only: where prepared datasets live. A typed placeholder (None: tfds's default),
-        # so it can be set from the command line.
-        data_dir=config_dict.placeholder(str),
+        # A typed placeholder, so that it can be set from the command line.
+        data_dir=config_dict.placeholder(str),  # tfds only: prepared datasets; None: tfds's own
         download=True,  # tfds only: download a dataset missing from data_dir
     )
     # The fixed probe set whose activation patterns are recorded: `size` validation examples
     # chosen once by `seed`, sorted, never shuffled.
-    c.probe = dict(size=512, seed=0)
-    # A registry name (regime_jax.models.MODELS) and its fields; mlp: hidden widths.
-    # Patterns are defined for ReLU only: another activation is refused.
-    c.model = dict(name="mlp", hidden=(256, 256), activation="relu")
+    c.probe = dict(
+        size=512,  # validation examples whose patterns are recorded (the probe set)
+        seed=0,  # which validation examples form the probe set
+    )
+    # A registry name (regime_jax.models.MODELS) and its fields.
+    c.model = dict(
+        name="mlp",  # mlp | cnn | transformer, or a name added with models.register_model
+        hidden=(256, 256),  # mlp: hidden layer widths, recorded as fc1 .. fcN
+        activation="relu",  # relu only: patterns are defined for ReLU, another is refused
+    )
     c.optimizer = dict(
-        name="sgd",  # sgd | adam
+        name="sgd",  # sgd (with momentum) | adam
         learning_rate=0.05,  # peak learning rate
         momentum=0.9,  # sgd only; 0 = plain SGD
         schedule="constant",  # constant | cosine (decays to 0 at num_steps)
@@ -62,28 +67,35 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.batch_size = 128  # training examples per step
     c.num_steps = 3000  # optimizer steps
-    # every_steps: steps between pattern records (flip/*, dead/*, always_on/*, step/*);
-    # snapshot_every_steps: steps between packed mask snapshots (a multiple of every_steps).
-    c.record = dict(every_steps=1, snapshot_every_steps=100)
-    c.log_every_steps = 100  # host fetch of the device metrics + a progress line
-    c.eval_every_steps = 100  # eval/loss and eval/acc on the whole validation split
+    # What is written to metrics.jsonl and masks/, and how often.
+    c.record = dict(
+        every_steps=1,  # steps between pattern records (flip/*, dead/*, always_on/*, step/*)
+        snapshot_every_steps=100,  # steps between packed mask snapshots (a multiple of every_steps)
+    )
+    c.log_every_steps = 100  # steps between host fetches of the metrics (and progress lines)
+    c.eval_every_steps = 100  # steps between eval/loss, eval/acc on the whole validation split
     c.eval_batch_size = 1000  # validation examples per eval forward pass
     c.overwrite = False  # start afresh in a workdir that already holds a run
-    # Data parallelism: the batch and the probe set are sharded over this many local devices
-    # on a "data" mesh axis (parameters replicated); 0 = all local devices.
-    c.parallel = dict(devices=0)
+    # Data parallelism: the batch and the probe set are sharded over local devices on a "data"
+    # mesh axis (parameters replicated).
+    c.parallel = dict(
+        devices=0,  # local devices to shard the batch and the probe set over; 0 = all of them
+    )
     # Training steps per host call: K steps run in one jitted lax.scan over K stacked batches;
     # a chunk ends early at eval, stability-probe and checkpoint steps (README "Scale").
-    c.steps_per_call = 1
-    # every_steps=0: save only at the end (and on Ctrl-C); keep: how many to keep.
-    c.checkpoint = dict(every_steps=500, keep=3)
+    c.steps_per_call = 1  # training steps per host call (one jitted lax.scan); 1: one step
+    # Orbax checkpoints of the train state under checkpoints/; a rerun resumes from the newest.
+    c.checkpoint = dict(
+        every_steps=500,  # steps between checkpoints; 0: only at the end (and on Ctrl-C)
+        keep=3,  # how many of the newest checkpoints to keep
+    )
     # Finite-difference stability test during training (regime_jax.stability): at step 0,
     # the last step and num_points log-spaced steps between. The fields after `seed` are
     # stability.StabilityConfig's, with its defaults.
     c.stability = dict(
-        num_points=0,  # 0 disables the probe
+        num_points=0,  # log-spaced steps tested besides the first and last; 0: no test
         num_examples=0,  # the first num_examples examples of the probe set (<= probe.size; 0: all)
-        seed=0,  # the random directions
+        seed=0,  # seed of the random directions
         num_directions=16,  # random unit directions (per layer if per_layer)
         min_radius=1e-6,  # smallest tested radius (parameter-space L2 norm)
         max_radius=1.0,  # largest tested radius
@@ -96,12 +108,16 @@ def base_config() -> ml_collections.ConfigDict:
     # comes from a frozen copy of the parameters at F (the gates) and the parameters (the
     # values) train through the gated network, evaluation included (README "Decoupling").
     c.decouple = dict(
-        freeze_step=-1,  # F; -1: never (the default); F >= num_steps also never freezes
+        freeze_step=-1,  # F, the step after which gates freeze; -1 (or >= num_steps): never
         auto=False,  # freeze when the online settle detector triggers on flip/all (not with F)
         check_every_steps=50,  # auto: F is the first multiple of this at/after the trigger
         # auto: the detector (online.OnlineConfig): trailing mean over `window` recorded
         # points <= fraction x its running peak for `patience` consecutive points.
-        online=dict(window=25, fraction=0.1, patience=10),
+        online=dict(
+            window=25,  # recorded points in the trailing mean of flip/all
+            fraction=0.1,  # triggers below this fraction of the mean's running peak
+            patience=10,  # ... for this many consecutive recorded points
+        ),
     )
     # Decay-time analysis of the recorded series (timescales.DecayConfig's fields and
     # defaults; the rules' formulas are in regime_jax/analysis/timescales.py).
@@ -112,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
         final_fraction=0.1,  # settle: trailing fraction of points defining the final level
         cumsum_fraction=0.9,  # cumsum: fraction of the total mass reached at T
         threshold_fraction=0.1,  # threshold: fraction of the initial level reached at T
-        min_points=20,  # shorter series are reported too_short
+        min_points=20,  # a series with fewer points is reported too_short
     )
     return c
 

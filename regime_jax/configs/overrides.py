@@ -3,7 +3,9 @@
 :func:`override` parses a field's text by the field's type (a placeholder's declared type when
 its value is None) and answers a typo with a did-you-mean line; :func:`apply_overrides` sets
 nested or dotted mappings in place (a sweep's settings). Every failure is a one-line
-:class:`~regime_jax.configs.base.ConfigError`.
+:class:`~regime_jax.configs.base.ConfigError`. :func:`describe` lists a config's fields for
+``--help``, each with its one-line meaning: :func:`field_help` reads it from the comments of
+:func:`~regime_jax.configs.base.base_config`, the one place where fields are documented.
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ from __future__ import annotations
 import ast
 import decimal
 import difflib
-from collections.abc import Iterator, Mapping
+import functools
+import inspect
+import io
+import re
+import textwrap
+import tokenize
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -219,22 +227,168 @@ def override(c: ml_collections.ConfigDict, field: str, text: str | None) -> None
         raise ConfigError(f"--config.{field}={text}: {str(err).splitlines()[0]}") from None
 
 
-def describe(c: ml_collections.ConfigDict) -> str:
-    """Every field as ``--config.<name>=<default>``, one per line (for ``--help``)."""
-    lines = []
+# ------------------------------------------------------------------ --help: every field's meaning
+
+
+def _comments(source: str) -> tuple[dict[int, str], dict[int, str]]:
+    """``(trailing, alone)``: line number -> the comment ending a line of code, and -> the
+    comment on a line of its own."""
+    trailing, alone, code_lines = {}, {}, set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            line = tok.start[0]
+            text = tok.string.lstrip("#").strip()
+            (trailing if line in code_lines else alone)[line] = text
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            code_lines.update(range(tok.start[0], tok.end[0] + 1))
+    return trailing, alone
+
+
+def _above(alone: Mapping[int, str], line: int) -> str:
+    """The comment lines directly above ``line``, joined into one line."""
+    texts = []
+    while line - 1 in alone:
+        line -= 1
+        texts.insert(0, alone[line])
+    return " ".join(texts)
+
+
+def _is_dict_call(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict"
+
+
+def comment_help(fn: Callable) -> dict[str, str]:
+    """The meaning of each field ``fn`` (a ``get_config``-like function) sets, from its
+    comments: ``{"optimizer.learning_rate": "peak learning rate", "optimizer": ..., ...}``.
+
+    A field (``c.<name> = value`` or ``<key>=value`` inside ``c.<group> = dict(...)``, nested)
+    is described by the comment ending its line, else by the comment lines directly above it;
+    a group by the comment lines above it. Fields without either are left out.
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):  # no source (a frozen or compiled build): no help
+        return {}
+    trailing, alone = _comments(source)
+    out: dict[str, str] = {}
+
+    def visit(name: str, value: ast.AST, line: int) -> None:
+        text = trailing.get(line) or _above(alone, line)
+        if text:
+            out[name] = text
+        if _is_dict_call(value):
+            for kw in value.keywords:
+                if kw.arg is not None:
+                    visit(f"{name}.{kw.arg}", kw.value, kw.lineno)
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
+                visit(target.attr, node.value, node.lineno)
+    return out
+
+
+@functools.cache
+def field_help() -> dict[str, str]:
+    """:func:`comment_help` of :func:`~regime_jax.configs.base.base_config`: every field's
+    one-line meaning (tested: none is missing), and each group's."""
+    from regime_jax.configs.base import base_config
+
+    return comment_help(base_config)
+
+
+_ATTRIBUTE = re.compile(r"^  (\w+): (.*)$")
+
+
+def attribute_help(cls: type) -> dict[str, str]:
+    """``{attribute: one line}`` from the ``Attributes:`` section of ``cls``'s docstring."""
+    doc, out, name = inspect.cleandoc(cls.__doc__ or ""), {}, None
+    lines = doc.split("Attributes:", 1)[1].splitlines()[1:] if "Attributes:" in doc else []
+    for line in lines:
+        if line and not line.startswith("  "):
+            break  # the next section
+        m = _ATTRIBUTE.match(line)
+        if m:
+            name = m.group(1)
+            out[name] = m.group(2).strip()
+        elif name and line.strip():
+            out[name] += " " + line.strip()
+    return {k: v.replace("``", "") for k, v in out.items()}
+
+
+def model_help(name: str) -> dict[str, str]:
+    """``model.<field>`` meanings of a registered model, from the ``Attributes:`` of the class
+    its factory returns (``build_cnn`` returns ``CNN(...)``); {} when that cannot be found."""
+    from regime_jax import registry
+
+    try:
+        factory = registry.MODELS.get(name)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(factory)))
+    except (ValueError, OSError, TypeError, ImportError):
+        return {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Return) and isinstance(node.value, ast.Call):
+            cls = getattr(factory, "__globals__", {}).get(getattr(node.value.func, "id", None))
+            if isinstance(cls, type):
+                return {f"model.{k}": v for k, v in attribute_help(cls).items()}
+    return {}
+
+
+def help_for(c: ml_collections.ConfigDict) -> dict[str, str]:
+    """The meaning of each of ``c``'s fields: :func:`field_help`, and for ``model.*`` fields
+    base_config does not have, the model's own (:func:`model_help`)."""
+    helps = dict(field_help())
+    model = c.get("model")
+    if isinstance(model, ml_collections.ConfigDict) and isinstance(model.get("name"), str):
+        if any(f"model.{k}" not in helps for k in model.keys()):
+            helps = model_help(model.name) | helps
+    return helps
+
+
+HELP_COLUMN = 46  # where a field's meaning starts in --help, after --config.<name>=<default>
+UNDOCUMENTED = "(a field of this config only; see its file)"
+
+
+def _shown(c: ml_collections.ConfigDict, name: str, value: Any) -> str:
+    if value is None:
+        parent, _, key = name.rpartition(".")
+        kind = field_type(get_field(c, parent) if parent else c, key).__name__
+        return f"None   ({kind} or None)"
+    if isinstance(value, list) and not all(isinstance(v, _SCALARS) for v in value):
+        maps = (Mapping, ml_collections.ConfigDict)
+        names = [str(v.get("name", "?")) if isinstance(v, maps) else "?" for v in value]
+        kinds = type(value[0]).__name__
+        return f"[{', '.join(names)}]   (a list of {kinds}s: edit the config file)"
+    if isinstance(value, tuple | list | str):
+        return f"'{value}'" if isinstance(value, str) else f"'{value}'".replace(",)", ")")
+    return str(value)
+
+
+def describe(c: ml_collections.ConfigDict, helps: Mapping[str, str] | None = None) -> str:
+    """Every field as ``--config.<name>=<default>``, one per line (for ``--help``).
+
+    With ``helps`` (``{field or group: text}``, e.g. :func:`help_for`), each field is followed
+    by its meaning (:data:`UNDOCUMENTED` when it has none) and each documented group opens
+    with a line of its own.
+    """
+    lines, groups = [], set()
     for name, value in fields(c):
-        if value is None:
-            parent, _, key = name.rpartition(".")
-            kind = field_type(get_field(c, parent) if parent else c, key).__name__
-            shown = f"None   ({kind} or None)"
-        elif isinstance(value, list) and not all(isinstance(v, _SCALARS) for v in value):
-            maps = (Mapping, ml_collections.ConfigDict)
-            names = [str(v.get("name", "?")) if isinstance(v, maps) else "?" for v in value]
-            kinds = type(value[0]).__name__
-            shown = f"[{', '.join(names)}]   (a list of {kinds}s: edit the config file)"
-        elif isinstance(value, tuple | list | str):
-            shown = f"'{value}'" if isinstance(value, str) else f"'{value}'".replace(",)", ")")
+        flag = f"  --config.{name}={_shown(c, name, value)}"
+        if helps is None:
+            lines.append(flag)
+            continue
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            group = ".".join(parts[:i])
+            if group not in groups:
+                groups.add(group)
+                if helps.get(group):
+                    head = f"[{group}] {helps[group]}"
+                    lines += textwrap.wrap(head, 100, initial_indent="  ", subsequent_indent="    ")
+        text = helps.get(name) or UNDOCUMENTED
+        if len(flag) < HELP_COLUMN:
+            lines.append(f"{flag.ljust(HELP_COLUMN)}{text}")
         else:
-            shown = value
-        lines.append(f"  --config.{name}={shown}")
+            lines += [flag, f"{' ' * HELP_COLUMN}{text}"]
     return "\n".join(lines)

@@ -224,10 +224,31 @@ def write_run_figures(workdir: str | Path | records.Run) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog="python -m regime_jax.report",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  python -m regime_jax.report --run runs/mlp_mnist1d     one run's figures\n"
+            "  python -m regime_jax.report --workdir runs/reproduce   a sweep's report\n\n"
+            "A run or sweep not finished is reported too, marked partial. Errors are one line\n"
+            "with exit code 2."
+        ),
+    )
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--workdir", help="sweep directory (runs/reproduce): report.md, figures")
-    where.add_argument("--run", help="one run's workdir: its figures under <run>/figures")
+    where.add_argument(
+        "--workdir",
+        metavar="SWEEP",
+        help="a sweep's directory (python -m regime_jax.sweep): writes its report.md, "
+        "summary.json and figures/ there, and prints the table of lag ratios",
+    )
+    where.add_argument(
+        "--run",
+        metavar="WORKDIR",
+        help="one run's workdir (python -m regime_jax.main): writes its figures under "
+        "WORKDIR/figures/ and prints their paths",
+    )
     args = parser.parse_args(argv)
     try:
         if args.run:
