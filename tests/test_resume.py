@@ -106,6 +106,16 @@ def test_sigkill_then_resume_is_identical_to_an_uninterrupted_run(reference, tmp
     _assert_same_run(reference, tmp_path)
 
 
+def test_a_start_killed_before_its_config_starts_afresh(reference, tmp_path):
+    """A kill between creating ``checkpoints/`` and writing ``config.json`` (found by the
+    random-kill test) leaves a lock and an empty ``checkpoints/``: the same command starts
+    afresh and reaches the uninterrupted run's records, instead of refusing to resume."""
+    (tmp_path / checkpoint.CHECKPOINTS).mkdir()
+    (tmp_path / ".lock").write_text("12345\n")  # a dead writer's lock file (no flock held)
+    loop.train_and_evaluate(_config(), tmp_path)
+    _assert_same_run(reference, tmp_path)
+
+
 def test_sigint_saves_a_checkpoint_and_flushes_metrics(reference, tmp_path):
     code, out = _start_and_signal(tmp_path, signal.SIGINT, after_rows=150)
     assert code == 130, out

@@ -105,6 +105,19 @@ def cannot_extend(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> st
     return None
 
 
+def holds_run(workdir: Path) -> bool:
+    """Whether ``workdir`` holds a run's records or checkpoints.
+
+    An empty ``checkpoints/`` is no run: a fresh start killed after creating it and before
+    writing ``config.json`` leaves just that (and the lock), and the same command must then
+    start afresh, not refuse to resume a run that never wrote anything.
+    """
+    ckpt = workdir / checkpoint.CHECKPOINTS
+    return records.has_run(workdir) or (
+        ckpt.exists() and (not ckpt.is_dir() or any(ckpt.iterdir()))
+    )
+
+
 def open_run(
     config: Mapping[str, Any],
     workdir: str | os.PathLike,
@@ -122,7 +135,7 @@ def open_run(
     ``overwrite``, which deletes the earlier run.
     """
     workdir = records.ensure_writable(workdir)
-    existing = records.has_run(workdir) or (workdir / checkpoint.CHECKPOINTS).exists()
+    existing = holds_run(workdir)
     if existing and config["overwrite"]:
         records.reset(workdir)
         checkpoint.remove(workdir)
