@@ -32,7 +32,7 @@ def test_the_plan_covers_every_step_ends_at_every_boundary_and_is_prefix_stable(
         assert list(plan(c.last, [e for e in ends if e > c.last], k)) == chunks_[i + 1 :]
 
 
-def test_boundaries_are_eval_stability_checkpoint_and_last_steps():
+def test_chunk_ends_are_eval_stability_checkpoint_and_last_steps():
     config = tiny_config(num_steps=30, eval_every_steps=10, **{"checkpoint.every_steps": 12})
     config.stability.num_points = 3  # steps 0, 1, 5, 30
     schedule = Schedule.from_config(config)

@@ -2,7 +2,9 @@
 
 :func:`train_and_evaluate` builds a run from a config (and optionally a user's model, dataset
 and loss), takes the workdir's lock, resumes from the newest checkpoint if the stored config
-matches, and drives the jitted steps of :mod:`regime_jax.run.step`. Every metric stays on device
+matches, and drives an :class:`~regime_jax.run.engine.Engine` chunk by chunk through the run's
+:class:`~regime_jax.schedule.Schedule` (which steps record, evaluate, test stability,
+checkpoint, log or may freeze). Every metric stays on device
 and is fetched on the log cadence, one step late (after dispatching step t it fetches up to
 t - 1), under a device-to-host transfer guard so an accidental per-step sync fails loudly.
 Rows go to ``metrics.jsonl`` and TensorBoard, masks to snapshot files, and a finished run gets
