@@ -6,11 +6,12 @@ COMMAND:
 
 For each job it builds the run from the experiment's own config (model, batch, probe set,
 optimizer; every step recorded, snapshots and the log cadence as configured) and times the
-loop's hot path exactly as ``regime_jax.run.loop`` runs it, minus eval, the stability test and
-checkpoints: host batches (a pure function of (seed, step)) stacked and put on the device,
-one call per chunk of K steps (``chunks.Runner``: the plain jitted step for K=1, the compiled
+loop's hot path exactly as ``regime_jax.run.loop`` runs it, through the same
+``regime_jax.run.engine.Engine``, with a schedule that has no eval, stability test, checkpoint
+or end: host batches (a pure function of (seed, step)) stacked and put on the device, one
+``Engine.advance`` per chunk of K steps (the plain jitted step for K=1, the compiled
 ``lax.scan`` otherwise), metrics held on device and fetched one call late on the log cadence
-(``fetch.Fetcher``: rows, mask snapshots, TensorBoard events and metrics.jsonl in a temporary
+(``Engine.fetch``: rows, mask snapshots, TensorBoard events and metrics.jsonl in a temporary
 workdir, progress lines swallowed; ``--no-tensorboard`` leaves the events out). Every chunk
 length is compiled before timing.
 
@@ -30,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
+import itertools
 import math
 import statistics
 import sys
@@ -40,57 +43,51 @@ from pathlib import Path
 
 import jax
 
-from regime_jax import configs, data
-from regime_jax.records import itstime
-from regime_jax.run import chunks, fetch, hosts, loop, step
+from regime_jax import configs
+from regime_jax.run import engine, fetch, loop
 
 JOBS = {"main": "mlp_mnist1d", "transformer": "transformer_mnist1d"}
 
 
 class Variant:
-    """One K: its own state, runner, batch stream and fetcher, advanced round by round."""
+    """One K: its own engine (state, runner, batch stream, fetcher), advanced round by round."""
 
     def __init__(self, setup: loop.Setup, k: int, workdir: Path, tensorboard: bool = True):
-        c, place = setup.config, setup.place
-        self.config, self.k = c, k
-        ds = setup.ds
-        probe = {"x": ds.x_val[setup.probe_idx], "y": ds.y_val[setup.probe_idx]}
-        self.probe = hosts.put(probe, place.data)
-        init = jax.jit(
-            lambda key, x: step.create_train_state(setup.net, setup.tx, key, x),
-            out_shardings=place.replicated,
+        # the records' cadences only: no eval, stability test, checkpoint, freeze or end
+        schedule = dataclasses.replace(
+            setup.schedule,
+            num_steps=10**9,
+            eval_every=0,
+            stability_points=0,
+            checkpoint_every=0,
+            freeze_step=None,
+            freeze_every=0,
+            steps_per_call=k,
         )
-        self.state = init(jax.random.key(c.seed), self.probe["x"])
-        self.runner = chunks.Runner(setup, self.state, self.probe, {k})
-        self.batches = data.batches(ds, c.batch_size, c.seed)
+        self.k, self.step = k, 0
+        self.engine = engine.Engine(dataclasses.replace(setup, schedule=schedule))
         workdir.mkdir(parents=True)
-        self.fetcher = fetch.Fetcher(workdir, 0, c.num_steps)
+        self.engine.prepare(workdir, 0, lengths={k})
         if not tensorboard:  # the loop without its TensorBoard view (~1 ms a row here)
-            self.fetcher.scalars.close()
-            self.fetcher.scalars = fetch._Nothing()
-        self.step = 0
+            self.engine.fetcher.scalars.close()
+            self.engine.fetcher.scalars = fetch._Nothing()
 
     def round(self, steps: int) -> float:
         """Seconds for ``steps`` steps, from the first batch to every row written."""
-        log = self.config.log_every_steps
+        eng = self.engine
+        todo = list(itertools.islice(eng.schedule.chunks(self.step), steps // self.k))
         tic = time.perf_counter()
         with jax.transfer_guard_device_to_host("disallow"):
-            for _ in range(steps // self.k):
-                chunk = chunks.Chunk(self.step + 1, self.k)
-                self.state, entry = self.runner(self.state, chunk, self.batches)
-                self.fetcher.add(entry)
-                if any(itstime(s, log, 0) for s in chunk.steps):
-                    self.fetcher.flush(keep_last=True)
+            for chunk in todo:
+                eng.advance(chunk)
+                eng.fetch(chunk, now=chunk is todo[-1])
                 self.step = chunk.last
-            self.fetcher.flush(keep_last=False)
-        jax.block_until_ready(self.state)
+        jax.block_until_ready(eng.state)
         return time.perf_counter() - tic
 
 
 def _job(name: str, ks: list[int], rounds: int, steps: int, root: Path, tb: bool) -> dict:
-    config = configs.load(JOBS[name])
-    config.num_steps = 10**9  # the records' cadences only; nothing here ends the run
-    setup = loop.build(config)
+    setup = loop.build(configs.load(JOBS[name]))
     with contextlib.redirect_stdout(io.StringIO()):  # the fetchers' progress lines
         variants = {k: Variant(setup, k, root / f"{name}_k{k}", tb) for k in ks}
         for v in variants.values():  # warm-up: caches, allocator, first fetch
@@ -100,7 +97,7 @@ def _job(name: str, ks: list[int], rounds: int, steps: int, root: Path, tb: bool
             for k, v in variants.items():
                 times[k].append(v.round(steps))
         for v in variants.values():
-            v.fetcher.close()
+            v.engine.close()
     return {k: [steps / t for t in ts] for k, ts in times.items()}
 
 

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from regime_jax.schedule import Schedule
+
 if TYPE_CHECKING:  # reading a run's records needs neither JAX nor flax
     from regime_jax.bitmask import Packed
 
@@ -251,44 +253,6 @@ def write_config(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:
     write_atomic(Path(workdir) / CONFIG, to_json(config, indent=2, sort_keys=True) + "\n")
 
 
-# ----------------------------------------------------------------- which rows a run must have
-
-
-def itstime(step: int, every: int, last: int) -> bool:
-    """True on multiples of ``every`` and at the final step (the loop's cadence predicate)."""
-    return step == last or (every > 0 and step % every == 0)
-
-
-def log_spaced_steps(num_steps: int, num_points: int) -> frozenset[int]:
-    """Step 0, ``num_steps`` and ``num_points`` log-spaced steps between (none if 0 points)."""
-    if num_points <= 0:
-        return frozenset()
-    inner = np.geomspace(1, num_steps, num_points).round().astype(int)
-    return frozenset({0, num_steps, *inner.tolist()})
-
-
-def expected_steps(config: Mapping[str, Any], upto: int | None = None) -> tuple[list, list]:
-    """``(row steps, snapshot steps)`` a run of ``config`` writes in ``0..upto``.
-
-    Step 0 always; then record steps (``record.every_steps`` and the last step), eval steps
-    and stability-probe steps have a row; snapshot steps have a mask file. ``upto`` defaults
-    to ``num_steps`` (the whole run).
-    """
-    n = int(config["num_steps"])
-    rec = config["record"]
-    every, snap, evals = rec["every_steps"], rec["snapshot_every_steps"], config["eval_every_steps"]
-    stab = log_spaced_steps(n, int(config.get("stability", {}).get("num_points", 0)))
-    top = min(n, n if upto is None else upto)
-    # The steps of :func:`itstime` listed from the cadences, not by walking every step: the
-    # cost follows the rows, not num_steps.
-    multiples = lambda e: range(e, top + 1, e) if e > 0 else range(0)
-    last = {n} if 1 <= n <= top else set()
-    rows = {0, *multiples(every), *multiples(evals), *(s for s in stab if 1 <= s <= top), *last}
-    both = every * snap // math.gcd(every, snap) if every > 0 and snap > 0 else 0
-    snaps = {0, *multiples(both), *last}
-    return sorted(rows), sorted(snaps)
-
-
 def read_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """``metrics.jsonl``'s rows; a torn last line (a killed writer) is dropped.
 
@@ -326,7 +290,8 @@ def check_record(workdir: str | os.PathLike, config: Mapping[str, Any], step: in
     """
     workdir = Path(workdir)
     fresh = "pass --config.overwrite=True to delete the run and start afresh"
-    want_rows, want_snaps = expected_steps(config, step)
+    schedule = Schedule.from_config(config)
+    want_rows, want_snaps = schedule.expected_rows(step), schedule.expected_snapshots(step)
     if not (workdir / METRICS).exists():
         raise RecordError(
             f"{workdir / METRICS} is missing, but the checkpoint being resumed is at step "
@@ -353,17 +318,14 @@ def check_record(workdir: str | os.PathLike, config: Mapping[str, Any], step: in
         )
 
 
-def is_complete(config: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> bool:
-    """True if every row a whole run of ``config`` writes (steps 0..num_steps) is present."""
-    have = {r["step"] for r in rows}
-    return all(s in have for s in expected_steps(config)[0])
-
-
 def complete(config: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> bool:
-    """:func:`is_complete`, or for a ``config.json`` from before its cadence fields, whether
-    the last row is at ``num_steps`` (what ``summary.json``'s ``complete`` says)."""
+    """Whether every row a whole run of ``config`` writes is present
+    (:meth:`~regime_jax.schedule.Schedule.is_complete`), or for a ``config.json`` from before
+    its cadence fields, whether the last row is at ``num_steps`` (what ``summary.json``'s
+    ``complete`` says)."""
     try:
-        return is_complete(config, rows)
+        have = {r["step"] for r in rows}
+        return Schedule.from_config(config).is_complete(have)
     except (KeyError, TypeError):
         last = rows[-1]["step"] if rows else None
         return last is not None and last == config.get("num_steps")

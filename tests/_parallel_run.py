@@ -20,7 +20,8 @@ from regime_jax import data as data_lib
 from regime_jax import models
 from regime_jax.configs import base as config_lib
 from regime_jax.models.adapt import as_net
-from regime_jax.run import chunks, hosts, loop, step
+from regime_jax.run import hosts, loop, step
+from regime_jax.schedule import Schedule
 
 # 23 steps, eval every 10: spans 10, 10, 3, so K=8 runs chunks of 8, 2 and 1 steps; every
 # second step records, so a chunk mixes record and non-record steps.
@@ -57,8 +58,8 @@ def _counting(out: dict) -> None:
             out[f"chunk_traces_d{devices}k{k}"] = dict(lengths)
     finally:
         step.train_step, step.train_chunk = real_step, real_chunk
-    ends = chunks.boundaries(tiny_config(**RUN), 0, frozenset())
-    out["planned_lengths"] = sorted(chunks.lengths(0, ends, 8))
+    planned = Schedule.from_config(tiny_config(**RUN, steps_per_call=8))
+    out["planned_lengths"] = sorted(planned.chunk_lengths(0))
 
 
 def _placement(out: dict) -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from regime_jax import records
 from regime_jax.configs.base import ConfigError, validate_config
 from regime_jax.run import chunks, loop, step
+from regime_jax.schedule import Schedule, lengths, plan
 
 
 @given(
@@ -20,21 +21,24 @@ from regime_jax.run import chunks, loop, step
     k=st.integers(1, 40),
 )
 def test_the_plan_covers_every_step_ends_at_every_boundary_and_is_prefix_stable(ends, k):
-    plan = list(chunks.plan(0, ends, k))
-    assert [s for c in plan for s in c.steps] == list(range(1, ends[-1] + 1))
-    assert set(ends) <= {c.last for c in plan}
-    lengths = {c.length for c in plan}
-    assert lengths == chunks.lengths(0, ends, k)
-    assert lengths <= {k} | {2**j for j in range(max(k - 1, 1).bit_length())}
-    assert len(lengths) <= 1 + math.ceil(math.log2(k)) if k > 1 else lengths == {1}
-    for i, c in enumerate(plan):  # a run resumed at any chunk end runs the same chunks
-        assert list(chunks.plan(c.last, [e for e in ends if e > c.last], k)) == plan[i + 1 :]
+    chunks_ = list(plan(0, ends, k))
+    assert [s for c in chunks_ for s in c.steps] == list(range(1, ends[-1] + 1))
+    assert set(ends) <= {c.last for c in chunks_}
+    used = {c.length for c in chunks_}
+    assert used == lengths(0, ends, k)
+    assert used <= {k} | {2**j for j in range(max(k - 1, 1).bit_length())}
+    assert len(used) <= 1 + math.ceil(math.log2(k)) if k > 1 else used == {1}
+    for i, c in enumerate(chunks_):  # a run resumed at any chunk end runs the same chunks
+        assert list(plan(c.last, [e for e in ends if e > c.last], k)) == chunks_[i + 1 :]
 
 
-def test_boundaries_are_eval_stability_checkpoint_and_last_steps():
+def test_chunk_ends_are_eval_stability_checkpoint_and_last_steps():
     config = tiny_config(num_steps=30, eval_every_steps=10, **{"checkpoint.every_steps": 12})
-    assert chunks.boundaries(config, 0, frozenset({0, 1, 5, 30})) == [1, 5, 10, 12, 20, 24, 30]
-    assert chunks.boundaries(config, 12, frozenset({0, 1, 5, 30})) == [20, 24, 30]
+    config.stability.num_points = 3  # steps 0, 1, 5, 30
+    schedule = Schedule.from_config(config)
+    assert schedule.stability_steps == {0, 1, 5, 30}
+    assert schedule.chunk_ends(0) == [1, 5, 10, 12, 20, 24, 30]
+    assert schedule.chunk_ends(12) == [20, 24, 30]
 
 
 @pytest.mark.parametrize("value", [0, -1, True])

@@ -161,16 +161,16 @@ def test_steps_per_call_gives_the_bytes_of_single_steps(freeze, tmp_path):
 def test_both_variants_of_every_chunk_length_compile_before_the_first_step(tmp_path, monkeypatch):
     traced, real = collections.Counter(), step.train_chunk
 
-    def counting(state, batch_TxB, *args, gated=None, **kwargs):
-        traced[gated is not None, batch_TxB["x"].shape[0]] += 1
-        return real(state, batch_TxB, *args, gated=gated, **kwargs)
+    def counting(state, batch_TxB, *args, gated_net=None, **kwargs):
+        traced[gated_net is not None, batch_TxB["x"].shape[0]] += 1
+        return real(state, batch_TxB, *args, gated_net=gated_net, **kwargs)
 
     monkeypatch.setattr(step, "train_chunk", counting)
     seen, real_call = [], chunks.Runner.__call__
 
-    def call(self, state, chunk, batches, *, gated=False):
-        seen.append((gated, chunk.length, dict(traced)))
-        return real_call(self, state, chunk, batches, gated=gated)
+    def call(self, state, chunk, batches, *, frozen=False):
+        seen.append((frozen, chunk.length, dict(traced)))
+        return real_call(self, state, chunk, batches, frozen=frozen)
 
     monkeypatch.setattr(chunks.Runner, "__call__", call)
     config = tiny_config(**{"decouple.freeze_step": F, "steps_per_call": 4})

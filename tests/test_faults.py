@@ -20,6 +20,7 @@ from regime_jax import data, records
 from regime_jax.analysis import summary
 from regime_jax.configs.base import ConfigError
 from regime_jax.run import checkpoint, loop, rundir
+from regime_jax.schedule import Schedule
 
 ROOT = Path(__file__).parent.parent
 CKPT = {"num_steps": 12, "checkpoint.every_steps": 4, "checkpoint.keep": 3}
@@ -168,7 +169,7 @@ def test_summary_is_complete_only_with_every_expected_row(tmp_path):
     )
     loop.train_and_evaluate(config, tmp_path)
     steps = [json.loads(r)["step"] for r in _rows(tmp_path)]
-    assert steps == records.expected_steps(config)[0] == [0, 3, 4, 6, 8, 9, 12]
+    assert steps == Schedule.from_config(config).expected_rows() == [0, 3, 4, 6, 8, 9, 12]
     assert json.loads((tmp_path / "summary.json").read_text())["complete"]
     lines = _rows(tmp_path)
     (tmp_path / records.METRICS).write_text("\n".join(lines[:3] + lines[4:]) + "\n")
@@ -181,9 +182,10 @@ def test_expected_steps_match_the_loop_with_stability_points(tmp_path):
     config.stability.num_directions, config.stability.num_radii = 2, 2
     loop.train_and_evaluate(config, tmp_path)
     run = records.load_run(tmp_path)
-    rows, snaps = records.expected_steps(config)
+    schedule = Schedule.from_config(config)
+    rows, snaps = schedule.expected_rows(), schedule.expected_snapshots()
     assert [r["step"] for r in run.rows] == rows and run.mask_steps == snaps
-    assert records.log_spaced_steps(30, 4) <= set(rows)
+    assert schedule.stability_steps <= set(rows)
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):

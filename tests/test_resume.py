@@ -16,7 +16,8 @@ from conftest import tiny_config
 from regime_jax import models, records, sweep
 from regime_jax.configs.base import ConfigError
 from regime_jax.configs.overrides import apply_overrides
-from regime_jax.run import checkpoint, chunks, loop, signals, step
+from regime_jax.run import checkpoint, loop, signals, step
+from regime_jax.schedule import Schedule
 
 ROOT = Path(__file__).parent.parent
 EXPERIMENT = "mlp_mnist1d"
@@ -217,9 +218,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_identically(reference,
 
 
 def _chunk_ends(k):
-    config = _config(steps_per_call=k)
-    ends = chunks.boundaries(config, 0, frozenset())
-    return {c.last for c in chunks.plan(0, ends, k)}
+    return {c.last for c in Schedule.from_config(_config(steps_per_call=k)).chunks(0)}
 
 
 @pytest.mark.parametrize(

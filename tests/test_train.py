@@ -12,6 +12,7 @@ from conftest import tiny_config
 from regime_jax import data, models, records, stability, sweep
 from regime_jax.configs.base import ConfigError
 from regime_jax.run import checkpoint, loop, step
+from regime_jax.schedule import log_spaced_steps
 
 
 def _setup(config):
@@ -155,7 +156,7 @@ def test_stability_probe_runs_at_log_spaced_steps_and_matches_a_direct_call(tmp_
     loop.train_and_evaluate(config, tmp_path)
     run = records.load_run(tmp_path)
     probed = [r["step"] for r in run.rows if "stability/radius_q50" in r]
-    assert probed == sorted(records.log_spaced_steps(12, 3)) == [0, 1, 3, 12]
+    assert probed == sorted(log_spaced_steps(12, 3)) == [0, 1, 3, 12]
     _, model, _, probe, state = _setup(config)
     direct = stability.perturbation_metrics(
         model,

@@ -2,6 +2,8 @@
 
 ``train_and_evaluate(config, workdir)`` (:mod:`regime_jax.run.loop`) is the entry; under it
 :mod:`~regime_jax.run.step` (the pure jitted pieces a user's own loop may import alone),
+:mod:`~regime_jax.run.engine` (the state and everything that computes on it, one
+``advance(chunk)`` per chunk of the run's :class:`~regime_jax.schedule.Schedule`),
 :mod:`~regime_jax.run.chunks` (K steps per call), :mod:`~regime_jax.run.fetch` (device
 metrics to rows on a cadence), :mod:`~regime_jax.run.checkpoint`, :mod:`~regime_jax.run.rundir`
 (lock, fresh start vs resume), :mod:`~regime_jax.run.fingerprint` (what a run is),
@@ -19,6 +21,7 @@ __all__ = [
     "checkpoint",
     "chunks",
     "cli",
+    "engine",
     "fetch",
     "fingerprint",
     "freeze",

@@ -1,8 +1,9 @@
 """When a run freezes its gates: the host-side policy of decoupled training (issue 15).
 
-The jit-able gated net and its disagreement live in :mod:`regime_jax.gating`; this is the
-run's decision of *when* (a fixed step, or the online settle detector at check steps), built
-once per run by the loop.
+The jit-able gated net and its disagreement live in :mod:`regime_jax.gating`; the steps at
+which a run may freeze are its :class:`~regime_jax.schedule.Schedule`'s; this is the run's
+decision of *whether* (a fixed step, or the online settle detector at check steps), built once
+per run by the loop.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from regime_jax.analysis import online
+from regime_jax.schedule import Schedule
 
 
 class FreezePolicy:
@@ -25,44 +27,31 @@ class FreezePolicy:
       not depend on the log cadence, ``steps_per_call`` or where a run was interrupted: a
       resumed run feeds the detector the rows it already wrote.
 
-    A chunk of steps never straddles the freeze: :meth:`ends` are chunk boundaries.
+    A chunk of steps never straddles the freeze: the schedule's chunk ends include the steps
+    at which the run may freeze.
 
-    >>> p = FreezePolicy(freeze_step=-1, auto=True, check_every_steps=10, num_steps=100,
-    ...                  online_config=online.OnlineConfig(window=2, fraction=0.5, patience=2))
+    >>> schedule = Schedule(num_steps=100, freeze_every=10)
+    >>> p = FreezePolicy(schedule, online.OnlineConfig(window=2, fraction=0.5, patience=2))
     >>> p.feed([{"step": s, "flip/all": 1.0 if s < 20 else 0.1} for s in range(1, 25)])
     >>> p.trigger, [s for s in range(100) if p.due(s)][:1]
     (22.0, [30])
     """
 
-    def __init__(
-        self,
-        *,
-        freeze_step: int,
-        auto: bool,
-        check_every_steps: int,
-        num_steps: int,
-        online_config: online.OnlineConfig,
-    ):
-        self.fixed = freeze_step if 0 <= freeze_step < num_steps else None
-        self.auto, self.every, self.num_steps = auto, check_every_steps, num_steps
-        self.detector = online.OnlineSettle(online_config) if auto else None
+    def __init__(self, schedule: Schedule, online_config: online.OnlineConfig | None = None):
+        self.schedule = schedule
+        self.detector = online.OnlineSettle(online_config) if self.auto else None
         self._fed = -1  # the last step fed
 
     @classmethod
-    def from_config(cls, config: Any) -> FreezePolicy:
-        d = config.decouple
-        return cls(
-            freeze_step=d.freeze_step,
-            auto=d.auto,
-            check_every_steps=d.check_every_steps,
-            num_steps=config.num_steps,
-            online_config=online.OnlineConfig(**d.online),
-        )
+    def from_config(cls, config: Any, schedule: Schedule | None = None) -> FreezePolicy:
+        """The policy of ``config.decouple`` (``schedule``: the run's, else built here)."""
+        schedule = schedule or Schedule.from_config(config)
+        return cls(schedule, online.OnlineConfig(**config.decouple.online))
 
     @property
-    def enabled(self) -> bool:
-        """Whether the run may freeze (its state then carries room for the gates)."""
-        return self.auto or self.fixed is not None
+    def auto(self) -> bool:
+        """The online detector decides (at the schedule's check steps)."""
+        return self.schedule.freeze_every > 0
 
     @property
     def trigger(self) -> float | None:
@@ -71,15 +60,7 @@ class FreezePolicy:
 
     def is_check(self, step: int) -> bool:
         """An auto run's decision step: rows up to it must be fed before :meth:`due`."""
-        return self.auto and step < self.num_steps and step % self.every == 0
-
-    def ends(self, start: int) -> set[int]:
-        """Steps after ``start`` at which a chunk must end so that the freeze can happen."""
-        if self.fixed is not None:
-            return {self.fixed} if self.fixed > start else set()
-        if self.auto:
-            return set(range((start // self.every + 1) * self.every, self.num_steps, self.every))
-        return set()
+        return self.schedule.checks_freeze(step)
 
     def feed(self, rows: Any) -> None:
         """Rows in step order (already fed ones are skipped); only ``flip/all`` is read."""
@@ -88,12 +69,9 @@ class FreezePolicy:
                 self.detector.update(row["step"], float(row["flip/all"]))
                 self._fed = row["step"]
 
-    def may_freeze(self, step: int) -> bool:
-        """Whether the run could freeze after ``step`` (the fixed F, or a check step)."""
-        return step == self.fixed or self.is_check(step)
-
     def due(self, step: int) -> bool:
         """Whether to freeze after ``step`` (the caller knows whether it froze already)."""
-        if self.fixed is not None:
-            return step == self.fixed
+        fixed = self.schedule.freeze_step
+        if fixed is not None:
+            return step == fixed
         return self.is_check(step) and self.trigger is not None and self.trigger <= step

@@ -2,7 +2,9 @@
 
 :func:`train_and_evaluate` builds a run from a config (and optionally a user's model, dataset
 and loss), takes the workdir's lock, resumes from the newest checkpoint if the stored config
-matches, and drives the jitted steps of :mod:`regime_jax.run.step`. Every metric stays on device
+matches, and drives an :class:`~regime_jax.run.engine.Engine` chunk by chunk through the run's
+:class:`~regime_jax.schedule.Schedule` (which steps record, evaluate, test stability,
+checkpoint, log or may freeze). Every metric stays on device
 and is fetched on the log cadence, one step late (after dispatching step t it fetches up to
 t - 1), under a device-to-host transfer guard so an accidental per-step sync fails loudly.
 Rows go to ``metrics.jsonl`` and TensorBoard, masks to snapshot files, and a finished run gets
@@ -26,25 +28,24 @@ import ml_collections
 import numpy as np
 import optax
 
-from regime_jax import analyzer, capture, data, gating, models, records, stability
+from regime_jax import data, gating, models, records
 from regime_jax.analysis import online, summary, timescales
 from regime_jax.configs.base import ConfigError, validate_config
 from regime_jax.models.adapt import Net, as_net
-from regime_jax.records import itstime, log_spaced_steps
 from regime_jax.registry import CUSTOM
 from regime_jax.run import (
     checkpoint,
-    chunks,
-    fetch,
+    engine,
     fingerprint,
     freeze,
     hosts,
-    live,
     rundir,
     signals,
     step,
 )
+from regime_jax.run.engine import stability_config
 from regime_jax.run.step import LossFn, Placement, TrainState
+from regime_jax.schedule import Schedule
 
 # Fields that do not change a run's results: a resumed run may differ in these.
 RESUME_IGNORES = ("overwrite", "log_every_steps", "checkpoint")
@@ -85,14 +86,6 @@ class NonFinite(FloatingPointError):
 
 
 # ------------------------------------------------------------------------------ building a run
-
-
-def stability_config(config: ml_collections.ConfigDict) -> stability.StabilityConfig:
-    """The stability test's static settings from ``config.stability``."""
-    extra = ("num_points", "num_examples", "seed")
-    return stability.StabilityConfig(
-        **{k: v for k, v in config.stability.items() if k not in extra}
-    )
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -154,13 +147,14 @@ class Setup:
     """What a run is built from, all checked before any file is written."""
 
     config: ml_collections.ConfigDict
+    schedule: Schedule  # every cadence of the run
     ds: data.Dataset
     probe_idx: np.ndarray
     net: Net
     tx: optax.GradientTransformation
     place: Placement
     loss_fn: LossFn
-    gated: gating.GatedNet | None  # the model's gated transform, if the run may freeze
+    gated_net: gating.GatedNet | None  # the model's gated transform, if the run may freeze
 
 
 def _need(config: ml_collections.ConfigDict, field: str, given: Any, argument: str) -> None:
@@ -187,15 +181,16 @@ def build(config, *, model=None, dataset=None, loss_fn=None) -> Setup:
     if model is None:
         model = models.create_model(config.model, ds.num_classes)
     net, tx = as_net(model), step.make_optimizer(config.optimizer, config.num_steps)
-    may_freeze = freeze.FreezePolicy.from_config(config).enabled
-    if may_freeze and net.modes is not None:
+    schedule = Schedule.from_config(config)
+    if schedule.freezes and net.modes is not None:
         raise ConfigError(
             f"decouple.freeze_step / decouple.auto: gate freezing needs a model without a train "
             f"mode, and {_qualname(model)} sets one with {net.modes.flag!r}; leave "
             f"decouple.freeze_step=-1 and decouple.auto=False"
         )
-    gated = gating.gated_net(net) if may_freeze else None
-    setup = Setup(config, ds, probe_idx, net, tx, place, loss_fn or step.cross_entropy, gated)
+    gated_net = gating.gated_net(net) if schedule.freezes else None
+    loss_fn = loss_fn or step.cross_entropy
+    setup = Setup(config, schedule, ds, probe_idx, net, tx, place, loss_fn, gated_net)
     _check_model(setup)
     return setup
 
@@ -211,8 +206,8 @@ def _check_model(setup: Setup) -> None:
     init = functools.partial(step.create_train_state, setup.net, setup.tx)
     try:
         state = jax.eval_shape(init, jax.random.key(0), probe_x)
-        if setup.gated is not None:  # the gated transform refuses what capture refuses
-            jax.eval_shape(setup.gated.preacts_fn, state.params, state.params, probe_x)
+        if setup.gated_net is not None:  # the gated transform refuses what capture refuses
+            jax.eval_shape(setup.gated_net.preacts_fn, state.params, state.params, probe_x)
     except ValueError as err:  # CaptureError (no ReLU, refused construct) or a bad probe shape
         raise ConfigError(f"model: {err}") from err
     if setup.net.modes is None:
@@ -266,7 +261,7 @@ def restore(config, workdir: str | Path, *, model=None, dataset=None) -> Restore
         setup.tx,
         jax.random.key(config.seed),
         probe_x,
-        decoupled=setup.gated is not None,
+        decoupled=setup.gated_net is not None,
     )
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
     try:
@@ -324,18 +319,16 @@ def train_and_evaluate(
 # ------------------------------------------------------------------------------ running it
 
 
-def _stability_of_modes(params, x, key, variables, *, net: Net, config) -> dict:
-    """The stability test of a model with a train mode: its params perturbed, in eval mode."""
-    preacts_fn = lambda p, x: net.preacts_fn(net.modes.join(p, variables), x)
-    return stability.perturbation_metrics(preacts_fn, params, x, key, config)
-
-
 class _Run:
-    """One training run in a locked workdir: state, measurements, outputs."""
+    """One training run in a locked workdir: resume, the freeze policy, checkpoints, signals.
+
+    The state and what computes on it are the :class:`~regime_jax.run.engine.Engine`'s; what
+    happens at each step is the setup's :class:`~regime_jax.schedule.Schedule`'s.
+    """
 
     def __init__(self, setup: Setup, workdir: Path):
         self.setup, self.config, self.workdir = setup, setup.config, workdir
-        self.primary = hosts.is_primary()
+        self.schedule, self.primary = setup.schedule, hosts.is_primary()
         data_id = self.config.dataset.get("fingerprint") or _fingerprint(setup.ds)
         self.fp = fingerprint.make(self.config.to_dict(), data_id, RESUME_IGNORES)
         self.strict = fingerprint.path(workdir).exists()  # a run from before fingerprints: no
@@ -345,14 +338,12 @@ class _Run:
             else 0
         )
         resume = hosts.agree(resume)  # the others wait here for process 0's decision
-        ds, place = setup.ds, setup.place
-        probe = {"x": ds.x_val[setup.probe_idx], "y": ds.y_val[setup.probe_idx]}
-        self.probe = hosts.put(probe, place.data)
+        self.engine = engine.Engine(setup)  # the probe set on device, step 0's state
         self.ckpt = checkpoint.Checkpointer(workdir, self.config.checkpoint.keep)
         self.ckpt.fingerprint = self.fp  # each checkpoint carries it
-        self.policy = freeze.FreezePolicy.from_config(self.config)  # this run's detector
+        self.policy = freeze.FreezePolicy.from_config(self.config, self.schedule)  # once a run
         try:
-            self.start, self.state = self._initial_state(resume)
+            self.start = self._resume() if resume else 0
             if self.primary:
                 if not resume or self.strict:  # created, or extended: what the run now is
                     fingerprint.write(workdir, self.fp)
@@ -364,48 +355,38 @@ class _Run:
 
     def _write_sites(self, announce: bool) -> None:
         """``sites.txt`` / ``sites.json``: every ReLU site found, measured or not and why."""
-        sites_fn = getattr(self.setup.net.preacts_fn, "sites", None)
-        if sites_fn is None:  # a Net built by hand with its own preacts_fn
+        table = self.engine.site_table()
+        if table is None:  # a Net built by hand with its own preacts_fn
             return
-        variables = step.model_variables(self.setup.net, self.state)
-        table = sites_fn(variables, self.probe["x"])
-        text = capture.format_sites(table)
+        text, rows = table
         records.write_atomic(self.workdir / SITES_TXT, text + "\n")
-        rows = [dataclasses.asdict(site) for site in table]
         records.write_atomic(self.workdir / SITES_JSON, records.to_json(rows, indent=1) + "\n")
         if announce:
             print(f"layers found ({self.workdir / SITES_TXT}):\n{text}", flush=True)
 
-    def _initial_state(self, resume: bool) -> tuple[int, TrainState]:
-        """Step 0's state, or the newest checkpoint's when resuming (records cut to match)."""
-        s = self.setup
-        init_fn = jax.jit(
-            functools.partial(step.create_train_state, s.net, s.tx, decoupled=s.gated is not None),
-            out_shardings=s.place.replicated,
-        )
-        state = init_fn(jax.random.key(self.config.seed), self.probe["x"])
-        self.frozen = False  # on the host: whether the state's gates are frozen
-        if not resume:
-            return 0, state
+    def _resume(self) -> int:
+        """The newest checkpoint's step (0: none) and its state in the engine; the records
+        are cut to match (and checked: never a partial one); the detector reads them again."""
         check = functools.partial(
             rundir.checkpoint_mismatch,
             current=self.fp,
             config=self.config.to_dict(),
             strict=self.strict,
         )
-        restored = self._verified(self.ckpt.restore_latest(state, check), state, check)
-        start, state = restored if restored else (0, state)
+        like = self.engine.state
+        restored = self._verified(self.ckpt.restore_latest(like, check), like, check)
+        start = restored[0] if restored else 0
         if self.primary:
             if restored:
-                records.check_record(self.workdir, self.config, start)  # never a partial one
+                records.check_record(self.workdir, self.config, start)
             records.truncate_after(self.workdir, start if restored else -1)
             print(f"resuming {self.workdir} from step {start}", flush=True)
-        if restored and s.gated is not None:
-            self.frozen = bool(jax.device_get(state.frozen.on))
-            if self.policy.auto and not self.frozen:  # the detector reads the rows so far again
+        if restored:
+            self.engine.resume(restored[1])
+            if self.policy.auto and not self.engine.frozen:
                 rows = records.read_rows(self.workdir)  # atomic truncation: any process
                 self.policy.feed(r for r in rows if r["step"] <= start)
-        return start, state
+        return start
 
     def _verified(self, restored, like, check):
         """``restored`` if every mask snapshot up to its step reads and matches the hashes
@@ -448,123 +429,44 @@ class _Run:
                 print(f"resuming from step {at} to write the snapshot of step {below} again")
         return None
 
-    def _measures(self) -> None:
-        """The chunk runner, evaluation and stability test of this run."""
-        s, c = self.setup, self.config
-        batches = step.eval_batches(s.ds.x_val, s.ds.y_val, c.eval_batch_size, s.place.data)
-        eval_fns = {}  # compiled before the first step, like the steps
-        for gated in (False, True) if s.gated is not None else (False,):
-            fn = functools.partial(
-                step.eval_step, model=s.net, loss_fn=s.loss_fn, gated=s.gated if gated else None
-            )
-            gates = self.state.frozen.gates if gated else None
-            variables = step.model_variables(s.net, self.state)  # the params, or eval mode's
-            lowered = jax.jit(fn).lower(variables, batches[0], gates=gates)
-            eval_fns[gated] = lowered.compile()
-
-        def evaluate(state: TrainState) -> dict:  # the gated network once frozen
-            gates = state.frozen.gates if self.frozen else None
-            fn = functools.partial(eval_fns[self.frozen], gates=gates)
-            variables = step.model_variables(s.net, state)
-            return step.evaluate(fn, variables, batches, len(s.ds.y_val))
-
-        self.evaluate = evaluate
-        self.stab_steps = log_spaced_steps(c.num_steps, c.stability.num_points)
-        if s.net.modes is None:
-            self.stab_fn = jax.jit(
-                functools.partial(
-                    stability.perturbation_metrics, s.net.preacts_fn, config=stability_config(c)
-                )
-            )
-        else:  # the params perturbed, the model's other variables as they are (eval mode)
-            self.stab_fn = jax.jit(
-                functools.partial(_stability_of_modes, net=s.net, config=stability_config(c))
-            )
-        self.stab_x = self.probe["x"][: c.stability.num_examples or None]
-        self.stab_key = jax.random.key(c.stability.seed)
-        self.ends = sorted(
-            {*chunks.boundaries(c, self.start, self.stab_steps), *self.policy.ends(self.start)}
-        )
-        self.freeze_fn = jax.jit(
-            functools.partial(step.freeze, model=s.net),
-            donate_argnames="state",
-            out_shardings=s.place.replicated,
-        )
-        lengths = chunks.lengths(self.start, self.ends, c.steps_per_call)
-        self.run_chunk = chunks.Runner(s, self.state, self.probe, lengths)
-
-    def _stability(self, step_: int, state: TrainState) -> dict:
-        if step_ not in self.stab_steps:
-            return {}
-        key = jax.random.fold_in(self.stab_key, step_)
-        model_state = step.model_state_of(state)
-        if model_state is None:
-            return self.stab_fn(state.params, self.stab_x, key)
-        return self.stab_fn(state.params, self.stab_x, key, model_state.variables)
-
     def train(self) -> dict:
         """Runs the remaining steps; NonFinite / Interrupted as documented on the caller."""
-        n = self.config.num_steps
-        fetcher = fetch.Fetcher(self.workdir, self.start, n, write=self.primary)
-        self.clock = live.PhaseClock(self.workdir, self.start, write=self.primary)
         try:
-            self._measures()
+            self.engine.prepare(self.workdir, self.start, write=self.primary)
             if self.start == 0:
-                self._record_initial(fetcher)
+                self.engine.record_initial()
+                self._maybe_freeze(0)
             stop = hosts.SyncedStop() if hosts.several() else signals.StopFlag()
             with stop, jax.transfer_guard_device_to_host("disallow"):
-                self._steps(fetcher, stop)
+                self._steps(stop)
         except FloatingPointError as err:
             raise NonFinite(err, self.workdir, self.ckpt.steps()) from None
         finally:
-            self.clock.write()
-            fetcher.close()
+            self.engine.close()
             self.ckpt.close()
-        return fetcher.last_row
-
-    def _record_initial(self, fetcher: fetch.Fetcher) -> None:
-        state = self.state
-        metrics = {
-            **analyzer.pattern_metrics(None, state.masks),
-            **self.evaluate(state),
-            **self._stability(0, state),
-        }
-        fetcher.add(fetch.Entry.step(0, metrics, state.masks, record=True, snapshot=True))
-        fetcher.flush(keep_last=False)
-        self._maybe_freeze(0)
+        return self.engine.last_row
 
     def _maybe_freeze(self, step_: int) -> None:
         """Freezes the gates after ``step_`` if the policy says so (before its checkpoint)."""
-        if not self.frozen and self.policy.due(step_):
-            self.clock.stop(self.state, step_)
-            self.state = self.freeze_fn(self.state, self.probe["x"])
-            self.frozen = True
+        if not self.engine.frozen and self.policy.due(step_):
+            self.engine.freeze(step_)
             if self.primary:
                 print(f"decouple: gates frozen at step {step_}", flush=True)
 
-    def _steps(self, fetcher: fetch.Fetcher, stop: signals.StopFlag | hosts.SyncedStop) -> None:
-        """Chunk by chunk (see :mod:`regime_jax.run.chunks`); fetches one chunk late."""
-        c, n = self.config, self.config.num_steps
-        batches = data.batches(self.setup.ds, c.batch_size, c.seed, start_step=self.start)
-        policy = self.policy
-        for chunk in chunks.plan(self.start, self.ends, c.steps_per_call):
-            self.state, entry = self.run_chunk(self.state, chunk, batches, gated=self.frozen)
-            self.clock.tick(self.state, chunk.last, "gated" if self.frozen else "ordinary")
-            if chunk.last == n or (not self.frozen and policy.may_freeze(chunk.last)):
-                self.clock.mark(self.state, chunk.last)
-            extra = self._stability(chunk.last, self.state)
-            if itstime(chunk.last, c.eval_every_steps, n):
-                extra = {**extra, **self.evaluate(self.state)}
-            fetcher.add(entry.with_extra(extra))
+    def _steps(self, stop: signals.StopFlag | hosts.SyncedStop) -> None:
+        """Chunk by chunk (:meth:`~regime_jax.schedule.Schedule.chunks`); fetches one chunk
+        late, and every row before a checkpoint or a freeze decision."""
+        eng, schedule, policy = self.engine, self.schedule, self.policy
+        for chunk in schedule.chunks(self.start):
+            eng.advance(chunk)
             stopping = stop.set  # read once: a signal may land during the flush
-            save = itstime(chunk.last, c.checkpoint.every_steps, n) or stopping
-            check = not self.frozen and policy.is_check(chunk.last)  # rows up to here
-            if save or check or any(itstime(s, c.log_every_steps, n) for s in chunk.steps):
-                policy.feed(fetcher.flush(keep_last=not (save or check)))
+            save = schedule.checkpoints(chunk.last) or stopping
+            check = not eng.frozen and policy.is_check(chunk.last)  # rows up to here
+            policy.feed(eng.fetch(chunk, now=save or check))
             self._maybe_freeze(chunk.last)
             if save:
-                self.ckpt.save(chunk.last, self.state)
+                self.ckpt.save(chunk.last, eng.state)
             if stopping:
-                self.clock.stop(self.state, chunk.last)
+                eng.stop_clock(chunk.last)
                 raise Interrupted(chunk.last, stop.signum)
-        self.clock.stop(self.state, n)
+        eng.stop_clock(schedule.num_steps)

@@ -44,7 +44,7 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @struct.dataclass
-class Frozen:
+class FrozenGates:
     """Decoupled training's part of the state (``decouple.*``, :mod:`regime_jax.gating`).
 
     Attributes:
@@ -95,7 +95,7 @@ class TrainState:
     params: Any
     opt_state: Any
     monitor: analyzer.MonitorState
-    frozen: Frozen | None = None
+    frozen: FrozenGates | None = None
 
     @property
     def masks(self) -> Patterns:
@@ -180,7 +180,7 @@ def create_train_state(
 ) -> TrainState:
     """Initial state; its masks are the probe patterns of the initial parameters (step 0).
 
-    With ``decoupled`` the state has room for the gates (:class:`Frozen`, not yet frozen).
+    With ``decoupled`` the state has room for the gates (:class:`FrozenGates`, not yet frozen).
     A model with a train mode is initialised in eval mode; its other variables and an RNG
     derived from ``key`` go to :class:`ModelState` (not with ``decoupled``: ValueError).
     """
@@ -202,7 +202,7 @@ def create_train_state(
         monitor = _monitor(net, probe_x).init(joined, params=params)
     frozen = None
     if decoupled:
-        frozen = Frozen(_copy(params), _copy(monitor.masks), jnp.full((), -1, jnp.int32))
+        frozen = FrozenGates(_copy(params), _copy(monitor.masks), jnp.full((), -1, jnp.int32))
     fields = (jnp.zeros((), jnp.int32), params, tx.init(params), monitor, frozen)
     if model_state is None:
         return TrainState(*fields)
@@ -214,7 +214,7 @@ def freeze(state: TrainState, probe_x: Any, *, model: Any) -> TrainState:
     if state.frozen is None:
         raise ValueError("freeze needs a state made with create_train_state(..., decoupled=True)")
     masks = probe_patterns(model, state.params, probe_x)
-    return state.replace(frozen=Frozen(_copy(state.params), masks, state.step))
+    return state.replace(frozen=FrozenGates(_copy(state.params), masks, state.step))
 
 
 def _loss(params: Any, batch: Mapping[str, jax.Array], apply: Callable, loss_fn: LossFn):
@@ -228,12 +228,12 @@ def _train_mode_loss(params, variables, key, batch, train: Callable, loss_fn: Lo
     return loss_fn(logits, batch["y"]).mean(), (logits, variables)
 
 
-def _gated(gated: gating.GatedNet, gates: Any) -> Net:
+def _under_gates(gated_net: gating.GatedNet, gates: Any) -> Net:
     """The value network under fixed gates, as a Net of the values (init unused)."""
     return Net(
         None,
-        lambda values, x: gated.apply(values, gates, x),
-        lambda values, x: gated.preacts_fn(values, gates, x)[:2],
+        lambda values, x: gated_net.apply(values, gates, x),
+        lambda values, x: gated_net.preacts_fn(values, gates, x)[:2],
     )
 
 
@@ -246,11 +246,11 @@ def train_step(
     tx: optax.GradientTransformation,
     record: bool,
     loss_fn: LossFn = cross_entropy,
-    gated: gating.GatedNet | None = None,
+    gated_net: gating.GatedNet | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns | None]:
     """One update, then the monitor: step sizes, and with ``record`` the post-update patterns.
 
-    With ``gated`` (the model's :func:`regime_jax.gating.gated_net`; a state frozen by
+    With ``gated_net`` (the model's :func:`regime_jax.gating.gated_net`; a state frozen by
     :func:`freeze`) the update trains the values through the gated network; the recorded
     patterns are the value stream's own ``z_values > 0``, and the metrics add
     ``decouple/freeze_step`` and, with ``record``, ``decouple/disagree/*`` (those patterns
@@ -261,7 +261,7 @@ def train_step(
     (BatchNorm statistics); the monitor then reads the model in eval mode on the new params
     and statistics, and takes step sizes of the params alone.
     """
-    net = as_net(model) if gated is None else _gated(gated, state.frozen.gates)
+    net = as_net(model) if gated_net is None else _under_gates(gated_net, state.frozen.gates)
     model_state = model_state_of(state)
     if model_state is None:
         (loss, logits), grads = jax.value_and_grad(_loss, has_aux=True)(
@@ -283,7 +283,7 @@ def train_step(
     if _is_classification(logits, batch["y"]):
         metrics["train/acc"] = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
     metrics |= monitored
-    if gated is not None:
+    if gated_net is not None:
         metrics["decouple/freeze_step"] = state.frozen.step
         if record:
             metrics |= gating.disagreement_of_patterns(monitor.masks, state.frozen.masks)
@@ -300,15 +300,15 @@ def eval_step(
     model: Any,
     loss_fn: LossFn = cross_entropy,
     gates: Any = None,
-    gated: gating.GatedNet | None = None,
+    gated_net: gating.GatedNet | None = None,
 ) -> dict[str, jax.Array]:
     """Summed loss (and correct count) over a padded batch; ``w`` masks the padding.
 
     ``params``: what the model's ``apply`` takes (:func:`model_variables`: a model with a
-    train mode is evaluated in eval mode on its current variables). With ``gated`` and
+    train mode is evaluated in eval mode on its current variables). With ``gated_net`` and
     ``gates``: the gated network's (the values under frozen gates).
     """
-    net = as_net(model) if gated is None else _gated(gated, gates)
+    net = as_net(model) if gated_net is None else _under_gates(gated_net, gates)
     logits = net.apply(params, batch["x"])
     w_B = batch["w"]
     sums = {"loss": jnp.sum(loss_fn(logits, batch["y"]) * w_B)}
@@ -331,20 +331,20 @@ def make_step_fns(
     tx: optax.GradientTransformation,
     loss_fn: LossFn = cross_entropy,
     out_shardings: Any = None,
-    gated: gating.GatedNet | None = None,
+    gated_net: gating.GatedNet | None = None,
 ) -> dict[bool, Callable]:
     """The two jitted step variants, keyed by ``record``; each traces once.
 
     ``out_shardings`` (a mesh's replicated sharding, or None) pins every output: the state
     comes back as it went in, and metrics and masks are readable from any process. With
-    ``gated``, the steps of a frozen state (:func:`train_step`).
+    ``gated_net``, the steps of a frozen state (:func:`train_step`).
     """
     net = as_net(model)
     kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
     return {
         record: jax.jit(
             functools.partial(
-                train_step, model=net, tx=tx, record=record, loss_fn=loss_fn, gated=gated
+                train_step, model=net, tx=tx, record=record, loss_fn=loss_fn, gated_net=gated_net
             ),
             donate_argnames="state",
             **kwargs,
@@ -380,7 +380,7 @@ def train_chunk(
     loss_fn: LossFn = cross_entropy,
     every_record: bool,
     slots: int,
-    gated: gating.GatedNet | None = None,
+    gated_net: gating.GatedNet | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns]:
     """``T`` consecutive :func:`train_step` calls in one ``lax.scan``.
 
@@ -395,10 +395,12 @@ def train_chunk(
     Returns:
       ``(state, metrics_T, snapshots_S)``: every metric stacked ``[T]`` (a non-record step's
       pattern metrics are zeros), and ``{layer: Packed [S, P, ...]}`` holding only the masks
-      of the snapshot steps, not ``T`` full mask sets. ``gated``: as in :func:`train_step`
+      of the snapshot steps, not ``T`` full mask sets. ``gated_net``: as in :func:`train_step`
       (a chunk never straddles the freeze step).
     """
-    step_fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, gated=gated)
+    step_fn = functools.partial(
+        train_step, model=model, tx=tx, loss_fn=loss_fn, gated_net=gated_net
+    )
     snaps_S = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), state.masks)
 
     def body(carry, xs):
@@ -423,7 +425,7 @@ def make_chunk_fn(
     every_record: bool,
     slots: int,
     out_shardings: Any = None,
-    gated: gating.GatedNet | None = None,
+    gated_net: gating.GatedNet | None = None,
 ) -> Callable:
     """:func:`train_chunk` jitted, donating the state; one trace per chunk length ``T``."""
     kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
@@ -434,7 +436,7 @@ def make_chunk_fn(
         loss_fn=loss_fn,
         every_record=every_record,
         slots=slots,
-        gated=gated,
+        gated_net=gated_net,
     )
     return jax.jit(fn, donate_argnames="state", **kwargs)
 
