@@ -39,6 +39,16 @@ def test_find_runs_finds_every_run_with_a_config_and_nothing_else(tmp_path):
     assert layout.find_runs(tmp_path / "nothing_here") == []
 
 
+def test_the_sweep_the_summary_and_the_report_share_the_layout():
+    from regime_jax import report, sweep
+    from regime_jax.analysis import summary
+
+    assert summary.find_runs is layout.find_runs is report.find_runs
+    spec = sweep.RunSpec("s", "o", 2, None)
+    assert spec.path == layout.name("s", "o", 2)
+    assert spec.rundir("w") == layout.path("w", "s", "o", 2)
+
+
 # ---------------------------------------------------------------------------- the formatter
 
 
