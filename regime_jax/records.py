@@ -111,6 +111,16 @@ def to_json(obj: Any, **kwargs: Any) -> str:
     return json.dumps(jsonable(obj), allow_nan=False, **kwargs)
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value of the file at ``path`` (UTF-8): the one reader of the JSON files a run
+    or a sweep writes (``config.json``, ``summary.json``, ``timing.json``, ``sweep.json``).
+
+    Raises OSError when the file does not read, ValueError (``json.JSONDecodeError``) when
+    its text is not JSON.
+    """
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -526,7 +536,7 @@ def load_run(workdir: str | os.PathLike) -> Run:
     :func:`upgrade_config`); they are read, not resumed.
     """
     workdir = Path(workdir)
-    config = upgrade_config(json.loads((workdir / CONFIG).read_text()))
+    config = upgrade_config(read_json(workdir / CONFIG))
     rows = [upgrade_row(row) for row in read_rows(workdir)]
     snapshots = sorted((workdir / MASKS_DIR).glob("step_[0-9][0-9][0-9][0-9][0-9][0-9][0-9].npz"))
     for path in snapshots:

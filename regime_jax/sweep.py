@@ -35,7 +35,6 @@ sweep goes on; :func:`run_sweep` returns the failures.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import time
@@ -52,7 +51,8 @@ import ml_collections
 from absl import flags
 
 from regime_jax import configs, faults, records, report
-from regime_jax.analysis.summary import SUMMARY, main_ratio
+from regime_jax.analysis import fmt, layout
+from regime_jax.analysis.summary import SUMMARY, RunSummary
 from regime_jax.configs.base import ConfigError
 from regime_jax.configs.overrides import apply_overrides
 from regime_jax.run import cli, loop
@@ -80,7 +80,13 @@ class RunSpec:
 
     @property
     def path(self) -> str:
-        return f"{self.setting}/{self.optimizer}/seed_{self.seed}"
+        """The run's name in the sweep, ``<setting>/<optimizer>/seed_<k>`` (:mod:`layout
+        <regime_jax.analysis.layout>`)."""
+        return layout.name(self.setting, self.optimizer, self.seed)
+
+    def rundir(self, workdir: str | Path) -> Path:
+        """The run's directory in the sweep at ``workdir``."""
+        return layout.path(workdir, self.setting, self.optimizer, self.seed)
 
 
 def load_experiment(experiment: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -179,27 +185,26 @@ def _variants(sweep, spec: RunSpec) -> list[RunSpec]:
 def _resolve(spec: RunSpec, workdir: Path) -> tuple[RunSpec, str]:
     """A multiple's run with its freeze step from the reference's T(flip), and a note.
 
-    T(flip) is the reference's flip decay time under its main rule, else under the first
-    other rule that gives one (the note says which); ValueError if no rule does.
+    T(flip) is the reference's flip decay time under ``decoupling.FREEZE_RULE``: its main
+    rule, else the first other rule that gives one (the note says which); ValueError if no
+    rule does.
     """
+    from regime_jax.analysis.decoupling import FREEZE_RULE
+
     if spec.multiple is None:
         return spec, ""
-    path = workdir / spec.reference / SUMMARY
-    if not path.exists():
+    reference = Path(workdir) / spec.reference
+    if not (reference / SUMMARY).exists():
         raise ValueError(f"the reference run {spec.reference} did not finish (no {SUMMARY})")
-    summary = json.loads(path.read_text())
-    main = summary["main_rule"]
-    lags = summary["lag"]["abs"]
-    rule = next(
-        (r for r in (main, *sorted(lags)) if lags[r]["t_flip"].get("time") is not None), None
-    )
-    if rule is None:
-        why = lags[main]["t_flip"].get("message") or lags[main]["t_flip"].get("status")
+    summary = RunSummary.load(reference)
+    t_flip = summary.t_flip(FREEZE_RULE)
+    if t_flip.time is None:
+        why = t_flip.message or t_flip.status
         raise ValueError(f"the reference run {spec.reference} has no T(flip) under any rule: {why}")
-    t_flip = float(lags[rule]["t_flip"]["time"])
     config = _copy(spec.config)
-    config.decouple.freeze_step = round(spec.multiple * t_flip)
-    note = "" if rule == main else f" | T(flip) from the {rule} rule ({main}: none)"
+    config.decouple.freeze_step = round(spec.multiple * float(t_flip.time))
+    main = summary.main_rule
+    note = "" if t_flip.rule == main else f" | T(flip) from the {t_flip.rule} rule ({main}: none)"
     return dataclasses.replace(spec, config=config), note
 
 
@@ -263,20 +268,21 @@ def _write_grid(workdir: Path, sweep, specs: list[RunSpec]) -> None:
             for s in specs
         ],
     }
-    (workdir / "sweep.json").write_text(records.to_json(grid, indent=1, default=str) + "\n")
+    text = records.to_json(grid, indent=1, default=str) + "\n"
+    records.write_atomic(workdir / layout.GRID, text)
 
 
-def _run_one(spec: RunSpec, rundir: Path) -> str:
+def _run_one(spec: RunSpec, workdir: Path) -> str:
     """Trains one run (train writes its summary.json) and returns a progress line."""
     tic = time.perf_counter()
-    spec, note = _resolve(spec, rundir.parents[2])
+    spec, note = _resolve(spec, workdir)
+    rundir = spec.rundir(workdir)
     loop.train_and_evaluate(spec.config, rundir)
-    summary = json.loads((rundir / SUMMARY).read_text())
-    acc, ratio = summary["final"]["eval/acc"], main_ratio(summary)
-    status = summary["lag"]["abs"][summary["main_rule"]]["status"]
-    acc_text = "–" if acc is None else f"{acc:.3f}"
-    lag_text = f"{ratio:.2f}" if ratio is not None else status
-    frozen = (summary.get("decouple") or {}).get("freeze_step")
+    summary = RunSummary.load(rundir)
+    lag = summary.lag()
+    acc_text = fmt.num(summary.final_acc, ".3f")
+    lag_text = fmt.num(lag.ratio) if lag.ratio is not None else lag.status
+    frozen = summary.freeze_step
     tail = ("" if frozen is None else f" | frozen at step {frozen}") + note
     return (
         f"{time.perf_counter() - tic:.1f} s | eval/acc {acc_text} | lag ratio (abs) {lag_text}"
@@ -298,7 +304,7 @@ def _changed(spec: RunSpec, workdir: Path, rundir: Path) -> str | None:
     except (ValueError, KeyError, OSError) as err:
         return f"its freeze step cannot be resolved ({err})"
     try:
-        stored = json.loads((rundir / records.CONFIG).read_text())
+        stored = records.read_json(rundir / records.CONFIG)
         recorded = fingerprint.read(rundir)
     except (OSError, ValueError) as err:  # RecordError is a ValueError
         return f"its {records.CONFIG} / {fingerprint.FILE} do not read ({type(err).__name__})"
@@ -333,7 +339,7 @@ def run_sweep(
     _write_grid(workdir, sweep, specs)
     ran, skipped, failed = [], [], {}
     for i, spec in enumerate(specs, start=1):
-        rundir = workdir / spec.path
+        rundir = spec.rundir(workdir)
         head = f"[{i}/{len(specs)}] {rundir}"
         changed = _changed(spec, workdir, rundir) if (rundir / SUMMARY).exists() else ""
         if changed is None:
@@ -343,7 +349,7 @@ def run_sweep(
         if changed:  # never labels the old run's results with the new settings
             log(f"{head} | finished before, but {changed}: running it afresh")
         try:
-            log(f"{head} | {_run_one(spec, rundir)}")
+            log(f"{head} | {_run_one(spec, workdir)}")
             ran.append(spec.path)
         except loop.Interrupted as err:  # SIGINT / SIGTERM: the run saved its checkpoint
             err.sweep_run = spec.path

@@ -41,14 +41,12 @@ def test_curves_are_null_where_a_rule_cannot_settle(tmp_path):
 
 
 def test_aggregate_curves_and_paper_ranges():
-    def run(ratios):
-        return {
-            "lag_ratio_curves": {
-                "delta": {"rule": "settle", "values": [0.1, 0.2, 0.3], "ratios": ratios}
-            }
-        }
+    def run(ratios):  # a run's lag_ratio_curves
+        return {"delta": {"rule": "settle", "values": [0.1, 0.2, 0.3], "ratios": ratios}}
 
-    runs = [run([3.8, 2.0, None]), run([3.9, 2.1, None]), run([3.85, 2.2, 5.0]), {}]
+    # a run without curves (None: a summary from before them), a failed measurement
+    failed = {"status": "error", "message": "repeated steps"}
+    runs = [run([3.8, 2.0, None]), run([3.9, 2.1, None]), run([3.85, 2.2, 5.0]), None, failed]
     agg = curves.aggregate_curves(runs)
     assert list(agg) == ["delta"] and agg["delta"]["n"] == [3, 3, 1]
     assert agg["delta"]["mean"][0] == pytest.approx(3.85)

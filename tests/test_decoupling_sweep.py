@@ -114,10 +114,7 @@ def test_decoupled_quick_sweep_end_to_end(tmp_path):
     result = out["report"]["decoupling"]["groups"]["mlp_mnist1d/adam"]
     assert list(result) == ["0T", "0.25T", "0.5T", "1T", "2T", "auto", "never"]
     ref = summary.load_or_summarize(tmp_path / "mlp_mnist1d@never/adam/seed_0")[0]
-    t_flip = (
-        ref["lag"]["abs"]["settle"]["t_flip"]["time"]
-        or ref["lag"]["abs"]["cumsum"]["t_flip"]["time"]
-    )
+    t_flip = ref.t_flip(decoupling.FREEZE_RULE).time  # what the sweep froze at
     assert result["0T"]["freeze_step"] == 0
     assert result["1T"]["freeze_step"] == round(t_flip)
     assert result["never"]["freeze_step"] is None
@@ -131,12 +128,9 @@ def test_decoupled_quick_sweep_end_to_end(tmp_path):
     assert (tmp_path / "figures" / "decoupling.png").stat().st_size > 1000
     online = out["report"]["online"]
     assert list(online) == ["mlp_mnist1d/adam"]  # the never runs only
-    assert (
-        online["mlp_mnist1d/adam"]["offline"]["values"]
-        == [ref["lag"]["abs"]["settle"]["t_flip"]["time"]]
-        or ref["lag"]["abs"]["settle"]["t_flip"]["time"] is None
-    )
-    assert online["mlp_mnist1d/adam"]["online_missing"] == (ref["online"]["time"] is None)
+    offline = ref.t_flip(decoupling.OFFLINE_RULE).time  # the main rule only
+    assert online["mlp_mnist1d/adam"]["offline"]["values"] == ([] if offline is None else [offline])
+    assert online["mlp_mnist1d/adam"]["online_missing"] == (ref.online_trigger is None)
     assert "## The online settle detector against the offline rule" in text
     timing = json.loads((tmp_path / "mlp_mnist1d@0.5T/adam/seed_0/timing.json").read_text())
     assert timing["phases"]["ordinary"]["steps"] > 0 and timing["phases"]["gated"]["steps"] > 0

@@ -164,7 +164,8 @@ def test_a_stale_summary_of_a_changed_complete_run_is_recomputed(finished, tmp_p
     )
     written = json.loads((run / records.SUMMARY).read_text())
     assert written["metrics_sha256"] == records.metrics_digest(run)
-    assert summary.load_or_summarize(run) == (written, "")  # fresh again: no note
+    fresh = summary.RunSummary.from_json(written)
+    assert summary.load_or_summarize(run) == (fresh, "")  # fresh again: no note
 
 
 def test_an_unreadable_summary_is_recomputed(finished, tmp_path):
@@ -172,7 +173,7 @@ def test_an_unreadable_summary_is_recomputed(finished, tmp_path):
     (run / records.SUMMARY).write_text('{"lag": ')
     got, why = summary.load_or_summarize(run)
     assert why == "its summary.json is unreadable; recomputed"
-    assert got["metrics_sha256"] == records.metrics_digest(run) and got["complete"] is True
+    assert got.metrics_sha256 == records.metrics_digest(run) and got.complete is True
 
 
 def test_a_summary_without_a_digest_is_checked_against_the_rows(finished, tmp_path):
@@ -180,7 +181,9 @@ def test_a_summary_without_a_digest_is_checked_against_the_rows(finished, tmp_pa
     old = json.loads((run / records.SUMMARY).read_text())
     old.pop("metrics_sha256")  # as summaries before the digest were written
     (run / records.SUMMARY).write_text(json.dumps(old))
-    assert summary.load_or_summarize(run) == (old, "")
+    got, why = summary.load_or_summarize(run)
+    assert (got.to_dict(), why) == (old, "") and got.metrics_sha256 is None
+    assert list(got.to_dict()) == list(old)  # an old summary's entries, as they were
     _cut(finished, tmp_path / "cut", 6)
     shutil.copy(tmp_path / "cut" / records.METRICS, run / records.METRICS)
     got, why = summary.load_or_summarize(run)

@@ -13,6 +13,7 @@ from conftest import write_synthetic_run
 
 from regime_jax import records
 from regime_jax.analysis import summary
+from regime_jax.analysis.timescales import RULES
 from regime_jax.configs.base import base_config
 
 LN10 = math.log(10.0)
@@ -156,3 +157,113 @@ def test_figure_data_seed_means_and_mean_decay_time(tmp_path):
     none = {"main_rule": "settle", "decay": {"flip/all": {"settle": {"time": None}}}}
     assert summary.mean_decay_time([ok, none, ok], "flip/all") == 10.0
     assert summary.mean_decay_time([none], "flip/all") is None
+
+
+# ------------------------------------------------------------ RunSummary: the one reader
+
+
+def test_run_summary_round_trips_a_real_runs_summary_byte_for_byte(tmp_path):
+    from conftest import tiny_config
+
+    from regime_jax.run import loop
+
+    wd = tmp_path / "run"
+    loop.train_and_evaluate(tiny_config(), wd)  # writes summary.json through RunSummary
+    text = (wd / summary.SUMMARY).read_text()
+    # the writer is today's: summarize_run's dict as strict JSON, indent 1
+    assert text == records.to_json(summary.summarize_run(wd), indent=1) + "\n"
+    s = summary.RunSummary.load(wd)
+    assert s.to_json() == text and list(s.to_dict()) == list(json.loads(text))
+    (tmp_path / "again").mkdir()
+    assert s.write(tmp_path / "again").read_text() == text
+    assert summary.RunSummary.of(json.loads(text)) == s == summary.RunSummary.of(s)
+    assert (s.seed, s.num_steps, s.last_step, s.complete, s.partial) == (0, 12, 12, True, None)
+    assert s.final_acc == json.loads(text)["final"]["eval/acc"] and s.final_loss is not None
+    assert s.freeze_step is None and s.final_disagreement is None and s.window == 25
+
+
+def _synthetic_summary(tmp_path, **kw) -> dict:
+    return summary.summarize_run(write_synthetic_run(tmp_path, n=300, tau_flip=10.0, **kw))
+
+
+def test_run_summary_reads_every_measure_by_a_named_rule(tmp_path):
+    data = _synthetic_summary(tmp_path)
+    s = summary.RunSummary.from_json(data)
+    assert s.main_rule == "settle" and s.rule() == s.rule(summary.MAIN) == "settle"
+    for kind in summary.KINDS:
+        for rule in RULES:
+            lag = data["lag"][kind][rule]
+            got = s.lag(kind, rule)
+            assert (got.ratio, got.status, got.message) == (lag["ratio"], lag["status"], "")
+            assert s.lag_ratio(kind, rule) == summary.main_ratio(data, kind, rule)
+            assert s.t_flip(rule, kind) == summary.Decay(**lag["t_flip"])
+            assert s.t_step(rule, kind) == summary.Decay(**lag["t_step"])
+    assert s.t_flip() == s.t_flip("settle") == s.t_flip(summary.MAIN_ELSE_FIRST)
+    assert s.t_flip().time == data["lag"]["abs"]["settle"]["t_flip"]["time"] is not None
+    rel = s.decay_time("step/rel/all", "cumsum")
+    assert rel == summary.Decay(**data["decay"]["step/rel/all"]["cumsum"]) and rel.time
+    assert s.layer_names == ("fc1", "fc2") and s.layer_lag("fc2").ratio == pytest.approx(1.5, 0.1)
+    assert s.lag_ratio_curves == data["lag_ratio_curves"] and s.mva_step == 150
+    assert s.online_trigger == data["online"]["time"] is not None
+    assert s.notes == () and s.to_dict() == data
+
+
+def test_main_else_first_falls_back_in_name_order_and_says_why_when_no_rule_has_a_time(tmp_path):
+    data = _synthetic_summary(tmp_path)
+    for rule, time in (("settle", None), ("cumsum", None), ("threshold", 55.0)):
+        data["lag"]["abs"][rule]["t_flip"] |= {"time": time}
+    data["lag"]["abs"]["settle"]["t_flip"] |= {"status": "never_settles", "message": "why"}
+    s = summary.RunSummary.from_json(data)
+    assert s.t_flip().time is None and s.t_flip("cumsum").time is None  # main: no fallback
+    assert s.t_flip(summary.MAIN_ELSE_FIRST) == s.t_flip("threshold")._replace(rule="threshold")
+    assert s.t_flip(summary.MAIN_ELSE_FIRST).time == 55.0
+    data["lag"]["abs"]["threshold"]["t_flip"]["time"] = None
+    none = summary.RunSummary.from_json(data).t_flip(summary.MAIN_ELSE_FIRST)
+    assert none == summary.Decay(None, "never_settles", "settle", "why")
+    data["lag"]["abs"]["threshold"]["t_flip"]["time"] = 55.0  # from_json took a copy
+    assert s.t_flip(summary.MAIN_ELSE_FIRST).time == 55.0
+
+
+def test_the_decoupling_sweep_and_its_report_read_t_flip_through_one_method(tmp_path):
+    """Freeze steps (FREEZE_RULE) and the offline column (OFFLINE_RULE) agree wherever the
+    main rule gives a T(flip); only the freeze falls back to another rule."""
+    from regime_jax.analysis import decoupling
+
+    data = _synthetic_summary(tmp_path)
+    s = summary.RunSummary.from_json(data)
+    assert s.t_flip(decoupling.FREEZE_RULE) == s.t_flip(decoupling.OFFLINE_RULE) == s.t_flip()
+    data["lag"]["abs"]["settle"]["t_flip"]["time"] = None
+    s = summary.RunSummary.from_json(data)
+    assert s.t_flip(decoupling.OFFLINE_RULE).time is None
+    assert s.t_flip(decoupling.FREEZE_RULE).rule == "cumsum"
+
+
+def test_run_summary_of_a_partial_run_and_of_an_old_summary(tmp_path):
+    s = summary.RunSummary.from_json(_synthetic_summary(tmp_path / "p", last_step=50))
+    assert s.complete is False and s.last_step == 50
+    assert s.partial.startswith("partial at step 50 of 300 (unfinished")
+    old = _synthetic_summary(tmp_path / "old")
+    for key in ("metrics_sha256", "lag_ratio_curves", "decouple", "online", "partial"):
+        old.pop(key)
+    old = {"from_the_future": [1]} | old  # an entry no field holds keeps its place
+    s = summary.RunSummary.from_json(old)
+    assert s.to_dict() == old and list(s.to_dict()) == list(old)
+    assert s.to_json() == records.to_json(old, indent=1) + "\n"
+    assert s.online_trigger is s.freeze_step is s.metrics_sha256 is s.lag_ratio_curves is None
+    assert s.extra == {"from_the_future": [1]}
+    bare = summary.RunSummary.from_json({})
+    assert bare.to_dict() == {} and bare.t_flip() == summary.Decay(None, None, None, None)
+    assert bare.lag().ratio is None and bare.layer_names == () and bare.final_acc is None
+    with pytest.raises(TypeError, match="JSON object"):
+        summary.RunSummary.from_json([1, 2])
+
+
+def test_a_run_summary_made_field_by_field_writes_every_entry_in_the_files_order():
+    s = summary.RunSummary(seed=3, main_rule="settle", notes=("a",))
+    data = s.to_dict()
+    assert list(data) == [
+        "workdir", "seed", "num_steps", "last_step", "complete", "partial", "metrics_sha256",
+        "final", "main_rule", "decay_config", "decay", "lag", "lag_ratio_curves", "layers",
+        "reference", "decouple", "notes", "online",
+    ]  # fmt: skip
+    assert data["seed"] == 3 and data["notes"] == ["a"] and data["lag"] is None

@@ -5,7 +5,9 @@
 :mod:`~regime_jax.analysis.seeds` (statistics over seeds),
 :mod:`~regime_jax.analysis.curves` (the lag ratio over each rule's parameter),
 :mod:`~regime_jax.analysis.summary` (a run's and a sweep's summary),
-:mod:`~regime_jax.analysis.decoupling` (freeze variants against full training).
+:mod:`~regime_jax.analysis.decoupling` (freeze variants against full training),
+:mod:`~regime_jax.analysis.layout` (where a sweep's runs live),
+:mod:`~regime_jax.analysis.fmt` (numbers as the report writes them).
 Submodules load on first use.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["curves", "decoupling", "online", "seeds", "summary", "timescales"]
+__all__ = ["curves", "decoupling", "fmt", "layout", "online", "seeds", "summary", "timescales"]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,7 +3,7 @@
 Pure numpy (no matplotlib, no training code). :func:`run_curves` is a run's
 :func:`regime_jax.analysis.timescales.lag_ratio_curves` as plain data (``summary.json``'s
 ``lag_ratio_curves``); :func:`aggregate_curves` gives, per parameter value, the mean lag ratio
-over seeds with its 95% bootstrap CI (:func:`regime_jax.analysis.seeds.seed_stats`);
+over the runs (seeds) with its 95% bootstrap CI (:func:`regime_jax.analysis.seeds.seed_stats`);
 :func:`paper_ranges` says where along each parameter that CI contains the paper's 3.85x.
 
 >>> t = np.arange(3000)
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from regime_jax import records
-from regime_jax.analysis import timescales
+from regime_jax.analysis import fmt, timescales
 from regime_jax.analysis.seeds import seed_stats
 from regime_jax.analysis.timescales import CURVE_GRIDS, DecayConfig
 
@@ -52,16 +52,20 @@ def run_curves(
     return records.jsonable(out)
 
 
-def aggregate_curves(summaries: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per parameter, over the runs' ``lag_ratio_curves``: ``rule``, ``values`` and, per value,
-    ``mean``, ``ci_low``, ``ci_high`` (None where undefined) and ``n`` (valid seeds).
+def aggregate_curves(
+    run_curves: Sequence[Mapping[str, Any] | None],
+) -> dict[str, dict[str, Any]]:
+    """Per parameter, over the runs' ``lag_ratio_curves`` (:func:`run_curves`; a summary's
+    :attr:`~regime_jax.analysis.summary.RunSummary.lag_ratio_curves`): ``rule``, ``values``
+    and, per value, ``mean``, ``ci_low``, ``ci_high`` (None where undefined) and ``n`` (valid
+    seeds).
 
-    Runs without curves (a summary written before them, a failed measurement) are left out;
-    a parameter's curves must share one grid (the first run's).
+    Runs without curves (None: a summary written before them; a failed measurement) are left
+    out; a parameter's curves must share one grid (the first run's).
     """
     out: dict[str, dict[str, Any]] = {}
     for param in PARAMS:
-        curves = [s.get(KEY, {}).get(param) for s in summaries]
+        curves = [(c or {}).get(param) for c in run_curves]
         curves = [c for c in curves if isinstance(c, Mapping) and "values" in c]
         if not curves:
             continue
@@ -75,10 +79,6 @@ def aggregate_curves(summaries: Sequence[Mapping[str, Any]]) -> dict[str, dict[s
                 entry[k].append(st[k])
         out[param] = entry
     return records.jsonable(out)
-
-
-def _fmt(x: float) -> str:
-    return f"{x:g}"
 
 
 def paper_ranges(curves: Mapping[str, Any], paper: float = PAPER_RATIO) -> dict[str, str]:
@@ -106,7 +106,8 @@ def paper_ranges(curves: Mapping[str, Any], paper: float = PAPER_RATIO) -> dict[
                 start = i
             elif not h and start is not None:
                 a, b = curve["values"][start], curve["values"][i - 1]
-                stretches.append(_fmt(a) if start == i - 1 else f"{_fmt(a)}–{_fmt(b)}")
+                a, b = fmt.num(a, "g"), fmt.num(b, "g")
+                stretches.append(a if start == i - 1 else f"{a}–{b}")
                 start = None
         out[param] = ", ".join(stretches) or "nowhere"
     return out
@@ -115,7 +116,7 @@ def paper_ranges(curves: Mapping[str, Any], paper: float = PAPER_RATIO) -> dict[
 def grid_span(param: str) -> str:
     """``lo–hi`` of the parameter's default grid, e.g. ``0.05–0.5``."""
     values = CURVE_GRIDS[param][1]
-    return f"{_fmt(min(values))}–{_fmt(max(values))}"
+    return f"{fmt.num(min(values), 'g')}–{fmt.num(max(values), 'g')}"
 
 
 def as_arrays(curve: Mapping[str, Any]) -> tuple[np.ndarray, ...]:

@@ -15,15 +15,19 @@ optimizer and variant and compares every variant with full training of the same 
   (``timing.json``, :class:`regime_jax.run.live.PhaseClock`);
 * the online detector's T(flip) against the offline main rule's, on the ``never`` runs.
 
+T(flip) is read in one way, :meth:`RunSummary.t_flip
+<regime_jax.analysis.summary.RunSummary.t_flip>`, under two named rules: ``FREEZE_RULE``
+(the main rule, else the first other rule with a time) sets the ``xT`` variants' freeze steps
+(:mod:`regime_jax.sweep`), ``OFFLINE_RULE`` (the main rule alone) is the offline side of the
+online-vs-offline table. They give the same T(flip) wherever the main rule gives one.
+
 Pure host-side analysis (numpy); its report section and figure are drawn by
 :mod:`regime_jax.report`.
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +35,17 @@ import numpy as np
 
 from regime_jax import records
 from regime_jax.analysis import seeds
+from regime_jax.analysis.summary import MAIN, MAIN_ELSE_FIRST, RunSummary
 from regime_jax.records import TIMING
 
 SEP = "@"
 NEVER, AUTO = "never", "auto"
+# T(flip) of the reference (``never``) run that an ``xT`` variant's freeze step multiplies: the
+# main rule, else another rule's (the sweep's progress line says which); README "Decoupling".
+FREEZE_RULE = MAIN_ELSE_FIRST
+# T(flip) of the offline side of the online-vs-offline table: the main rule only (a run
+# without one is dropped from the statistics, never compared with another rule's time).
+OFFLINE_RULE = MAIN
 
 
 def split(setting: str) -> tuple[str, str | None]:
@@ -68,33 +79,25 @@ def _seconds_per_step(rundir: Path) -> tuple[float | None, float | None]:
     path = rundir / TIMING
     if not path.exists():
         return None, None
-    rate = json.loads(path.read_text()).get("seconds_per_step", {})
+    rate = records.read_json(path).get("seconds_per_step", {})
     return rate.get("ordinary"), rate.get("gated")
-
-
-def _t_flip(summary: Mapping[str, Any]) -> float | None:
-    return summary["lag"]["abs"][summary["main_rule"]]["t_flip"].get("time")
 
 
 def _per_seed(members) -> dict[int, dict[str, Any]]:
     out = {}
     for summary, rundir in members:
+        summary = RunSummary.of(summary)
         ordinary, gated = _seconds_per_step(Path(rundir))
-        final, frozen = summary["final"], summary.get("decouple") or {}
-        out[summary["seed"]] = {
-            "acc": final.get("eval/acc"),
-            "loss": final.get("eval/loss"),
-            "freeze_step": frozen.get("freeze_step"),
-            "disagreement": frozen.get("final_disagreement"),
-            "num_steps": summary["num_steps"],
+        out[summary.seed] = {
+            "acc": summary.final_acc,
+            "loss": summary.final_loss,
+            "freeze_step": summary.freeze_step,
+            "disagreement": summary.final_disagreement,
+            "num_steps": summary.num_steps,
             "ordinary_s": ordinary,
             "gated_s": gated,
         }
     return out
-
-
-def _online_time(summary: Mapping[str, Any]) -> float | None:
-    return (summary.get("online") or {}).get("time")
 
 
 def _gap(rows: dict[int, dict], ref: dict[int, dict], key: str) -> dict[str, Any]:
@@ -168,7 +171,8 @@ def online_vs_offline(sweep: Any) -> dict[str, Any]:
         base, variant = split(setting)
         if variant not in (None, NEVER):
             continue
-        pairs = [(_t_flip(summary), _online_time(summary)) for summary, _ in members]
+        runs = [RunSummary.of(summary) for summary, _ in members]
+        pairs = [(s.t_flip(OFFLINE_RULE).time, s.online_trigger) for s in runs]
         out[f"{base}/{opt}"] = {
             "offline": _stats([a for a, _ in pairs]),
             "online": _stats([b for _, b in pairs]),

@@ -7,38 +7,291 @@
 step, and the abs lag ratio as curves over each rule's parameter
 (:mod:`regime_jax.analysis.curves`).
 Failed measurements stay in the output as statuses with messages.
-:func:`summarize_sweep` walks ``<sweep>/<setting>/<optimizer>/seed_<k>/`` and aggregates the lag
-ratios over seeds (:func:`aggregate`, :func:`verdict`, :func:`table_rows`).
+:func:`summarize_sweep` walks ``<sweep>/<setting>/<optimizer>/seed_<k>/``
+(:mod:`regime_jax.analysis.layout`) and aggregates the lag ratios over seeds
+(:func:`aggregate`, :func:`verdict`, :func:`table_rows`).
 :func:`normalized_curves` and :func:`flip_raster` are the arrays the figures of
 :mod:`regime_jax.report.plots` draw. Imports neither matplotlib nor training code.
 
+:class:`RunSummary` is the one way to read a run's ``summary.json`` (every reader of
+:mod:`regime_jax.analysis`, :mod:`regime_jax.report` and :mod:`regime_jax.sweep` goes through
+it): T(flip) and T(step) by a named rule (:meth:`RunSummary.t_flip`), lags and lag ratios,
+final metrics, the freeze step, the online detector's trigger and the partial mark; it writes
+the file back byte for byte.
+
 Example (needs a run directory, so not a doctest)::
 
-    s = summarize_run("runs/mlp_mnist1d")
-    print(main_ratio(s), s["reference"])
+    s = RunSummary.load("runs/mlp_mnist1d")
+    print(s.lag_ratio(), s.t_flip().time, s.t_flip("cumsum").time, s.final_acc)
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from regime_jax import records
-from regime_jax.analysis import curves, online, timescales
+from regime_jax.analysis import curves, fmt, layout, online, timescales
 from regime_jax.analysis.curves import PAPER_RATIO
+from regime_jax.analysis.layout import find_runs
 from regime_jax.analysis.timescales import RULES, DecayConfig, decay_times_all_rules
 
 SUMMARY = records.SUMMARY
 KINDS = ("abs", "rel")
 SERIES = ("flip/all", "step/abs/all", "step/rel/all")
 SummaryLike = Mapping[str, Any] | str | os.PathLike  # a sweep summary, its file or its folder
+
+
+# ------------------------------------------------------------------ reading a run's summary
+
+MAIN = "main"  # the run's own decay rule (its config's ``timescales.rule``: ``main_rule``)
+# The main rule, else the first rule in name order that gives a time: a named fallback for a
+# caller that needs some T(flip) (the decoupling sweep's freeze steps).
+MAIN_ELSE_FIRST = "main_else_first"
+
+
+class Decay(NamedTuple):
+    """A decay time as ``summary.json`` holds it (a ``DecayResult``): ``time`` is None unless
+    ``status`` is ``"ok"``; ``rule`` the rule it was measured under. Absent from the file:
+    every field None."""
+
+    time: float | None
+    status: str | None
+    rule: str | None
+    message: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> Decay:
+        d = data if isinstance(data, Mapping) else {}
+        return cls(d.get("time"), d.get("status"), d.get("rule"), d.get("message"))
+
+
+class Lag(NamedTuple):
+    """A lag ratio ``T_step / T_flip`` as ``summary.json`` holds it (a ``LagResult``):
+    ``ratio`` is None unless ``status`` is ``"ok"``."""
+
+    ratio: float | None
+    status: str | None
+    message: str | None
+    t_step: Decay
+    t_flip: Decay
+
+    @classmethod
+    def from_json(cls, data: Any) -> Lag:
+        d = data if isinstance(data, Mapping) else {}
+        t_step, t_flip = (Decay.from_json(d.get(k)) for k in ("t_step", "t_flip"))
+        return cls(d.get("ratio"), d.get("status"), d.get("message"), t_step, t_flip)
+
+
+def _block(mapping: Any, *keys: str) -> Any:
+    """``mapping[k0][k1]...``, None where a level is missing or not a mapping."""
+    for key in keys:
+        if not isinstance(mapping, Mapping):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """A run's ``summary.json`` (:func:`summarize_run`), read through named accessors.
+
+    The fields are the file's top-level entries, in its order (``lag`` is the field
+    ``lags``, beside the method :meth:`lag`); the measurement blocks
+    (``decay``, ``lag``, ``layers``, ...) stay the JSON they are and are read through the
+    methods: :meth:`t_flip` / :meth:`t_step` (by a named rule: a rule of
+    :data:`regime_jax.analysis.timescales.RULES`, :data:`MAIN` or :data:`MAIN_ELSE_FIRST`),
+    :meth:`lag`, :meth:`lag_ratio`, :meth:`decay_time`, :meth:`layer_lag`, and the properties
+    :attr:`final_acc`, :attr:`final_loss`, :attr:`freeze_step`, :attr:`online_trigger`, ...
+    A field the file lacks (a summary from an older version) is None; :meth:`to_dict` gives
+    back exactly the entries and the order it was made from, so :meth:`write` of a loaded
+    summary rewrites the file byte for byte.
+
+    >>> s = RunSummary.from_json({"main_rule": "settle", "lag": {"abs": {"settle": {
+    ...     "ratio": 2.0, "status": "ok", "t_flip": {"time": 10.0, "status": "ok"}}}}})
+    >>> s.lag_ratio(), s.t_flip().time, s.t_flip("cumsum").time, s.seed
+    (2.0, 10.0, None, None)
+    >>> list(s.to_dict())
+    ['main_rule', 'lag']
+    """
+
+    workdir: str | None = None
+    seed: int | None = None
+    num_steps: int | None = None
+    last_step: int | None = None
+    complete: bool | None = None
+    partial: str | None = None  # None, or "partial at step N of M (why)"
+    metrics_sha256: str | None = None
+    final: Mapping[str, float | None] | None = None
+    main_rule: str | None = None
+    decay_config: Mapping[str, Any] | None = None
+    decay: Mapping[str, Any] | None = None  # {series: {rule: Decay JSON}}
+    lags: Mapping[str, Any] | None = None  # entry "lag": {"abs" | "rel": {rule: Lag JSON}}
+    lag_ratio_curves: Mapping[str, Any] | None = None  # regime_jax.analysis.curves.run_curves
+    layers: Mapping[str, Any] | None = None  # {layer: {"part", "abs", "rel"}}
+    reference: Mapping[str, Any] | None = None  # mva_step, mva_acc, loss_1p1_step
+    decouple: Mapping[str, Any] | None = None  # freeze_step, final_disagreement
+    notes: tuple[str, ...] | None = None
+    online: Mapping[str, Any] | None = None  # the online detector's Decay JSON + its config
+    # the file's entries in its order (None: every field's, in the order above), and the
+    # entries no field holds
+    entries: tuple[str, ...] | None = dataclasses.field(default=None, repr=False)
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    # -------------------------------------------------------------- JSON in and out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunSummary:
+        """The summary of a ``summary.json`` object (a copy: later changes to ``data`` do
+        not reach it)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a run summary is a JSON object, got {type(data).__name__}")
+        data = copy.deepcopy(dict(data))
+        fields = {_FIELD_OF[k]: v for k, v in data.items() if k in _FIELD_OF}
+        if isinstance(fields.get("notes"), list):
+            fields["notes"] = tuple(fields["notes"])
+        extra = {k: v for k, v in data.items() if k not in _FIELD_OF}
+        return cls(**fields, entries=tuple(data), extra=extra)
+
+    @classmethod
+    def of(cls, summary: RunSummary | Mapping[str, Any]) -> RunSummary:
+        """``summary`` itself, or :meth:`from_json` of a ``summary.json`` object."""
+        return summary if isinstance(summary, RunSummary) else cls.from_json(summary)
+
+    @classmethod
+    def load(cls, workdir: str | os.PathLike) -> RunSummary:
+        """Reads ``workdir/summary.json`` (OSError, ValueError when it does not read)."""
+        return cls.from_json(records.read_json(Path(workdir) / SUMMARY))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``summary.json`` object: the entries it was made from, in their order."""
+        out = {}
+        for key in _FIELD_OF if self.entries is None else self.entries:
+            value = self.extra[key] if key in self.extra else getattr(self, _FIELD_OF[key])
+            out[key] = list(value) if key == "notes" and isinstance(value, tuple) else value
+        return copy.deepcopy(out)
+
+    def to_json(self) -> str:
+        """The text of ``summary.json`` (:func:`regime_jax.records.to_json`, indent 1)."""
+        return records.to_json(self.to_dict(), indent=1) + "\n"
+
+    def write(self, workdir: str | os.PathLike) -> Path:
+        """Writes :meth:`to_json` to ``workdir/summary.json`` atomically; returns its path."""
+        return records.write_atomic(Path(workdir) / SUMMARY, self.to_json())
+
+    # ------------------------------------------------------- decay times and lag ratios
+
+    def rule(self, rule: str | None = MAIN) -> str | None:
+        """The decay rule a named rule stands for: :data:`MAIN` (or None) is the run's
+        ``main_rule``; a rule of ``RULES`` is itself."""
+        return self.main_rule if rule in (None, MAIN) else rule
+
+    def lag(self, kind: str = "abs", rule: str | None = MAIN) -> Lag:
+        """The lag ratio of the ``kind`` (``"abs"`` | ``"rel"``) step size against
+        ``flip/all`` under ``rule`` (:meth:`rule`)."""
+        return Lag.from_json(_block(self.lags, kind, self.rule(rule)))
+
+    def lag_ratio(self, kind: str = "abs", rule: str | None = MAIN) -> float | None:
+        """``T_step / T_flip`` (None unless its status is ok): :meth:`lag`'s ratio."""
+        return self.lag(kind, rule).ratio
+
+    def t_flip(self, rule: str | None = MAIN, kind: str = "abs") -> Decay:
+        """T(flip): the decay time of ``flip/all`` on the steps where the ``kind`` step size
+        was recorded too (the lag ratio's denominator), under the named ``rule``:
+
+        * :data:`MAIN` (default): the run's main rule; ``time`` None if it gives none;
+        * a rule of ``RULES`` (``"settle"``, ``"cumsum"``, ``"threshold"``);
+        * :data:`MAIN_ELSE_FIRST`: the main rule, else the first other rule in name order
+          that gives a time; if none does, the main rule's (``time`` None, its status and
+          message say why). The returned ``rule`` names the rule the time is under.
+        """
+        return self._decay("t_flip", rule, kind)
+
+    def t_step(self, rule: str | None = MAIN, kind: str = "abs") -> Decay:
+        """T(step) of the ``kind`` step size, under a named rule as in :meth:`t_flip`."""
+        return self._decay("t_step", rule, kind)
+
+    def _decay(self, which: str, rule: str | None, kind: str) -> Decay:
+        if rule != MAIN_ELSE_FIRST:
+            return getattr(self.lag(kind, rule), which)
+        lags = _block(self.lags, kind) or {}
+        for name in (self.main_rule, *sorted(lags)):
+            found = getattr(self.lag(kind, name), which)
+            if found.time is not None:
+                return found._replace(rule=name)
+        return getattr(self.lag(kind, MAIN), which)
+
+    def decay_time(self, series: str = "flip/all", rule: str | None = MAIN) -> Decay:
+        """The decay time of a whole recorded series (``flip/all``, ``step/abs/all``,
+        ``step/rel/all``: the ``decay`` block) under ``rule`` (:meth:`rule`)."""
+        return Decay.from_json(_block(self.decay, series, self.rule(rule)))
+
+    def layer_lag(self, layer: str, kind: str = "abs") -> Lag:
+        """The main-rule lag of ``layer``'s parameter part against its flips."""
+        return Lag.from_json(_block(self.layers, layer, kind))
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The layers with a per-layer lag, in the file's order."""
+        return tuple(self.layers or ())
+
+    # ------------------------------------------------------ final metrics and the rest
+
+    @property
+    def final_acc(self) -> float | None:
+        """The last ``eval/acc`` (validation accuracy)."""
+        return _block(self.final, "eval/acc")
+
+    @property
+    def final_loss(self) -> float | None:
+        """The last ``eval/loss`` (validation loss)."""
+        return _block(self.final, "eval/loss")
+
+    @property
+    def final_train_loss(self) -> float | None:
+        """The last ``train/loss``."""
+        return _block(self.final, "train/loss")
+
+    @property
+    def window(self) -> int | None:
+        """The smoothing window of the decay rules (``decay_config.window``)."""
+        return _block(self.decay_config, "window")
+
+    @property
+    def mva_step(self) -> int | None:
+        """The step of the maximum validation accuracy (None without one)."""
+        return _block(self.reference, "mva_step")
+
+    @property
+    def freeze_step(self) -> int | None:
+        """The step at which the patterns were frozen (None: the run never froze)."""
+        return _block(self.decouple, "freeze_step")
+
+    @property
+    def final_disagreement(self) -> float | None:
+        """The last ``decouple/disagree/all`` of a frozen run (None: it never froze)."""
+        return _block(self.decouple, "final_disagreement")
+
+    @property
+    def online_trigger(self) -> float | None:
+        """The step at which the online settle detector triggered on ``flip/all`` (None: it
+        never did, or the summary predates it)."""
+        return _block(self.online, "time")
+
+
+# summary.json's entries, in the order summarize_run writes them -> RunSummary's fields
+_FIELD_OF = {
+    "lag" if f.name == "lags" else f.name: f.name
+    for f in dataclasses.fields(RunSummary)
+    if f.name not in ("entries", "extra")
+}
 
 
 def decay_config_of(config: dict[str, Any]) -> tuple[DecayConfig, str]:
@@ -159,17 +412,16 @@ def summarize_run(workdir: str | Path) -> dict[str, Any]:
         curves.KEY: _guard(curves.run_curves, steps, s, h, cfg),
         "layers": _layer_lags(run, cfg, notes),
         "reference": reference_points(run, cfg),
-        "decouple": _decoupled(run),
+        "decouple": (decoupled := _decoupled(run)),
         "notes": notes,
     }
-    out["online"] = _online(run, h, steps, out["decouple"]["freeze_step"])
+    out["online"] = _online(run, h, steps, decoupled["freeze_step"])
     return records.jsonable(out)
 
 
 def _online(run: records.Run, flips: np.ndarray, steps: np.ndarray, frozen: int | None):
-    """The causal detector's T(flip) (:func:`regime_jax.analysis.online.online_settle_time`) over
-    the
-    recorded ``flip/all``, with the run's ``decouple.online`` settings (else the defaults);
+    """The causal detector's T(flip) (:func:`regime_jax.analysis.online.online_settle_time`)
+    over the recorded ``flip/all``, with the run's ``decouple.online`` settings (else the defaults);
     only the rows up to the freeze step ``frozen`` (after it the series is the value
     stream's)."""
     settings = run.config.get("decouple", {}).get("online") or {}
@@ -190,30 +442,23 @@ def _decoupled(run: records.Run) -> dict[str, Any]:
 
 
 def write_run_summary(workdir: str | Path) -> Path:
-    """Writes :func:`summarize_run` to ``workdir/summary.json`` and returns its path."""
-    text = records.to_json(summarize_run(workdir), indent=1) + "\n"
-    return records.write_atomic(Path(workdir) / SUMMARY, text)
+    """Writes :func:`summarize_run` to ``workdir/summary.json`` (:meth:`RunSummary.write`)
+    and returns its path."""
+    return RunSummary.from_json(summarize_run(workdir)).write(workdir)
 
 
-def main_ratio(summary: Mapping[str, Any], kind: str = "abs", rule: str | None = None):
-    """The run's lag ratio (None unless status ok); main rule unless ``rule`` is given."""
-    return summary["lag"][kind][rule or summary["main_rule"]].get("ratio")
+def main_ratio(
+    summary: RunSummary | Mapping[str, Any], kind: str = "abs", rule: str | None = None
+) -> float | None:
+    """The run's lag ratio (None unless status ok); main rule unless ``rule`` is given
+    (:meth:`RunSummary.lag_ratio`; ``summary`` a RunSummary or a ``summary.json`` object)."""
+    return RunSummary.of(summary).lag_ratio(kind, rule)
 
 
 # ------------------------------------------------------------------------------ the sweep
 
 
-def find_runs(sweep_workdir: str | Path) -> list[tuple[str, str, int, Path]]:
-    """``(setting, optimizer, seed, path)`` of every ``<setting>/<optimizer>/seed_<k>`` run."""
-    out = []
-    for cfg in Path(sweep_workdir).glob("*/*/seed_*/" + records.CONFIG):
-        d = cfg.parent
-        if d.name.removeprefix("seed_").isdigit():
-            out.append((d.parent.parent.name, d.parent.name, int(d.name[5:]), d))
-    return sorted(out)
-
-
-def load_or_summarize(rundir: Path) -> tuple[dict[str, Any] | None, str]:
+def load_or_summarize(rundir: Path) -> tuple[RunSummary | None, str]:
     """A run's summary and a note (``""``: nothing to say), or None and why it is left out.
 
     A ``summary.json`` is used only while it still describes ``metrics.jsonl``: the file's
@@ -232,14 +477,16 @@ def load_or_summarize(rundir: Path) -> tuple[dict[str, Any] | None, str]:
         return None, "not started (no metrics.jsonl)"
     if path.exists():
         try:
-            summary = json.loads(path.read_text())
+            data = records.read_json(path)
         except ValueError:  # edited or damaged (it is written atomically): recompute
-            summary = None
-        if not isinstance(summary, dict):
-            summary, stale = {}, f"its {SUMMARY} is unreadable"
-        digest = summary.get("metrics_sha256")
+            data = None
+        if isinstance(data, dict):
+            summary = RunSummary.from_json(data)
+        else:
+            summary, stale = RunSummary.from_json({}), f"its {SUMMARY} is unreadable"
+        digest = summary.metrics_sha256
         fresh = None if digest is None else digest == records.metrics_digest(rundir)
-        if fresh and summary.get("complete") is True:
+        if fresh and summary.complete is True:
             return summary, ""
         run = records.load_run(rundir)
         if fresh is None and not stale and _describes(summary, run):
@@ -251,43 +498,46 @@ def load_or_summarize(rundir: Path) -> tuple[dict[str, Any] | None, str]:
     if run.partial:
         return None, "; ".join(filter(None, [run.partial, stale, "left out"]))
     write_run_summary(rundir)
-    return json.loads(path.read_text()), f"{stale}; recomputed" if stale else ""
+    return RunSummary.load(rundir), f"{stale}; recomputed" if stale else ""
 
 
-def _describes(summary: Mapping[str, Any], run: records.Run) -> bool:
+def _describes(summary: RunSummary, run: records.Run) -> bool:
     """A summary without ``metrics_sha256`` still matches the run: same last step, complete."""
-    return (
-        run.partial is None
-        and summary.get("complete") is True
-        and summary.get("last_step") == run.last_step
-    )
+    return run.partial is None and summary.complete is True and summary.last_step == run.last_step
 
 
-def aggregate(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def aggregate(summaries: Sequence[RunSummary | Mapping[str, Any]]) -> dict[str, Any]:
     """seed_stats of the lag ratios of one (setting, optimizer) group, per kind and rule, and
     of its lag-ratio curves (``curves``: :func:`regime_jax.analysis.curves.aggregate_curves`)."""
-    main = summaries[0]["main_rule"]
-    out = {"main_rule": main, "seeds": [s["seed"] for s in summaries], "lag": {}, "layers": {}}
+    summaries = [RunSummary.of(s) for s in summaries]
+    main = summaries[0].main_rule
+    out = {"main_rule": main, "seeds": [s.seed for s in summaries], "lag": {}, "layers": {}}
     for kind in KINDS:
         out["lag"][kind] = {
-            rule: timescales.seed_stats([main_ratio(s, kind, rule) for s in summaries]).to_dict()
-            | {"per_seed": [main_ratio(s, kind, rule) for s in summaries]}
+            rule: timescales.seed_stats([s.lag_ratio(kind, rule) for s in summaries]).to_dict()
+            | {"per_seed": [s.lag_ratio(kind, rule) for s in summaries]}
             for rule in RULES
         }
-    layers = sorted({layer for s in summaries for layer in s["layers"]})
+    layers = sorted({layer for s in summaries for layer in s.layer_names})
     for layer in layers:
-        vals = [s["layers"].get(layer, {}).get("abs", {}).get("ratio") for s in summaries]
+        vals = [s.layer_lag(layer, "abs").ratio for s in summaries]
         out["layers"][layer] = timescales.seed_stats(vals).to_dict() | {"per_seed": vals}
-    out["curves"] = curves.aggregate_curves(summaries)
+    out["curves"] = curves.aggregate_curves([s.lag_ratio_curves for s in summaries])
     return records.jsonable(out)
 
 
-def _run_notes(name: str, summary: Mapping[str, Any]) -> list[str]:
-    out = [f"{name}: {n}" for n in summary.get("notes", [])]
+def group_lag(agg: Mapping[str, Any], kind: str = "abs", rule: str | None = None):
+    """A group's (:func:`aggregate`) seed statistics of the ``kind`` lag ratio under ``rule``
+    (default: the group's main rule), with ``per_seed``."""
+    return agg["lag"][kind][rule or agg["main_rule"]]
+
+
+def _run_notes(name: str, summary: RunSummary) -> list[str]:
+    out = [f"{name}: {n}" for n in summary.notes or ()]
     for kind in KINDS:
-        lag = summary["lag"][kind][summary["main_rule"]]
-        if lag.get("status") != "ok":
-            out.append(f"{name}: {kind} lag: {lag.get('message') or lag.get('status')}")
+        lag = summary.lag(kind)
+        if lag.status != "ok":
+            out.append(f"{name}: {kind} lag: {lag.message or lag.status}")
     return out
 
 
@@ -295,21 +545,23 @@ def _run_notes(name: str, summary: Mapping[str, Any]) -> list[str]:
 class Sweep:
     """A sweep's summarized runs, grouped by ``(setting, optimizer)``.
 
-    ``runs``: ``{"<setting>/<optimizer>/seed_<k>": run summary}``; ``members``:
-    ``{(setting, optimizer): [(run summary, run directory)]}`` in seed order; ``groups``:
-    :func:`aggregate` of each member list; ``notes``: runs left out (not started, partial),
-    stale summaries recomputed, and runs whose main-rule lag is not ok, with why.
+    ``runs``: ``{"<setting>/<optimizer>/seed_<k>": RunSummary}`` (:func:`layout.name
+    <regime_jax.analysis.layout.name>`); ``members``: ``{(setting, optimizer): [(RunSummary,
+    run directory)]}`` in seed order; ``groups``: :func:`aggregate` of each member list;
+    ``notes``: runs left out (not started, partial), stale summaries recomputed, and runs whose
+    main-rule lag is not ok, with why.
     """
 
-    runs: dict[str, dict[str, Any]]
-    members: dict[tuple[str, str], list[tuple[dict[str, Any], Path]]]
+    runs: dict[str, RunSummary]
+    members: dict[tuple[str, str], list[tuple[RunSummary, Path]]]
     groups: dict[tuple[str, str], dict[str, Any]]
     notes: list[str]
 
     def to_dict(self) -> dict[str, Any]:
         """The sweep's ``summary.json`` content: ``runs``, ``groups`` keyed ``"s/o"``, ``notes``."""
+        runs = {name: s.to_dict() for name, s in self.runs.items()}
         groups = {f"{s}/{o}": agg for (s, o), agg in self.groups.items()}
-        return records.jsonable({"runs": self.runs, "groups": groups, "notes": self.notes})
+        return records.jsonable({"runs": runs, "groups": groups, "notes": self.notes})
 
 
 def summarize_sweep(sweep_workdir: str | Path) -> Sweep:
@@ -320,7 +572,7 @@ def summarize_sweep(sweep_workdir: str | Path) -> Sweep:
     """
     members, runs, notes = defaultdict(list), {}, []
     for setting, opt, seed, rundir in find_runs(sweep_workdir):
-        name = f"{setting}/{opt}/seed_{seed}"
+        name = layout.name(setting, opt, seed)
         summary, why = load_or_summarize(rundir)
         notes += [f"{name}: {why}"] if why else []
         if summary is None:
@@ -360,7 +612,7 @@ def load_sweep_summary(summary: SummaryLike) -> Mapping[str, Any]:
     if isinstance(summary, Mapping):
         return summary
     path = Path(summary)
-    return json.loads((path / SUMMARY if path.is_dir() else path).read_text())
+    return records.read_json(path / SUMMARY if path.is_dir() else path)
 
 
 def table_rows(summary: SummaryLike) -> list[dict[str, Any]]:
@@ -374,9 +626,8 @@ def table_rows(summary: SummaryLike) -> list[dict[str, Any]]:
     rows = []
     for name, agg in sorted(load_sweep_summary(summary)["groups"].items()):
         setting, optimizer = name.split("/", 1)
-        stats = agg["lag"]["abs"][agg["main_rule"]]
-        lo, hi = stats["ci_low"], stats["ci_high"]
-        ci = "–" if lo is None or hi is None else f"[{lo:.2f}, {hi:.2f}]"
+        stats = group_lag(agg)
+        ci = fmt.interval(stats["ci_low"], stats["ci_high"])
         row = {"setting": setting, "optimizer": optimizer, "seeds": stats["n"]}
         row |= {"lag mean": stats["mean"], "CI": ci, "paper": PAPER_RATIO}
         rows.append(row | {"verdict": verdict(stats)})
@@ -420,9 +671,9 @@ def smoothed_seed_mean(runs: Sequence[records.Run], key: str, window: int):
     return steps, (np.mean(ys, axis=0) if ys else None)
 
 
-def mean_decay_time(summaries: Sequence[Mapping[str, Any]], key: str) -> float | None:
+def mean_decay_time(summaries: Sequence[RunSummary | Mapping[str, Any]], key: str) -> float | None:
     """Mean over runs of ``key``'s main-rule decay time (runs without one left out)."""
-    times = [s["decay"][key].get(s["main_rule"], {}).get("time") for s in summaries]
+    times = [RunSummary.of(s).decay_time(key).time for s in summaries]
     times = [t for t in times if t is not None]
     return float(np.mean(times)) if times else None
 

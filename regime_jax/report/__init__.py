@@ -26,20 +26,19 @@ Example (needs a run directory, so not a doctest)::
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from regime_jax import faults, records
-from regime_jax.analysis import curves, decoupling
+from regime_jax.analysis import curves, decoupling, layout
+from regime_jax.analysis.fmt import ci, num
+from regime_jax.analysis.layout import find_runs
 from regime_jax.analysis.summary import (
     KINDS,
     PAPER_RATIO,
     Sweep,
-    find_runs,
+    group_lag,
     summarize_sweep,
     verdict,
 )
@@ -64,22 +63,12 @@ TABLE_HEAD = (
 )
 
 
-def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2f}"
-
-
-def _fmt_ci(stats: dict[str, Any]) -> str:
-    """``mean [ci_low, ci_high]`` (the CI only where there is one)."""
-    lo, hi = stats["ci_low"], stats["ci_high"]
-    return _fmt(stats["mean"]) + ("" if lo is None or hi is None else f" [{lo:.2f}, {hi:.2f}]")
-
-
 def table_row(setting: str, optimizer: str, agg: dict[str, Any], runs: int) -> str:
     """One markdown row; ``runs`` counts the group's summarized runs (seeds = valid / runs)."""
-    a, r = (agg["lag"][k][agg["main_rule"]] for k in KINDS)
-    rules = " / ".join(_fmt(agg["lag"]["abs"][rule]["mean"]) for rule in RULES)
-    cells = [setting, optimizer, f"{a['n']}/{runs}", _fmt_ci(a), _fmt(a["median"]), rules]
-    return "| " + " | ".join([*cells, _fmt_ci(r), f"{PAPER_RATIO}x"]) + " |"
+    a, r = (group_lag(agg, k) for k in KINDS)
+    rules = " / ".join(num(group_lag(agg, "abs", rule)["mean"]) for rule in RULES)
+    cells = [setting, optimizer, f"{a['n']}/{runs}", ci(a), num(a["median"]), rules]
+    return "| " + " | ".join([*cells, ci(r), f"{PAPER_RATIO}x"]) + " |"
 
 
 def curves_table(aggs: dict) -> str:
@@ -126,10 +115,10 @@ def _markdown(
         lines += ["## Lag ratio T_step / T_flip of every variant", ""]
     lines += [f"Main decay rule: {main}; paper: {PAPER_RATIO}x.", "", table, "", "## Verdicts", ""]
     for (s, o), agg in sorted(aggs.items()):
-        lines.append(f"- {s} / {o}: {verdict(agg['lag']['abs'][agg['main_rule']])}")
+        lines.append(f"- {s} / {o}: {verdict(group_lag(agg))}")
     lines += ["", "## Per-layer lag ratios (abs step, main rule)", ""]
     for (s, o), agg in sorted(aggs.items()):
-        cells = [f"{k} {_fmt_ci(v)}" for k, v in agg["layers"].items()]
+        cells = [f"{k} {ci(v)}" for k, v in agg["layers"].items()]
         lines.append(f"- {s} / {o}: " + ("; ".join(cells) or "none"))
     lines += ["", *online] if online else []
     lines += _curves_section(aggs, figures)
@@ -162,9 +151,9 @@ def partial_sweep(root: Path, sweep: Sweep) -> str | None:
     ``n``: the grid of ``sweep.json`` where it can be read (runs not started count too), else
     the run directories found; a run is in the report once it has a usable summary.
     """
-    found = {f"{s}/{o}/seed_{k}" for s, o, k, _ in find_runs(root)}
+    found = {layout.name(s, o, k) for s, o, k, _ in find_runs(root)}
     try:
-        grid = {r["path"] for r in json.loads((root / "sweep.json").read_text())["runs"]}
+        grid = {r["path"] for r in records.read_json(root / layout.GRID)["runs"]}
     except (OSError, ValueError, KeyError, TypeError):
         grid = set()
     every = found | grid
@@ -261,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         _require(Path(args.workdir))
         if not find_runs(args.workdir):
-            raise ValueError(f"{args.workdir} holds no runs (<setting>/<optimizer>/seed_<k>/)")
+            raise ValueError(f"{args.workdir} holds no runs ({layout.PATTERN}/)")
         report = build_report(args.workdir)
     except (OSError, ValueError, KeyError, IndexError) as err:
         fault = faults.classify(err) if not isinstance(err, FileNotFoundError) else None
@@ -310,25 +299,10 @@ def online_markdown(online: Mapping[str, Any]) -> list[str]:
     ]
     for group, o in online.items():
         setting, opt = group.split("/")
-        cells = [_ci(o["offline"], ".0f"), _ci(o["online"], ".0f")]
-        cells += [_ci(o["online_over_offline"], ".2f"), str(o["online_missing"])]
+        cells = [ci(o["offline"], ".0f"), ci(o["online"], ".0f")]
+        cells += [ci(o["online_over_offline"], ".2f"), str(o["online_missing"])]
         lines.append(f"| {setting} | {opt} | " + " | ".join(cells) + " |")
     return lines
-
-
-def _ci(stats: Mapping[str, Any] | None, fmt: str = ".3f", signed: bool = False) -> str:
-    if not stats or stats.get("mean") is None or not np.isfinite(stats["mean"]):
-        return "–"
-    f = ("+" if signed else "") + fmt
-    text = format(stats["mean"], f)
-    lo, hi = stats.get("ci_low"), stats.get("ci_high")
-    if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
-        text += f" [{lo:{f}}, {hi:{f}}]"
-    return text
-
-
-def _num(x: float | None, fmt: str) -> str:
-    return "–" if x is None else format(x, fmt)
 
 
 DECOUPLING_HEAD = (
@@ -339,7 +313,7 @@ DECOUPLING_HEAD = (
 
 
 def _freeze_cell(v: Mapping[str, Any]) -> str:
-    return f"{_num(v['freeze_step'], '.0f')} ({v['frozen_seeds']}/{len(v['seeds'])})"
+    return f"{num(v['freeze_step'], '.0f')} ({v['frozen_seeds']}/{len(v['seeds'])})"
 
 
 def decoupling_markdown(result: Mapping[str, Any]) -> list[str]:
@@ -362,20 +336,20 @@ def decoupling_markdown(result: Mapping[str, Any]) -> list[str]:
     for group, variants in result["groups"].items():
         setting, opt = group.split("/")
         for variant, v in variants.items():
-            ms = f"{_num(v['ordinary_ms'], '.2f')} / {_num(v['gated_ms'], '.2f')}"
+            ms = f"{num(v['ordinary_ms'], '.2f')} / {num(v['gated_ms'], '.2f')}"
             cells = [
                 setting,
                 opt,
                 variant,
                 _freeze_cell(v) if variant != decoupling.NEVER else "–",
                 str(len(v["seeds"])),
-                _ci(v["acc"]),
-                _ci(v["acc_gap"], signed=True) if variant != decoupling.NEVER else "0",
-                _ci(v["loss"]),
-                _ci(v["loss_gap"], signed=True) if variant != decoupling.NEVER else "0",
-                _num(v["disagreement"], ".3f"),
+                ci(v["acc"], ".3f"),
+                ci(v["acc_gap"], ".3f", signed=True) if variant != decoupling.NEVER else "0",
+                ci(v["loss"], ".3f"),
+                ci(v["loss_gap"], ".3f", signed=True) if variant != decoupling.NEVER else "0",
+                num(v["disagreement"], ".3f"),
                 ms,
-                _ci(v["gated_over_ordinary"], ".2f"),
+                ci(v["gated_over_ordinary"], ".2f"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from regime_jax import records
-from regime_jax.analysis import curves, decoupling, timescales
+from regime_jax.analysis import curves, decoupling, layout, timescales
 from regime_jax.analysis import summary as analysis
-from regime_jax.analysis.summary import SummaryLike, table_frame, table_rows
+from regime_jax.analysis.fmt import num
+from regime_jax.analysis.summary import RunSummary, SummaryLike, table_frame, table_rows
 
 # table_rows / table_frame are data (regime_jax.analysis.summary), re-exported for older callers.
 __all__ = [
@@ -104,34 +105,39 @@ def _marked(fig, run: records.Run):
     return fig
 
 
-def _lag_title(summary: Mapping[str, Any]) -> str:
-    rule, parts = summary["main_rule"], []
+def _lag_title(summary: RunSummary) -> str:
+    parts = []
     for kind in analysis.KINDS:
-        lag = summary["lag"][kind][rule]
-        ratio = lag.get("ratio")
-        parts.append(f"{ratio:.2f} ({kind})" if ratio is not None else f"{kind}: {lag['status']}")
-    return f"lag ratio T_step / T_flip [{rule}]: " + ", ".join(parts)
+        lag = summary.lag(kind)
+        parts.append(
+            f"{num(lag.ratio)} ({kind})" if lag.ratio is not None else f"{kind}: {lag.status}"
+        )
+    return f"lag ratio T_step / T_flip [{summary.main_rule}]: " + ", ".join(parts)
 
 
-def timescales_figure(run: RunLike, summary: Mapping[str, Any] | None = None):
+def timescales_figure(run: RunLike, summary: RunSummary | Mapping[str, Any] | None = None):
     """``flip/all``, ``step/abs/all``, ``step/rel/all`` (smoothed, min-max) and decay times.
 
     One axes: the three curves, a vertical line at each decay time under the main rule (where
     there is one) and at the max-validation-accuracy step, the lag ratios in the title.
-    ``summary``: :func:`regime_jax.analysis.summary.summarize_run` of the run (computed if None).
+    ``summary``: the run's :class:`~regime_jax.analysis.summary.RunSummary` or
+    ``summary.json`` object (:func:`regime_jax.analysis.summary.summarize_run`; computed if None).
     """
     run = _as_run(run)
-    summary = summary or analysis.summarize_run(run.workdir)
-    rule, window = summary["main_rule"], summary["decay_config"]["window"]
+    if summary:
+        summary = RunSummary.of(summary)
+    else:
+        summary = RunSummary.from_json(analysis.summarize_run(run.workdir))
+    window = summary.window
     fig, ax = _axes()
     for key, color, ls in _SERIES:
         steps, curves = analysis.normalized_curves([run], key, window)
         if curves.shape[0]:
             ax.plot(steps, curves[0], color=color, ls=ls, label=key)
-        t = summary["decay"].get(key, {}).get(rule, {}).get("time")
+        t = summary.decay_time(key).time
         if t is not None:
-            ax.axvline(t, color=color, ls=":", lw=1.5, label=f"T {key} = {t:g}")
-    mva = summary["reference"].get("mva_step")
+            ax.axvline(t, color=color, ls=":", lw=1.5, label=f"T {key} = {num(t, 'g')}")
+    mva = summary.mva_step
     if mva is not None:
         ax.axvline(mva, color="k", ls="-.", lw=1, label=f"max val. acc. (step {mva})")
     ax.set(xlabel="step", ylabel=f"smoothed (window {window}), min-max normalized")
@@ -280,7 +286,7 @@ def lag_summary_figure(summary: SummaryLike):
     fig, ax = _axes((max(6.5, 1.6 * len(groups) + 2.5), 4.2))
     for j, rule in enumerate(timescales.RULES):
         for i, (_, agg) in enumerate(groups):
-            x, stats = i + 0.2 * (j - 1), agg["lag"]["abs"][rule]
+            x, stats = i + 0.2 * (j - 1), analysis.group_lag(agg, "abs", rule)
             seeds = [v for v in stats["per_seed"] if v is not None]
             ax.plot([x] * len(seeds), seeds, ".", color=f"C{j}", label=None if i else rule)
             if stats["mean"] is not None:
@@ -342,10 +348,10 @@ def _curves_panel(ax, runs, summaries, window: int) -> None:
             ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.2)
         t = analysis.mean_decay_time(summaries, key)
         if t is not None:
-            ax.axvline(t, color=color, ls="--", lw=1, label=f"T {key} = {t:.0f}")
-    mva = [s["reference"]["mva_step"] for s in summaries if s["reference"]["mva_step"]]
+            ax.axvline(t, color=color, ls="--", lw=1, label=f"T {key} = {num(t, '.0f')}")
+    mva = [s.mva_step for s in summaries if s.mva_step]
     if mva:
-        ax.axvline(np.mean(mva), color="k", ls=":", lw=1, label=f"MVA {np.mean(mva):.0f}")
+        ax.axvline(np.mean(mva), color="k", ls=":", lw=1, label=f"MVA {num(np.mean(mva), '.0f')}")
     ax.set(xlabel="step", ylabel="normalized (smoothed)")
     ax.legend(fontsize=7)
 
@@ -359,20 +365,20 @@ def _layers_panel(ax, runs, window: int) -> None:
     ax.legend(fontsize=7)
 
 
-def setting_figure(setting: str, members: Mapping[str, Sequence[tuple[Mapping, Any]]]):
+def setting_figure(setting: str, members: Mapping[str, Sequence[tuple[RunSummary | Mapping, Any]]]):
     """One setting of a sweep, one column per optimizer: the seeds' normalized ``flip/all`` and
     ``step/abs/all`` (mean, min-max band) with their mean decay times and MVA (top), and each
     layer's smoothed flip rate, seed mean (bottom).
 
-    ``members``: ``{optimizer: [(run summary, run directory or Run)]}``, as in
-    :attr:`regime_jax.analysis.summary.Sweep.members`.
+    ``members``: ``{optimizer: [(RunSummary or summary.json object, run directory or Run)]}``,
+    as in :attr:`regime_jax.analysis.summary.Sweep.members`.
     """
     fig = _figure_class()(figsize=(5.5 * len(members), 7.5), layout="constrained")
     axes = fig.subplots(2, len(members), squeeze=False)
     for col, (opt, items) in enumerate(sorted(members.items())):
-        summaries = [s for s, _ in items]
+        summaries = [RunSummary.of(s) for s, _ in items]
         runs = [_as_run(d) for _, d in items]
-        window = summaries[0]["decay_config"]["window"]
+        window = summaries[0].window
         _curves_panel(axes[0, col], runs, summaries, window)
         axes[0, col].set_title(f"{setting} / {opt}: {len(runs)} seeds, band = min-max")
         _layers_panel(axes[1, col], runs, window)
@@ -391,7 +397,7 @@ def sweep_figures(sweep: analysis.Sweep) -> Iterator[tuple[str, Any]]:
         yield setting, setting_figure(setting, members)
         first = records.load_run(members[sorted(members)[0]][0][1])
         if len(first.mask_steps) >= 2:
-            name = "/".join(first.workdir.parts[-3:])
+            name = layout.name(*layout.parse(first.workdir))
             yield f"{setting}_raster", mask_raster_figure(first, name=name)
     if any(agg.get("curves") for agg in sweep.groups.values()):
         yield "lag_curves", lag_curves_figure(sweep.to_dict())
