@@ -82,7 +82,7 @@ class Chunk:
 
 
 def split(span: int, k: int) -> list[int]:
-    """Chunk lengths covering ``span`` steps: ``k``s, then the remainder's powers of two.
+    """Chunk lengths covering ``span`` steps: ``k`` each, then the remainder's powers of two.
 
     So chunk lengths come from ``{k} | {1, 2, 4, ... < k}``: at most ``1 + ceil(log2 k)``
     distinct lengths, each compiled once.

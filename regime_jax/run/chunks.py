@@ -4,7 +4,7 @@ A chunk is ``T`` consecutive steps in one jitted ``lax.scan``
 (:func:`regime_jax.run.step.train_chunk`) over ``T`` stacked batches. Which steps run together
 is the run's :class:`~regime_jax.schedule.Schedule`'s (:meth:`~regime_jax.schedule.Schedule.chunks`:
 a chunk ends at each eval, stability test, checkpoint, possible freeze and the last step, and
-between them the span is cut into ``K``s, then the remainder's powers of two).
+between them the span is cut into chunks of ``K``, then the remainder's powers of two).
 :class:`Runner` compiles each length the plan uses once, before the first step (one trace
 each); a length-1 chunk is the plain jitted step (two variants, record or not, as with K=1,
 which is exactly the one-step-per-call loop).
