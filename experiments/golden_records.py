@@ -20,11 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import sys
 
 SKIP_FILES = {"timing.json", "checkpoints", "events", "lock"}
 # wall-clock figures: they differ between any two runs, whatever the change
 TIMING_KEYS = ("_ms", "over_ordinary", "seconds", "steps_per_s", "wall")
+
+
+_CHECKOUT = re.compile(r"^/\S*?/((?:site-packages|regime_jax)/\S*:\d+)$")
 
 
 def _normal_json(path: pathlib.Path, root: pathlib.Path):
@@ -35,6 +39,9 @@ def _normal_json(path: pathlib.Path, root: pathlib.Path):
             return {k: walk(v) for k, v in obj.items() if not any(t in str(k) for t in TIMING_KEYS)}
         if isinstance(obj, list):
             return [walk(v) for v in obj]
+        if isinstance(obj, str):
+            # a site's source file names the checkout it ran from: keep the part from the package on
+            return _CHECKOUT.sub(r"<CHECKOUT>/\1", obj)
         return obj
 
     return walk(json.loads(path.read_text().replace(str(root), "<ROOT>")))

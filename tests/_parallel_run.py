@@ -1,4 +1,4 @@
-"""Run by tests/test_parallel.py in a subprocess with 8 simulated CPU devices.
+"""Run by tests/run/test_parallel.py in a subprocess with 8 simulated CPU devices.
 
 Trains one small config four ways, ``(parallel.devices, steps_per_call)`` in (1, 1), (8, 1),
 (1, 8) and (8, 8); counts the traces of the step variants and of each chunk length; checks

@@ -24,7 +24,7 @@ import pytest
 from regime_jax import faults, main, records, report
 from regime_jax.run import checkpoint
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 BASE = ["--config", "mlp_mnist1d:quick"]
 QUICK = [*BASE, "--config.checkpoint.every_steps=10"]
 LONG = [*BASE, "--config.num_steps=4000", "--config.checkpoint.every_steps=200"]

@@ -22,7 +22,7 @@ from regime_jax.configs.base import ConfigError
 from regime_jax.run import checkpoint, loop, rundir
 from regime_jax.schedule import Schedule
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 CKPT = {"num_steps": 12, "checkpoint.every_steps": 4, "checkpoint.keep": 3}
 
 

@@ -17,7 +17,7 @@ from regime_jax.analysis import summary, timescales
 from regime_jax.configs.base import ConfigError, base_config
 from regime_jax.run import loop
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MLP_MNIST1D = "mlp_mnist1d"
 LN10 = math.log(10.0)
 

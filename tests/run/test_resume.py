@@ -19,7 +19,7 @@ from regime_jax.configs.overrides import apply_overrides
 from regime_jax.run import checkpoint, loop, signals, step
 from regime_jax.schedule import Schedule
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 EXPERIMENT = "mlp_mnist1d"
 # A run long enough to be killed mid-way (~2k steps of a small MLP, every step recorded).
 OVERRIDES = {

@@ -25,7 +25,7 @@ log are in the failure message.
 
 Run it (about 2 minutes per configuration on 2 CPU cores)::
 
-    .venv/bin/python -m pytest -m heavy tests/test_random_kill.py -q
+    .venv/bin/python -m pytest -m heavy tests/run/test_random_kill.py -q
 
 Add ``-s`` to see the kill log of a passing run. Not compared: ``timing.json`` and the
 TensorBoard event files under ``tb/`` hold wall-clock times; ``checkpoints/`` is resume
@@ -49,7 +49,7 @@ import pytest
 
 from regime_jax import records
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 SEED = 20210  # the kill schedule; another value draws other instants
 NUM_STEPS = 800  # above the most steps the kills let the run advance (see _plans)
 ARGS = [

@@ -26,7 +26,7 @@ from regime_jax import records, sweep
 from regime_jax.configs.base import ConfigError
 from regime_jax.run import checkpoint, loop
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1]  # tests/, where _parallel_run.py lives
 FLOAT_RTOL = 1e-4
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import HAS_PROC, wait_for_signal_handlers
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 QUICK = "--config=reproduce:quick"
 PREFIX = "regime_jax.sweep: "
 

@@ -33,7 +33,7 @@ from regime_jax.configs.base import ConfigError, validate_config
 from regime_jax.report import plots
 from regime_jax.run import cli, loop, rundir
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 CKPT = {"num_steps": 12, "checkpoint.every_steps": 4}
 EVAL10 = "--config.eval_every_steps=10"
 
