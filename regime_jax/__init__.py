@@ -42,7 +42,7 @@ from regime_jax import _deprecations
 
 _deprecations.install()  # old module paths (regime_jax.loop, ...) warn and still work
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # public name -> (module, attribute or None for the module itself)
 _API = {
