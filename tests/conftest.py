@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -141,3 +144,53 @@ HAS_PROC = Path("/proc/self/status").exists()
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+# --- the installed package, not the clone -------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    """A wheel built from a copy of the sources (the clone gets no build/ folder)."""
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT / "regime_jax", src / "regime_jax", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    # Build isolation, as `pip install -e .` (the README's install) does: setuptools>=68 and
+    # wheel come from pip's index or cache, not necessarily from this environment.
+    dist = tmp_path / "dist"
+    subprocess.run([*PIP, "wheel", "--no-deps", "-w", dist, src], check=True)
+    (wheel,) = dist.glob("regime_jax-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def installed_site(tmp_path_factory) -> Path:
+    """regime_jax installed from its wheel (not editable) into a folder of its own, its
+    dependencies from this environment: put it first on PYTHONPATH (:func:`installed_env`)."""
+    tmp = tmp_path_factory.mktemp("installed")
+    wheel = build_wheel(tmp)
+    site = tmp / "site"
+    subprocess.run(
+        [*PIP, "install", "--no-deps", "--no-index", "--target", site, wheel], check=True
+    )
+    return site
+
+
+def installed_env(site: Path, **extra: str) -> dict[str, str]:
+    """The environment of a child process that imports regime_jax from ``site``, not the clone."""
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    return env
+
+
+# A child's first statement with installed_env: fails unless regime_jax comes from the install.
+FROM_THE_INSTALL = (
+    "import pathlib, regime_jax; "
+    f"assert not pathlib.Path(regime_jax.__file__).resolve().is_relative_to({str(ROOT)!r}), "
+    "'regime_jax imported from the clone: ' + regime_jax.__file__"
+)

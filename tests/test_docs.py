@@ -6,7 +6,9 @@ Every fenced block declares what it is, by its info string:
   The blocks of one page run in order in one fresh interpreter (``JAX_PLATFORMS=cpu``) and
   share one namespace, so a page may build on its earlier blocks (stand-ins for a user's
   model and data first, then the code that uses them). The interpreter runs in a temporary
-  directory, so a block that writes files leaves nothing in the clone.
+  directory, so a block that writes files leaves nothing in the clone, and imports regime_jax
+  from its wheel installed in a folder of its own (``conftest.installed_site``), not from the
+  clone: the examples work for a user who installed the package.
 * ``bash``: commands to type at a shell; never executed here. A block needs no marker when it
   is obviously commands: every command in it (after ``VAR=value`` assignments, across
   ``\\`` continuations, ``&&`` and ``;``) is one of :data:`COMMANDS`, the programs of a clone
@@ -33,7 +35,6 @@ cores.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import FROM_THE_INSTALL, installed_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -207,7 +209,7 @@ for where, code in blocks:
 """
 
 
-def _run_page(page: Path, tmp_path: Path, heavy: bool) -> None:
+def _run_page(page: Path, tmp_path: Path, heavy: bool, site: Path) -> None:
     todo = [
         (b.where, b.code)
         for b in blocks_of(page)
@@ -219,8 +221,10 @@ def _run_page(page: Path, tmp_path: Path, heavy: bool) -> None:
     spec.write_text(json.dumps(todo))
     work = tmp_path / "cwd"
     work.mkdir()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TMPDIR": str(tmp_path), "MPLBACKEND": "Agg"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    # regime_jax from its wheel, not the clone: the examples work for a user who pip-installed it
+    todo.insert(0, ("the install", FROM_THE_INSTALL))
+    spec.write_text(json.dumps(todo))
+    env = installed_env(site, JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path), MPLBACKEND="Agg")
     done = subprocess.run(
         [sys.executable, "-c", RUNNER, str(spec)],
         cwd=work,
@@ -237,11 +241,11 @@ HEAVY = sorted({b.page for b in BLOCKS if b.lang == "python" and b.marker == "he
 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=_ids)
-def test_the_python_blocks_of_a_page_run(page, tmp_path):
-    _run_page(page, tmp_path, heavy=False)
+def test_the_python_blocks_of_a_page_run(page, tmp_path, installed_site):
+    _run_page(page, tmp_path, heavy=False, site=installed_site)
 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("page", HEAVY, ids=_ids)
-def test_the_python_blocks_of_a_page_run_with_the_heavy_ones(page, tmp_path):
-    _run_page(page, tmp_path, heavy=True)
+def test_the_python_blocks_of_a_page_run_with_the_heavy_ones(page, tmp_path, installed_site):
+    _run_page(page, tmp_path, heavy=True, site=installed_site)

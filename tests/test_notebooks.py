@@ -3,7 +3,8 @@
 The execution test runs each notebook with its ``QUICK = True`` defaults in a fresh ``python3``
 kernel (this interpreter's ipykernel), in a temporary directory outside the repository (as on
 Colab: configs come with the package, by name), with ``TMPDIR`` pointing there too so the
-notebooks' ``tempfile.mkdtemp()`` workdirs are cleaned up.
+notebooks' ``tempfile.mkdtemp()`` workdirs are cleaned up; regime_jax comes from its wheel,
+installed in a folder of its own (``conftest.installed_site``), not from the clone.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import FROM_THE_INSTALL, installed_env
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,15 +118,17 @@ def test_needs_no_clone(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
-def test_runs_top_to_bottom(path, tmp_path):
+def test_runs_top_to_bottom(path, tmp_path, installed_site):
     nb = nbformat.read(path, as_version=4)
+    # regime_jax from its wheel, not the clone (the install cell then installs nothing)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(FROM_THE_INSTALL))
     client = NotebookClient(
         nb,
         timeout=CELL_TIMEOUT_S,
         kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},  # not the clone
     )
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # JAX_PLATFORMS=cpu from conftest
+    env = installed_env(installed_site, TMPDIR=str(tmp_path))  # JAX_PLATFORMS=cpu: conftest
     client.execute(env=env)  # raises CellExecutionError (with the traceback) on any error
     errors = [
         out
