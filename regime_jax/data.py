@@ -18,11 +18,11 @@ Through tensorflow-datasets ``tfds.data_source`` (array_record; no TensorFlow im
     ``[N, seq_len]`` int32 character ids, y the same sequences shifted by one (the next
     character at each position), ``num_classes`` the vocabulary size; its ``validation``
     split is the validation split.
-  If tfds cannot find or
-    download a dataset, :class:`DatasetUnavailableError` says how to get it. There is no
-    fallback to other data. Before a download the source host is probed (at most
-    ``PROBE_TIMEOUT_S``), so without network the run fails in seconds; a download that fails
-    midway has its partial files removed.
+
+If tfds cannot find or download a dataset, :class:`DatasetUnavailableError` says how to get
+it. There is no fallback to other data. Before a download the source host is probed (at most
+``PROBE_TIMEOUT_S``), so without network the run fails in seconds; a download that fails
+midway has its partial files removed.
 
 The probe set is ``size`` validation examples chosen once by ``seed`` (sorted indices, same
 order at every record). Batches are a pure function of (seed, step): epoch ``e`` uses the
