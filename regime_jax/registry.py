@@ -73,6 +73,8 @@ MODELS = Registry(
         "mlp": "regime_jax.models:build_mlp",
         "cnn": "regime_jax.models:build_cnn",
         "transformer": "regime_jax.models:build_transformer",
+        "resnet": "regime_jax.models:build_resnet",
+        "gpt": "regime_jax.models:build_gpt",
     },
 )
 DATASETS = Registry(
@@ -83,5 +85,7 @@ DATASETS = Registry(
         "mnist": "regime_jax.data:load_mnist",
         "fashion_mnist": "regime_jax.data:load_fashion_mnist",
         "cifar10": "regime_jax.data:load_cifar10",
+        "synthetic_text": "regime_jax.data:load_synthetic_text",
+        "tiny_shakespeare": "regime_jax.data:load_tiny_shakespeare",
     },
 )

@@ -16,13 +16,16 @@ root is :func:`regime_jax.configs.base.base_config`, where every field is docume
      ├─ stability_mlp_mnist1d     + the stability test (with_probe)
      ├─ mlp_mnist
      ├─ transformer_mnist1d
-     │  └─ vit_cifar10
+     │  ├─ vit_cifar10
+     │  │  └─ vit_s16_cifar10     ViT-S/16-style
+     │  └─ gpt_shakespeare        causal decoder, ReLU FFN
      └─ mlp_digits
         └─ cnn_digits             the CNN block every CNN config derives
            ├─ stability_cnn_digits + stability_mlp_mnist1d's probe
            ├─ cnn_mnist1d
            └─ cnn_mnist
               └─ cnn_cifar10
+                 └─ resnet18_cifar10  BatchNorm, skip connections
 
 ``reproduce`` and ``decoupled`` are sweep configs (``python -m regime_jax.sweep``, listed in
 :data:`SWEEPS`): their settings name configs.

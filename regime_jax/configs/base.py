@@ -39,7 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # parameter init and batch order: the only seed a sweep varies
     c.dataset = dict(
-        name="mnist1d",  # mnist1d | digits (offline); mnist | fashion_mnist | cifar10 (tfds)
+        # mnist1d | digits | synthetic_text (offline); mnist | fashion_mnist | cifar10 |
+        # tiny_shakespeare (tfds)
+        name="mnist1d",
         num_samples=5000,  # mnist1d only: examples generated (80% train, 20% validation)
         seed=42,  # mnist1d: the generator's seed; digits: the split's; unused by tfds
         # A typed placeholder, so that it can be set from the command line.
@@ -54,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # A registry name (regime_jax.models.MODELS) and its fields.
     c.model = dict(
-        name="mlp",  # mlp | cnn | transformer, or a name added with models.register_model
+        name="mlp",  # mlp | cnn | transformer | resnet | gpt, or one added with register_model
         hidden=(256, 256),  # mlp: hidden layer widths, recorded as fc1 .. fcN
         activation="relu",  # relu only: patterns are defined for ReLU, another is refused
     )

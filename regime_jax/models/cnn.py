@@ -8,9 +8,11 @@ spatial axes), then dense layers ``fc1`` .. ``fcM`` (``z`` is ``[B, U]``). The `
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from regime_jax.models.record import relu
 
@@ -40,6 +42,8 @@ class CNN(nn.Module):
       pool_size: pooling window and stride per spatial axis.
       dense: hidden dense widths after flattening, recorded as ``fc1`` .. ``fcM``.
       norm: "none" | "layer" (LayerNorm over channels before each conv ReLU).
+      dtype: None (float32) or ``jnp.bfloat16`` (``model.compute_dtype``): bfloat16 compute
+        with float32 parameters; logits are returned in float32.
     """
 
     dims: int
@@ -51,6 +55,7 @@ class CNN(nn.Module):
     pool_size: int = 2
     dense: Sequence[int] = (128,)
     norm: str = "none"
+    dtype: Any = None
 
     def _as_image(self, x: jax.Array) -> jax.Array:
         """Returns ``[B, *spatial, C]``, adding a channel axis to ``[B, *spatial]``."""
@@ -84,11 +89,12 @@ class CNN(nn.Module):
                 kernel_size=(self.kernel_size,) * self.dims,
                 strides=(self.strides,) * self.dims,
                 padding="SAME",
+                dtype=self.dtype,
                 name=f"conv{i}",
             )
             z_BxSxC, site = conv(h_BxSxC), conv
             if self.norm == "layer":  # z then comes from the norm: recorded as norm<i>
-                site = nn.LayerNorm(name=f"norm{i}")
+                site = nn.LayerNorm(dtype=self.dtype, name=f"norm{i}")
                 z_BxSxC = site(z_BxSxC)
             elif self.norm != "none":
                 raise ValueError(
@@ -97,6 +103,7 @@ class CNN(nn.Module):
             h_BxSxC = self._pool(relu(site, z_BxSxC))
         h_BxD = h_BxSxC.reshape(h_BxSxC.shape[0], -1)
         for i, width in enumerate(self.dense, start=1):
-            fc = nn.Dense(width, name=f"fc{i}")
+            fc = nn.Dense(width, dtype=self.dtype, name=f"fc{i}")
             h_BxD = relu(fc, fc(h_BxD))
-        return nn.Dense(self.num_classes, name="head")(h_BxD)
+        logits_BxK = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(h_BxD)
+        return logits_BxK if self.dtype is None else logits_BxK.astype(jnp.float32)

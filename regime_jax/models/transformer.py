@@ -9,12 +9,18 @@ norms, embedding and head have no ReLU and record nothing.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from regime_jax.models.record import check_activation, relu
+
+# A module's ``dtype``: None computes in the parameters' dtype (float32); ``jnp.bfloat16``
+# computes in bfloat16 with float32 parameters (mixed precision, ``model.compute_dtype``).
+Dtype = Any
 
 EMBEDS = ("patch", "scalar")
 POSITIONS = ("learned", "sinusoidal")
@@ -36,34 +42,41 @@ class FFN(nn.Module):
 
     mlp_dim: int
     dim: int
+    dtype: Dtype = None
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        fc1 = nn.Dense(self.mlp_dim, name="fc1")
+        fc1 = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")
         h_BxTxF = relu(fc1, fc1(x_BxTxD))
-        return nn.Dense(self.dim, name="fc2")(h_BxTxF)
+        return nn.Dense(self.dim, dtype=self.dtype, name="fc2")(h_BxTxF)
 
 
 class Block(nn.Module):
-    """Pre-LN encoder block: ``x + MHA(LN(x))``, then ``x + FFN(LN(x))``."""
+    """Pre-LN block: ``x + MHA(LN(x))``, then ``x + FFN(LN(x))``; ``mask``: attention mask
+    ``[B, 1, T, T]`` (None: every token attends to every token; the GPT passes a causal one)."""
 
     num_heads: int
     dim: int
     mlp_dim: int
+    dtype: Dtype = None
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        y_BxTxD = nn.LayerNorm(name="ln1")(x_BxTxD)
+    def __call__(self, x_BxTxD: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        y_BxTxD = nn.LayerNorm(dtype=self.dtype, name="ln1")(x_BxTxD)
         attn = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, qkv_features=self.dim, out_features=self.dim, name="attn"
+            num_heads=self.num_heads,
+            qkv_features=self.dim,
+            out_features=self.dim,
+            dtype=self.dtype,
+            name="attn",
         )
-        x_BxTxD = x_BxTxD + attn(y_BxTxD, y_BxTxD)
-        y_BxTxD = nn.LayerNorm(name="ln2")(x_BxTxD)
-        return x_BxTxD + FFN(self.mlp_dim, self.dim, name="ffn")(y_BxTxD)
+        x_BxTxD = x_BxTxD + attn(y_BxTxD, y_BxTxD, mask=mask)
+        y_BxTxD = nn.LayerNorm(dtype=self.dtype, name="ln2")(x_BxTxD)
+        return x_BxTxD + FFN(self.mlp_dim, self.dim, self.dtype, name="ffn")(y_BxTxD)
 
 
 class Transformer(nn.Module):
-    """Encoder Transformer classifier; deterministic (no dropout), float32.
+    """Encoder Transformer classifier; deterministic (no dropout).
 
     Attributes:
       num_layers: encoder blocks ``block0`` .. ``block{num_layers-1}``.
@@ -78,6 +91,9 @@ class Transformer(nn.Module):
       positions: "learned" (param ``pos_embedding``) or "sinusoidal" (fixed).
       pool: "mean" over tokens or "cls" (a learned ``cls`` token prepended, read out).
       activation: must be "relu" (checked at construction: patterns are ReLU-only).
+      dtype: None (float32) or ``jnp.bfloat16``: the computation's dtype (``model.compute_dtype``;
+        parameters stay float32, logits are returned in float32, the recorded
+        pre-activations are the bfloat16 ones the FFN computes).
     """
 
     num_layers: int
@@ -90,6 +106,7 @@ class Transformer(nn.Module):
     positions: str = "learned"
     pool: str = "mean"
     activation: str = "relu"
+    dtype: Dtype = None
 
     def __post_init__(self):
         check_activation(self.activation, "model.activation")
@@ -102,7 +119,7 @@ class Transformer(nn.Module):
                 x = x[..., None]
             if x.ndim != 3 or x.shape[-1] != 1:
                 raise ValueError(f"embed='scalar' expects [B, L] or [B, L, 1]; got {x.shape}")
-            return nn.Dense(self.dim, name="embed")(x)
+            return nn.Dense(self.dim, dtype=self.dtype, name="embed")(x)
         if self.embed == "patch":
             if x.ndim == 3:
                 x = x[..., None]
@@ -112,7 +129,9 @@ class Transformer(nn.Module):
                     f"model.patch_size={self.patch_size}; got {x.shape}"
                 )
             patch = (self.patch_size, self.patch_size)
-            x = nn.Conv(self.dim, patch, strides=patch, padding="VALID", name="embed")(x)
+            x = nn.Conv(
+                self.dim, patch, strides=patch, padding="VALID", dtype=self.dtype, name="embed"
+            )(x)
             return x.reshape(x.shape[0], -1, self.dim)
         raise ValueError(f"model.embed={self.embed!r} is unknown; allowed values: {list(EMBEDS)}")
 
@@ -136,7 +155,9 @@ class Transformer(nn.Module):
                 f"model.positions={self.positions!r} is unknown; allowed values: {list(POSITIONS)}"
             )
         for i in range(self.num_layers):
-            x_BxTxD = Block(self.num_heads, self.dim, self.mlp_dim, name=f"block{i}")(x_BxTxD)
-        x_BxTxD = nn.LayerNorm(name="ln_final")(x_BxTxD)
+            block = Block(self.num_heads, self.dim, self.mlp_dim, self.dtype, name=f"block{i}")
+            x_BxTxD = block(x_BxTxD)
+        x_BxTxD = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x_BxTxD)
         h_BxD = x_BxTxD[:, 0] if self.pool == "cls" else x_BxTxD.mean(axis=1)
-        return nn.Dense(self.num_classes, name="head")(h_BxD)
+        logits_BxK = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(h_BxD)
+        return logits_BxK if self.dtype is None else logits_BxK.astype(jnp.float32)

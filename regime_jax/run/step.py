@@ -132,8 +132,16 @@ def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTran
 
 
 def cross_entropy(logits_BxK: jax.Array, y_B: jax.Array) -> jax.Array:
-    """The default loss: softmax cross-entropy with integer labels, per example."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxK, y_B)
+    """The default loss: softmax cross-entropy with integer labels, per example.
+
+    Sequence targets (``y [B, T]``, logits ``[B, T, K]``: next-token prediction) give each
+    example the mean of its per-token cross-entropies, so the train loss (the mean over the
+    batch) is the mean per-token loss.
+    """
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, y_B)
+    if losses.ndim > 1:  # per token: each sequence's mean over its positions
+        losses = losses.mean(axis=tuple(range(1, losses.ndim)))
+    return losses
 
 
 def _is_classification(logits: jax.Array, y: jax.Array) -> bool:
@@ -304,6 +312,9 @@ def eval_step(
 ) -> dict[str, jax.Array]:
     """Summed loss (and correct count) over a padded batch; ``w`` masks the padding.
 
+    Sequence targets (``y [B, T]``): an example's "correct" is its token accuracy, so
+    ``eval/acc`` is the accuracy over every validation token (sequences have equal lengths).
+
     ``params``: what the model's ``apply`` takes (:func:`model_variables`: a model with a
     train mode is evaluated in eval mode on its current variables). With ``gated_net`` and
     ``gates``: the gated network's (the values under frozen gates).
@@ -313,7 +324,10 @@ def eval_step(
     w_B = batch["w"]
     sums = {"loss": jnp.sum(loss_fn(logits, batch["y"]) * w_B)}
     if _is_classification(logits, batch["y"]):
-        sums["correct"] = jnp.sum((jnp.argmax(logits, -1) == batch["y"]) * w_B)
+        hit = jnp.argmax(logits, -1) == batch["y"]
+        if hit.ndim > 1:  # sequence targets: each example's token accuracy
+            hit = hit.mean(axis=tuple(range(1, hit.ndim)))
+        sums["correct"] = jnp.sum(hit * w_B)
     return sums
 
 

@@ -26,7 +26,7 @@ def no_training(monkeypatch):
     ("override", "expected"),
     [
         ({"dataset.name": "imagenet"}, ["dataset.name", "mnist1d", "digits", "cifar10"]),
-        ({"model.name": "resnet"}, ["model.name", "mlp"]),
+        ({"model.name": "vgg"}, ["model.name", "mlp", "resnet", "gpt"]),
         ({"model.activation": "gelu"}, ["model.activation", "relu"]),
         ({"optimizer.name": "rmsprop"}, ["optimizer.name", "adam", "sgd"]),
         ({"optimizer.schedule": "step"}, ["optimizer.schedule", "constant", "cosine"]),

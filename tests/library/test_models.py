@@ -43,7 +43,7 @@ def test_exact_zero_is_off():
 
 
 def test_unknown_model_and_bad_widths_are_refused():
-    with pytest.raises(ValueError, match=r"model.name='resnet' is unknown; allowed values"):
-        create_model({"name": "resnet"}, 10)
+    with pytest.raises(ValueError, match=r"model.name='vgg' is unknown; allowed values"):
+        create_model({"name": "vgg"}, 10)
     with pytest.raises(ValueError, match=r"model\.hidden"):
         create_model({"name": "mlp", "hidden": (8, 0)}, 10)
