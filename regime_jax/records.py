@@ -218,10 +218,25 @@ def truncate_after(workdir: str | os.PathLike, step: int) -> None:
 
 
 def config_diff(
-    stored: Mapping[str, Any], requested: Mapping[str, Any], ignore: Iterable[str] = ()
+    stored: Mapping[str, Any],
+    requested: Mapping[str, Any],
+    ignore: Iterable[str] = (),
+    added: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Dotted names of the fields whose values differ (nested dicts are compared per field)."""
-    ignore = set(ignore)
+    """Dotted names of the fields whose values differ (nested dicts are compared per field).
+
+    ``added``: fields that a later version added, ``{dotted name: the value that does what
+    a run without the field did}``. A stored config without such a field (written before it
+    existed) equals a requested one that has it at that value, and no other.
+
+    >>> config_diff({"model": {"name": "mlp"}}, {"model": {"name": "mlp", "dtype": "f32"}},
+    ...             added={"model.dtype": "f32"})
+    []
+    >>> config_diff({"model": {"name": "mlp"}}, {"model": {"name": "mlp", "dtype": "bf16"}},
+    ...             added={"model.dtype": "f32"})
+    ['model.dtype']
+    """
+    ignore, added = set(ignore), dict(added or {})
     out = []
     for key in sorted(set(stored) | set(requested)):
         if key in ignore:
@@ -229,7 +244,10 @@ def config_diff(
         a, b = stored.get(key), requested.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             nested = {i.split(".", 1)[1] for i in ignore if i.startswith(f"{key}.")}
-            out += [f"{key}.{k}" for k in config_diff(a, b, nested)]
+            inner = {k.split(".", 1)[1]: v for k, v in added.items() if k.startswith(f"{key}.")}
+            out += [f"{key}.{k}" for k in config_diff(a, b, nested, inner)]
+        elif key not in stored and key in added and jsonable(b) == jsonable(added[key]):
+            continue  # written before the field existed, and asked for at its old behaviour
         elif jsonable(a) != jsonable(b):
             out.append(key)
     return out

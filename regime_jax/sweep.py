@@ -53,6 +53,7 @@ from absl import flags
 from regime_jax import configs, faults, records, report
 from regime_jax.analysis import fmt, layout
 from regime_jax.analysis.summary import SUMMARY, RunSummary
+from regime_jax.configs import base
 from regime_jax.configs.base import ConfigError
 from regime_jax.configs.overrides import apply_overrides
 from regime_jax.run import cli, loop
@@ -310,7 +311,7 @@ def _changed(spec: RunSpec, workdir: Path, rundir: Path) -> str | None:
         return f"its {records.CONFIG} / {fingerprint.FILE} do not read ({type(err).__name__})"
     config = spec.config.to_dict()
     if recorded is None:
-        diff = records.config_diff(stored, config, loop.RESUME_IGNORES)
+        diff = records.config_diff(stored, config, loop.RESUME_IGNORES, base.ADDED_FIELDS)
         return f"its config differs in {diff}" if diff else None
     current = fingerprint.make(config, None, loop.RESUME_IGNORES)
     edited = records.config_diff(recorded["config"], stored, loop.RESUME_IGNORES)

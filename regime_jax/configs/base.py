@@ -21,6 +21,10 @@ from regime_jax import registry
 from regime_jax.registry import CUSTOM
 
 OPTIMIZERS = ("adam", "sgd")
+# Fields added after runs were recorded, each with the value that does what a run without the
+# field did: resuming, extending or skipping a run recorded before the field existed compares
+# equal at that value (records.config_diff's `added`) and differs at any other.
+ADDED_FIELDS = {"model.compute_dtype": "float32"}
 CUSTOM_MODEL = CUSTOM  # model.name of a run given a model object, not a registry name
 SCHEDULES = ("constant", "cosine")
 
@@ -59,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
         name="mlp",  # mlp | cnn | transformer | resnet | gpt, or one added with register_model
         hidden=(256, 256),  # mlp: hidden layer widths, recorded as fc1 .. fcN
         activation="relu",  # relu only: patterns are defined for ReLU, another is refused
+        compute_dtype="float32",  # float32 | bfloat16 (bf16 compute, f32 params; bits of bf16 z)
     )
     c.optimizer = dict(
         name="sgd",  # sgd (with momentum) | adam

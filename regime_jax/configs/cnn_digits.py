@@ -33,6 +33,7 @@ def get_config(arg: str | None = None):
             pool_size=2,
             dense=(64,),
             activation="relu",
+            compute_dtype="float32",  # float32 | bfloat16
         )
     )
     if arg == "quick":

@@ -38,6 +38,7 @@ def get_config(arg: str | None = None):
             positions="sinusoidal",
             pool="mean",
             activation="relu",
+            compute_dtype="float32",  # float32 | bfloat16
         )
     )
     c.optimizer.name, c.optimizer.learning_rate = "adam", 3e-3

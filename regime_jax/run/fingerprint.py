@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from regime_jax import records
+from regime_jax.configs.base import ADDED_FIELDS
 
 FILE = "fingerprint.json"
 KEY = "regime_jax"  # the checkpoint metadata entry
@@ -43,7 +44,8 @@ def make(config: Mapping[str, Any], data_id: str | None, ignores: Iterable[str])
 
 def diff(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Dotted names of the fields (and ``data``) in which two fingerprints differ."""
-    out = records.config_diff(recorded.get("config", {}), current.get("config", {}))
+    old, new = recorded.get("config", {}), current.get("config", {})
+    out = records.config_diff(old, new, added=ADDED_FIELDS)
     if recorded.get("data") and current.get("data") and recorded["data"] != current["data"]:
         out.append("data")
     return out

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from regime_jax import records
-from regime_jax.configs.base import ConfigError
+from regime_jax.configs.base import ADDED_FIELDS, ConfigError
 from regime_jax.run import checkpoint, fingerprint
 
 LOCK = ".lock"
@@ -163,7 +163,7 @@ def open_run(
             diff = sorted([*diff, "num_steps"])
         shown = lambda: fingerprint.describe(diff, recorded, current)
     else:
-        diff = records.config_diff(stored, config, ignores)
+        diff = records.config_diff(stored, config, ignores, ADDED_FIELDS)
         shown = lambda: str(diff)
     if diff == ["num_steps"]:
         why = cannot_extend(stored, config)

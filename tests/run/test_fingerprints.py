@@ -169,3 +169,31 @@ def test_broken_snapshot_is_set_aside_and_written_again(reference, tmp_path, dam
         assert "step 6 is broken" in out and "resuming from step 4" in out
     _same_records(wd, reference)
     assert json.loads((wd / "summary.json").read_text())["complete"] is True
+
+
+def _before_compute_dtype(**extra):
+    """A config as written before ``model.compute_dtype`` existed (a run of version 0.4.0)."""
+    c = _config(**extra)
+    del c.model["compute_dtype"]
+    return c
+
+
+def test_a_run_recorded_before_a_field_was_added_resumes_at_its_old_behaviour(tmp_path):
+    """configs.base.ADDED_FIELDS: a run without ``model.compute_dtype`` in its config.json,
+    fingerprint.json and checkpoint metadata is extended by today's config at float32, to the
+    records of a run made today, and refused at bfloat16, naming the field."""
+    old = tmp_path / "old"
+    loop.train_and_evaluate(_before_compute_dtype(num_steps=8), old)
+    for name in (records.CONFIG, fingerprint.FILE):
+        text = (old / name).read_text()
+        assert "compute_dtype" not in text, name  # really a run without the field
+
+    bf16 = _copy(old, tmp_path / "bf16")
+    with pytest.raises(ConfigError, match=r"model\.compute_dtype"):
+        loop.train_and_evaluate(_config(num_steps=12, **{"model.compute_dtype": "bfloat16"}), bf16)
+
+    loop.train_and_evaluate(_config(num_steps=12), old)  # extended: 8 -> 12 steps, float32
+    today = tmp_path / "today"
+    loop.train_and_evaluate(_config(num_steps=8), today)
+    loop.train_and_evaluate(_config(num_steps=12), today)
+    assert (old / records.METRICS).read_bytes() == (today / records.METRICS).read_bytes()
