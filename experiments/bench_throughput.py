@@ -52,11 +52,14 @@ JOBS = {"main": "mlp_mnist1d", "transformer": "transformer_mnist1d"}
 class Variant:
     """One K: its own engine (state, runner, batch stream, fetcher), advanced round by round."""
 
-    def __init__(self, setup: loop.Setup, k: int, workdir: Path, tensorboard: bool = True):
-        # the records' cadences only: no eval, stability test, checkpoint, freeze or end
+    def __init__(
+        self, setup: loop.Setup, k: int, workdir: Path, tensorboard: bool = True, total: int = 0
+    ):
+        # the records' cadences only: no eval, stability test, checkpoint or freeze; the end
+        # just past the steps timed (planning chunks to a far end costs seconds per round)
         schedule = dataclasses.replace(
             setup.schedule,
-            num_steps=10**9,
+            num_steps=total + k,
             eval_every=0,
             stability_points=0,
             checkpoint_every=0,
@@ -88,8 +91,9 @@ class Variant:
 
 def _job(name: str, ks: list[int], rounds: int, steps: int, root: Path, tb: bool) -> dict:
     setup = loop.build(configs.load(JOBS[name]))
+    total = max(ks) + rounds * steps  # the warm-up round, then the timed ones
     with contextlib.redirect_stdout(io.StringIO()):  # the fetchers' progress lines
-        variants = {k: Variant(setup, k, root / f"{name}_k{k}", tb) for k in ks}
+        variants = {k: Variant(setup, k, root / f"{name}_k{k}", tb, total) for k in ks}
         for v in variants.values():  # warm-up: caches, allocator, first fetch
             v.round(max(ks))
         times = {k: [] for k in ks}

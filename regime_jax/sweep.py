@@ -27,14 +27,27 @@ Composition order, later wins: experiment's ``get_config(arg)`` < sweep ``overri
 setting ``overrides`` < ``optimizers[name]`` < setting ``optimizers[name]`` < seed. An
 override must name an existing field. The whole grid is validated (``loop.check_config``) before
 any run starts. Run ``k`` goes to ``<workdir>/<setting>/<optimizer>/seed_<k>/``; a run with
-``summary.json`` is finished and skipped, any other run (re)starts afresh (``overwrite``).
-``<workdir>/sweep.json`` holds the resolved grid. A run that raises is reported and the
-sweep goes on; :func:`run_sweep` returns the failures.
+``summary.json`` whose fingerprint matches is finished and skipped; an unfinished run of the
+same settings (a killed sweep) is resumed from its newest checkpoint; any other run starts
+afresh (``overwrite``). ``<workdir>/sweep.json`` holds the resolved grid. A run that raises is
+reported and the sweep goes on; :func:`run_sweep` returns the failures.
+
+Many workers (docs/guide/scale.md, "Sweeps over many workers"): ``--workers N`` starts N
+processes on this machine; ``--task_index I --num_tasks N`` (or a SLURM job array's
+``SLURM_ARRAY_TASK_ID`` / ``SLURM_ARRAY_TASK_COUNT``) makes this process task I of N started
+separately on a shared file system. The grid is cut into units (a (setting, optimizer, seed)
+with its freeze variants, in grid order); task I owns the units ``u`` with ``u % N == I``,
+runs them first, then takes units nobody has started (from the end of the grid). Each run is
+decided and trained under its workdir lock (``run/rundir.py``): a run held by a live process
+is left to it, so no run trains twice at once and a finished one is never redone. Every task
+writes the same ``sweep.json`` (a task joining running tasks with another grid is refused);
+the task that ends last builds the report.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import re
 import time
@@ -259,7 +272,7 @@ def _short(name: str, keep: int = 40) -> str:
     return repr(name if len(name) <= keep else f"{name[:keep]}...")
 
 
-def _write_grid(workdir: Path, sweep, specs: list[RunSpec]) -> None:
+def _grid_text(sweep, specs: list[RunSpec]) -> str:
     grid = {
         "sweep": sweep.to_dict(),
         "runs": [
@@ -269,16 +282,125 @@ def _write_grid(workdir: Path, sweep, specs: list[RunSpec]) -> None:
             for s in specs
         ],
     }
-    text = records.to_json(grid, indent=1, default=str) + "\n"
-    records.write_atomic(workdir / layout.GRID, text)
+    return records.to_json(grid, indent=1, default=str) + "\n"
 
 
-def _run_one(spec: RunSpec, workdir: Path) -> str:
+# ------------------------------------------------------------------ tasks: who runs what
+
+MEMBERS = ".sweep.lock"  # every task of a sweep holds it shared while it runs
+
+
+class SweepConflict(ConfigError):
+    """A task of the same workdir, still running, was started with another sweep config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """This process's share of the grid: task ``index`` of ``count`` (module doc)."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise ConfigError(f"--num_tasks={self.count!r}: allowed: an integer >= 1")
+        if not isinstance(self.index, int) or not 0 <= self.index < self.count:
+            raise ConfigError(
+                f"--task_index={self.index!r} with --num_tasks={self.count}: allowed: "
+                f"0 to {self.count - 1}"
+            )
+
+    def owns(self, unit: int) -> bool:
+        return unit % self.count == self.index
+
+
+def units(specs: list[RunSpec]) -> list[list[RunSpec]]:
+    """The grid in units of assignment, in grid order: one (setting, optimizer, seed) each,
+    with its freeze variants (a frozen variant needs its reference's T(flip), so a unit's
+    runs go in order, in one task)."""
+    from regime_jax.analysis.decoupling import SEP  # setting names cannot hold it
+
+    out: list[list[RunSpec]] = []
+    key = lambda s: (s.setting.split(SEP)[0], s.optimizer, s.seed)
+    for spec in specs:
+        if out and key(out[-1][0]) == key(spec):
+            out[-1].append(spec)
+        else:
+            out.append([spec])
+    return out
+
+
+class _Members:
+    """``<workdir>/.sweep.lock``, held shared by every task while it runs.
+
+    A task that finds nobody else there writes ``sweep.json``; one that joins running tasks
+    checks that its grid is theirs (:class:`SweepConflict` otherwise). At the end, the task
+    that finds itself the last one holding it builds the report.
+    """
+
+    def __init__(self, workdir: Path, text: str):
+        self.fd = os.open(workdir / MEMBERS, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._join(workdir / layout.GRID, text)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _join(self, grid: Path, text: str) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            alone = False
+        except OSError:  # no flock on this file system: every task writes the same file
+            alone = None
+        if alone is not False:
+            if not grid.exists() or grid.read_text() != text:
+                records.write_atomic(grid, text)
+            if alone:
+                fcntl.flock(self.fd, fcntl.LOCK_SH)
+            return
+        fcntl.flock(self.fd, fcntl.LOCK_SH)  # waits while a starting task writes the grid
+        try:
+            theirs = grid.read_text()
+        except FileNotFoundError:
+            records.write_atomic(grid, text)
+            return
+        if theirs != text:
+            import json
+
+            diff = records.config_diff(json.loads(theirs), json.loads(text))
+            raise SweepConflict(
+                f"another task of this sweep is running on {grid.parent} with a different "
+                f"sweep config ({layout.GRID} differs in {diff[:4]}); every task must be "
+                f"given the same --config and overrides: stop them or use another --workdir"
+            )
+
+    def last(self) -> bool:
+        """Leaves; True if no other task holds the lock now (this one then keeps it)."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _run_one(spec: RunSpec, workdir: Path, resume: bool) -> str:
     """Trains one run (train writes its summary.json) and returns a progress line."""
     tic = time.perf_counter()
     spec, note = _resolve(spec, workdir)
     rundir = spec.rundir(workdir)
-    loop.train_and_evaluate(spec.config, rundir)
+    config = spec.config
+    if resume:  # the same run, killed before it finished: continue it
+        config = _copy(config)
+        config.overwrite = False
+    loop.train_and_evaluate(config, rundir)
     summary = RunSummary.load(rundir)
     lag = summary.lag()
     acc_text = fmt.num(summary.final_acc, ".3f")
@@ -292,7 +414,7 @@ def _run_one(spec: RunSpec, workdir: Path) -> str:
 
 
 def _changed(spec: RunSpec, workdir: Path, rundir: Path) -> str | None:
-    """Why the finished run in ``rundir`` is not ``spec``'s run (None: it is, reuse it).
+    """Why the (finished or partial) run in ``rundir`` is not ``spec``'s run (None: it is).
 
     Compares the run's recorded fingerprint (``fingerprint.json``; for a run from before
     fingerprints, ``config.json``) with ``spec``'s resolved config, and the run's
@@ -323,50 +445,118 @@ def _changed(spec: RunSpec, workdir: Path, rundir: Path) -> str | None:
     return f"its settings differ in {fingerprint.describe(diff, recorded, current)}"
 
 
+BUSY = "busy"  # _process: another live process holds the run's lock
+
+
+def _process(spec: RunSpec, workdir: Path, head: str, out: dict, log) -> str:
+    """Runs, resumes or skips one run under its lock; returns what happened (a key of out)."""
+    from regime_jax.run import rundir as rundirs
+
+    rundir = spec.rundir(workdir)
+    try:
+        with rundirs.lock(rundir):  # decided and trained under one lock: never twice
+            finished = (rundir / SUMMARY).exists()
+            changed = _changed(spec, workdir, rundir) if finished else ""
+            if changed is None:
+                out["skipped"].append(spec.path)
+                log(f"{head} | finished before, skipped")
+                return "skipped"
+            if changed:  # never labels the old run's results with the new settings
+                log(f"{head} | finished before, but {changed}: running it afresh")
+            partial = not finished and rundirs.holds_run(rundir)
+            resume = partial and _changed(spec, workdir, rundir) is None
+            try:
+                log(f"{head} | {_run_one(spec, workdir, resume)}")
+            except ConfigError as err:
+                if not resume:
+                    raise
+                log(f"{head} | cannot resume ({err}): running it afresh")
+                log(f"{head} | {_run_one(spec, workdir, False)}")
+            out["ran"].append(spec.path)
+            return "ran"
+    except rundirs.WorkdirBusy as err:
+        holder = re.search(r"in use by (.*?) \(", str(err))
+        log(f"{head} | held by {holder.group(1) if holder else 'another process'}, left to it")
+        out[BUSY].append(spec.path)
+        return BUSY
+    except loop.Interrupted as err:  # SIGINT / SIGTERM: the run saved its checkpoint
+        err.sweep_run = spec.path
+        stopped = f"STOPPED by {signals.name(err.signum)} at step {err.step}"
+        log(f"{head} | {stopped}, checkpoint saved")
+        raise  # a KeyboardInterrupt: the sweep stops here, finished runs are kept
+    except Exception as err:  # one failed run must not lose the rest of the grid
+        if faults.classify(err):  # ... but a full disk fails every run after it
+            err.sweep_run = spec.path
+            raise
+        out["failed"][spec.path] = f"{type(err).__name__}: {err}"
+        log(f"{head} | FAILED {out['failed'][spec.path]}")
+        return "failed"
+
+
+def _unclaimed(rundir: Path) -> bool:
+    """Claims a run nobody has started (its directory does not exist yet): True if this call
+    created the directory (``mkdir`` is atomic, also on a shared file system)."""
+    rundir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        rundir.mkdir()
+        return True
+    except FileExistsError:
+        return False
+
+
 def run_sweep(
     sweep: ml_collections.ConfigDict,
     workdir: str | Path,
     log: Callable[[str], None] = print,
+    task: Task = Task(),
 ) -> dict[str, Any]:
-    """Validates the grid, runs every unfinished run in order, then builds the report.
+    """Validates the grid, runs this task's unfinished runs in order, then builds the report.
+
+    ``task``: this process's share (module doc, "Many workers"): its own units first, then
+    units of other tasks that nobody has started. The report is built by the task that finds
+    itself the last one running (a single process always is).
 
     Returns:
-      ``{"ran": [paths], "skipped": [paths], "failed": {path: error}, "report": build_report}``.
+      ``{"ran": [paths], "skipped": [paths], "busy": [paths], "failed": {path: error},
+      "report": build_report or None}``: ``busy`` runs were held by another live process.
     """
     specs = expand_grid(sweep)
     workdir = Path(workdir)
     check_paths(workdir, specs)  # before the first write
+    text = _grid_text(sweep, specs)
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_grid(workdir, sweep, specs)
-    ran, skipped, failed = [], [], {}
-    for i, spec in enumerate(specs, start=1):
-        rundir = spec.rundir(workdir)
-        head = f"[{i}/{len(specs)}] {rundir}"
-        changed = _changed(spec, workdir, rundir) if (rundir / SUMMARY).exists() else ""
-        if changed is None:
-            skipped.append(spec.path)
-            log(f"{head} | finished before, skipped")
-            continue
-        if changed:  # never labels the old run's results with the new settings
-            log(f"{head} | finished before, but {changed}: running it afresh")
-        try:
-            log(f"{head} | {_run_one(spec, workdir)}")
-            ran.append(spec.path)
-        except loop.Interrupted as err:  # SIGINT / SIGTERM: the run saved its checkpoint
-            err.sweep_run = spec.path
-            stopped = f"STOPPED by {signals.name(err.signum)} at step {err.step}"
-            log(f"{head} | {stopped}, checkpoint saved")
-            raise  # a KeyboardInterrupt: the sweep stops here, finished runs are kept
-        except Exception as err:  # one failed run must not lose the rest of the grid
-            if faults.classify(err):  # ... but a full disk fails every run after it
-                err.sweep_run = spec.path
-                raise
-            failed[spec.path] = f"{type(err).__name__}: {err}"
-            log(f"{head} | FAILED {failed[spec.path]}")
-    result = report.build_report(workdir)
-    log(result["table"])
-    log(f"report: {result['report']}")
-    return {"ran": ran, "skipped": skipped, "failed": failed, "report": result}
+    members = _Members(workdir, text)
+    out: dict[str, Any] = {"ran": [], "skipped": [], BUSY: [], "failed": {}, "report": None}
+    try:
+        position = {spec.path: i for i, spec in enumerate(specs, start=1)}
+        head = lambda spec: f"[{position[spec.path]}/{len(specs)}] {spec.rundir(workdir)}"
+        grid = units(specs)
+        for k, unit in enumerate(grid):
+            if not task.owns(k):
+                continue
+            for spec in unit:  # a busy run's unit is another process's: its variants follow it
+                if _process(spec, workdir, head(spec), out, log) == BUSY:
+                    break
+        for k in reversed(range(len(grid))):  # steal from the end, where owners arrive last
+            unit = grid[k]
+            if task.owns(k) or not _unclaimed(unit[0].rundir(workdir)):
+                continue
+            log(f"{head(unit[0])} | task {k % task.count}'s, not started: taken by {task.index}")
+            for spec in unit:
+                if _process(spec, workdir, head(spec), out, log) == BUSY:
+                    break
+        if members.last():
+            out["report"] = result = report.build_report(workdir)
+            log(result["table"])
+            log(f"report: {result['report']}")
+        else:
+            log(
+                f"report: left to the last task still running on {workdir} (or run "
+                f"python -m regime_jax.report --workdir {workdir})"
+            )
+    finally:
+        members.close()
+    return out
 
 
 def enable_compilation_cache(directory: str | Path) -> None:
@@ -429,7 +619,8 @@ def _help(args: list[str]) -> str:
     return (
         f"{__doc__}\n"
         f"usage: python -m regime_jax.sweep --config <name|file.py>[:arg] --workdir <dir>\n"
-        f"         [--[no]compilation_cache] [--config.<field>=<value> ...]\n\n"
+        f"         [--[no]compilation_cache] [--workers N [--devices 0,1,...]]\n"
+        f"         [--task_index I --num_tasks N] [--config.<field>=<value> ...]\n\n"
         f"Overrides and errors work as in regime_jax.main: a field typo, a value of the\n"
         f"wrong type, an unknown config or an unknown :arg is one line and exit code 2.\n"
         f"Exit codes: 0 every run finished, 1 some run failed (the others still ran), 2 a\n"
@@ -438,9 +629,134 @@ def _help(args: list[str]) -> str:
         f"flags:\n  --config: {flags.FLAGS['config'].help}\n"
         f"  --workdir: {flags.FLAGS['workdir'].help}\n"
         f"  --[no]compilation_cache: {flags.FLAGS['compilation_cache'].help} (default: true)\n"
+        f"  --workers: {flags.FLAGS['workers'].help} (default: 1)\n"
+        f"  --devices: {flags.FLAGS['devices'].help}\n"
+        f"  --task_index, --num_tasks (or --task-index, --num-tasks): "
+        f"{flags.FLAGS['num_tasks'].help}\n"
         f"  --verbosity: absl logging verbosity (default: warnings only)\n\n"
         f"sweep config fields (--config.<field>=<default>  meaning) of {source}:\n{described}\n"
     )
+
+
+SLURM_ENV = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+CPUS_ENV = "REGIME_JAX_SWEEP_CPUS"  # a worker's cores, set by the --workers parent
+
+
+def task_from(index: int | None, count: int | None, env: Mapping[str, str]) -> Task:
+    """This process's :class:`Task`: ``--task_index`` / ``--num_tasks``, else a SLURM job
+    array's ``SLURM_ARRAY_TASK_ID`` (less ``SLURM_ARRAY_TASK_MIN``, over
+    ``SLURM_ARRAY_TASK_STEP``) of ``SLURM_ARRAY_TASK_COUNT``, else the whole grid."""
+    if (index is None) != (count is None):
+        raise ConfigError("--task_index and --num_tasks go together: give both or neither")
+    if index is not None:
+        return Task(index, count)
+    if not all(name in env for name in SLURM_ENV):
+        return Task()
+    try:
+        first, step = (
+            int(env.get("SLURM_ARRAY_TASK_MIN", "0")),
+            int(env.get("SLURM_ARRAY_TASK_STEP", "1")),
+        )
+        offset, count = int(env[SLURM_ENV[0]]) - first, int(env[SLURM_ENV[1]])
+        index = offset // step if step > 0 and offset % step == 0 else -1
+        return Task(index, count)
+    except (ValueError, ConfigError):
+        shown = {k: env.get(k) for k in (*SLURM_ENV, "SLURM_ARRAY_TASK_MIN")}
+        raise ConfigError(
+            f"the SLURM job array ({shown}) does not give a task index 0 to count-1: pass "
+            f"--task_index and --num_tasks"
+        ) from None
+
+
+def parse_devices(text: str | None, workers: int) -> list[str] | None:
+    """``--devices`` (``0,1,2,3``; ``0+1`` gives one worker two devices) as one
+    ``CUDA_VISIBLE_DEVICES`` value per device entry; worker i gets entry i mod their number."""
+    if text is None:
+        return None
+    entries = text.split(",")
+    if workers < 2 or not all(re.fullmatch(r"[A-Za-z0-9-]+(\+[A-Za-z0-9-]+)*", e) for e in entries):
+        raise ConfigError(
+            f"--devices={text!r}: allowed: with --workers >= 2, device ids separated by commas "
+            f"(worker i gets entry i mod their number; '0+1' gives a worker two devices)"
+        )
+    return [e.replace("+", ",") for e in entries]
+
+
+def core_groups(cores: list[int], workers: int) -> list[list[int]] | None:
+    """``workers`` disjoint, contiguous groups of ``cores`` (sizes differ by at most one);
+    None if there are fewer cores than workers (then nobody is pinned)."""
+    if workers > len(cores):
+        return None
+    return [
+        cores[i * len(cores) // workers : (i + 1) * len(cores) // workers] for i in range(workers)
+    ]
+
+
+def _worker_env(i: int, workers: int, devices: list[str] | None, groups) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in (*SLURM_ENV, CPUS_ENV):
+        env.pop(name, None)  # the worker's task is given by flags
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
+        if len(devices) < workers:  # workers share a device: no one preallocates it
+            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    elif groups is not None:
+        env[CPUS_ENV] = ",".join(map(str, groups[i]))
+    return env
+
+
+def _run_workers(overrides, base: Task, workers: int, devices, err_line) -> int:
+    """Starts ``workers`` processes of this sweep, tasks ``base.index * workers + i`` of
+    ``base.count * workers``, and waits for them; passes SIGINT / SIGTERM on to them (they run
+    in their own session, so a terminal's Ctrl-C reaches each once, through this process)."""
+    import signal
+    import subprocess
+    import sys
+
+    f = flags.FLAGS
+    common = [f"--config={f.config}", f"--workdir={f.workdir}"]
+    common.append("--compilation_cache" if f.compilation_cache else "--nocompilation_cache")
+    if f["verbosity"].present:
+        common.append(f"--verbosity={f.verbosity}")
+    common += [f"--config.{k}" + ("" if v is None else f"={v}") for k, v in overrides]
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = []
+    groups = core_groups(cores, workers) if devices is None and cores else None
+    count = base.count * workers
+    procs = []
+    for i in range(workers):
+        index = base.index * workers + i
+        command = [
+            sys.executable,
+            "-m",
+            PROG,
+            *common,
+            f"--task_index={index}",
+            f"--num_tasks={count}",
+        ]
+        env = _worker_env(i, workers, devices, groups)
+        where = env.get("CUDA_VISIBLE_DEVICES") if devices else env.get(CPUS_ENV, "all cores")
+        procs.append(subprocess.Popen(command, env=env, start_new_session=True))
+        print(f"worker {i}: task {index} of {count} on {where}, pid {procs[-1].pid}", flush=True)
+
+    def forward(signum, frame):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    for sig in signals.SIGNALS:
+        signal.signal(sig, forward)
+    codes = [proc.wait() for proc in procs]
+    bad = {i: c for i, c in enumerate(codes) if c}
+    if not bad:
+        return 0
+    err_line(f"worker(s) exited with a non-zero code: {bad} (worker: code)")
+    for code in (130, 143, 2, 1):  # a stop, then a user error, then failed runs
+        if code in codes:
+            return code
+    return max(codes)
 
 
 def run(argv: list[str]) -> int:
@@ -453,14 +769,27 @@ def run(argv: list[str]) -> int:
     workdir = None
     try:
         overrides = cli.parse_flags(argv, ("config", "workdir"))
-        sweep = cli.load_with_overrides(flags.FLAGS.config, overrides, sweep=True)
+        f = flags.FLAGS
+        if f.workers < 1:
+            raise ConfigError(f"--workers={f.workers}: allowed: an integer >= 1")
+        task = task_from(f.task_index, f.num_tasks, os.environ)
+        devices = parse_devices(f.devices, f.workers)
+        sweep = cli.load_with_overrides(f.config, overrides, sweep=True)
         cli.quiet_logging()  # keep one line per run readable
         cli.quiet_library_noise()
-        workdir = Path(flags.FLAGS.workdir)
-        if flags.FLAGS.compilation_cache:
+        workdir = Path(f.workdir)
+        if f.workers > 1:
+            check_paths(workdir, expand_grid(sweep))  # every user error before a worker starts
+            return _run_workers(overrides, task, f.workers, devices, err_line)
+        if os.environ.get(CPUS_ENV):  # before JAX sizes its thread pools
+            os.sched_setaffinity(0, [int(c) for c in os.environ[CPUS_ENV].split(",")])
+        if f.compilation_cache:
             enable_compilation_cache(workdir / ".jax_cache")
-        result = run_sweep(sweep, workdir)
-        signals.completed("the sweep completed (report written)")
+        log = (
+            print if task.count == 1 else (lambda line: print(f"t{task.index} {line}", flush=True))
+        )
+        result = run_sweep(sweep, workdir, log=log, task=task)
+        signals.completed("the sweep completed" + (" (report written)" if result["report"] else ""))
     except loop.Interrupted as err:
         run_path = getattr(err, "sweep_run", "?")
         err_line(
@@ -490,6 +819,23 @@ def _define_flags() -> None:
     flags.DEFINE_string("config", None, help_text)
     flags.DEFINE_string("workdir", None, "Directory for the runs, summary and report.")
     flags.DEFINE_bool("compilation_cache", True, "Cache compiled steps in <workdir>/.jax_cache.")
+    flags.DEFINE_integer(
+        "workers", 1, "Worker processes on this machine, each running one run at a time."
+    )
+    flags.DEFINE_string(
+        "devices", None, "With --workers: CUDA_VISIBLE_DEVICES of each worker, e.g. 0,1,2,3."
+    )
+    flags.DEFINE_integer(
+        "task_index", None, "This process's task, 0 to --num_tasks - 1 (default: SLURM array)."
+    )
+    flags.DEFINE_integer(
+        "num_tasks",
+        None,
+        "This process is task --task_index of --num_tasks started separately on one workdir "
+        "(default: SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT, else 0 of 1).",
+    )
+    flags.DEFINE_alias("task-index", "task_index")
+    flags.DEFINE_alias("num-tasks", "num_tasks")
 
 
 def main() -> None:

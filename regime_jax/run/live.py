@@ -1,8 +1,9 @@
 """The live view of a run: TensorBoard scalars and a progress bar, fed at each host fetch.
 
 * :class:`Scalars` writes every finite scalar of every fetched row to TensorBoard event files
-  under ``workdir/tb`` with tensorboardX (no TensorFlow): ``tensorboard --logdir runs/``
-  shows ``flip/<layer>`` against ``step/abs/<part>`` while the run trains. On resume the new
+  under ``workdir/tb`` with tensorboardX (no TensorFlow), one event per row:
+  ``tensorboard --logdir runs/`` shows ``flip/<layer>`` against ``step/abs/<part>`` while the
+  run trains. On resume the new
   event file starts with a purge at the resume step, so TensorBoard drops the earlier file's
   points after it (the rows ``metrics.jsonl`` also rewrote). ``metrics.jsonl`` stays the
   record; the event files are a view of it.
@@ -38,21 +39,33 @@ _SHOWN = (
 
 
 class Scalars:
-    """TensorBoard event files of a run's scalar metrics (tensorboardX, flushed per write)."""
+    """TensorBoard event files of a run's scalar metrics (tensorboardX, flushed per write).
+
+    One event per row: a single ``Summary`` holding every scalar of the row as a
+    ``simple_value`` (what ``add_scalar`` writes one event each for), so a row of 40 scalars
+    is one record to serialize and frame instead of 40. TensorBoard reads each value of an
+    event's summary as a point of its tag at the event's step.
+    """
 
     def __init__(self, workdir: str | Path, start_step: int):
         from tensorboardX import SummaryWriter
+        from tensorboardX.proto.summary_pb2 import Summary
 
         self._writer = SummaryWriter(
             logdir=str(Path(workdir) / TB_DIR), purge_step=start_step or None, flush_secs=5
         )
+        self._summary, self._value = Summary, Summary.Value
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        events = self._writer._get_file_writer()  # the writer add_scalar writes through
         for row in rows:
-            step = int(row["step"])
-            for key, value in row.items():
-                if key != "step" and _is_scalar(value):
-                    self._writer.add_scalar(key, float(value), step)
+            values = [
+                self._value(tag=key, simple_value=float(value))
+                for key, value in row.items()
+                if key != "step" and _is_scalar(value)
+            ]
+            if values:
+                events.add_summary(self._summary(value=values), int(row["step"]))
         self._writer.flush()
 
     def close(self) -> None:

@@ -42,10 +42,26 @@ def _holder(fd: int) -> str:
     return "another process"
 
 
+_HELD: dict[str, int] = {}  # lock files this process holds, with their nesting depth
+
+
 @contextlib.contextmanager
 def lock(workdir: str | os.PathLike) -> Iterator[None]:
-    """Holds ``workdir/.lock`` (creating ``workdir``) for the duration of the block."""
+    """Holds ``workdir/.lock`` (creating ``workdir``) for the duration of the block.
+
+    Never waits: a lock held by another process raises :class:`WorkdirBusy` at once. Within
+    one process the lock nests (a sweep holds a run's lock while it decides whether to train
+    it, then trains it under the same lock).
+    """
     workdir = Path(workdir)
+    key = os.path.realpath(workdir / LOCK)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -65,9 +81,11 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
             logging.warning("cannot lock %s (%s); nothing stops a second writer", workdir, err)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = 1
         try:
             yield
         finally:
+            del _HELD[key]
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing the last descriptor releases the lock

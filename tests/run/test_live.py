@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import tiny_config
 from tensorboardX.proto.event_pb2 import Event
 
@@ -36,10 +37,52 @@ def scalars(events: list[Event]) -> dict[str, dict[int, float]]:
     return out
 
 
-def test_event_files_hold_every_scalar_of_metrics_jsonl(tmp_path):
-    loop.train_and_evaluate(tiny_config(), tmp_path)
-    tb = scalars(read_events(tmp_path / records.TB_DIR))
-    rows = [json.loads(line) for line in (tmp_path / records.METRICS).read_text().splitlines()]
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("live")
+    loop.train_and_evaluate(tiny_config(), workdir)
+    return workdir
+
+
+def _rows(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / records.METRICS).read_text().splitlines()]
+
+
+def test_one_event_per_row_holds_all_of_its_scalars(tiny_run):
+    rows, events = _rows(tiny_run), read_events(tiny_run / records.TB_DIR)
+    summaries = [e for e in events if e.HasField("summary")]
+    assert [e.step for e in summaries] == [r["step"] for r in rows]
+    for event, row in zip(summaries, rows, strict=True):
+        scalar = {k: v for k, v in row.items() if k != "step" and live._is_scalar(v)}
+        assert [v.tag for v in event.summary.value] == list(scalar)  # the row's order
+        np.testing.assert_allclose(
+            [v.simple_value for v in event.summary.value], list(scalar.values()), rtol=1e-6
+        )
+
+
+def test_tensorboard_reads_the_same_tags_and_values(tiny_run):
+    accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="tensorboard is not installed (tensorboardX writes without it)",
+    )
+    acc = accumulator.EventAccumulator(str(tiny_run / records.TB_DIR), size_guidance={"scalars": 0})
+    acc.Reload()
+    rows = _rows(tiny_run)
+    expected: dict[str, dict[int, float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "step" and live._is_scalar(value):
+                expected.setdefault(key, {})[row["step"]] = value
+    assert sorted(acc.Tags()["scalars"]) == sorted(expected)
+    for tag, points in expected.items():
+        read = {e.step: e.value for e in acc.Scalars(tag)}
+        assert sorted(read) == sorted(points), tag
+        np.testing.assert_allclose([read[s] for s in points], list(points.values()), rtol=1e-6)
+
+
+def test_event_files_hold_every_scalar_of_metrics_jsonl(tiny_run):
+    tb = scalars(read_events(tiny_run / records.TB_DIR))
+    rows = _rows(tiny_run)
     flips = {r["step"]: r["flip/all"] for r in rows if "flip/all" in r}
     assert sorted(tb["flip/all"]) == sorted(flips) == list(range(1, 13))
     np.testing.assert_allclose([tb["flip/all"][s] for s in flips], list(flips.values()), rtol=1e-6)
