@@ -37,7 +37,7 @@ _OFFLINE = {
     "probe": {"size": 256},
     "log_every_steps": 200,
     "eval_every_steps": 200,
-    # The sweep restarts unfinished runs afresh, so intermediate checkpoints only cost time.
+    # The sweep resumes an unfinished run whose settings match (its checkpoints), and restarts one whose settings changed.
     "checkpoint": {"every_steps": 0},
 }
 
