@@ -37,7 +37,8 @@ _OFFLINE = {
     "probe": {"size": 256},
     "log_every_steps": 200,
     "eval_every_steps": 200,
-    # The sweep resumes an unfinished run whose settings match (its checkpoints), and restarts one whose settings changed.
+    # No intermediate checkpoints: these runs are short, so a killed one starts again from
+    # step 0 (the sweep resumes from a checkpoint where one exists).
     "checkpoint": {"every_steps": 0},
 }
 
