@@ -77,7 +77,8 @@ def seed_stats(
     mean, median = float(np.mean(arr)), float(np.median(arr))
     positive = bool(np.all(arr > 0))
     geo = float(np.exp(np.mean(np.log(arr)))) if positive else nan
-    if n == 1:
+    if n == 1:  # the value itself (exp(log(x)) may round)
+        geo = kept[0] if positive else nan
         return SeedStats(tuple(kept), 1, dropped, mean, median, nan, nan, "none", geo)
     idx = np.random.default_rng(seed).integers(0, n, size=(num_bootstrap, n))
     alpha = (1.0 - confidence) / 2.0

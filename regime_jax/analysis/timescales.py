@@ -593,5 +593,5 @@ _MOVED = {
 
 def __getattr__(name: str) -> Any:
     if name in _MOVED:
-        return getattr(importlib.import_module(f"regime_jax.{_MOVED[name]}"), name)
+        return getattr(importlib.import_module(f"regime_jax.analysis.{_MOVED[name]}"), name)
     raise AttributeError(f"module 'regime_jax.analysis.timescales' has no attribute {name!r}")
