@@ -41,10 +41,23 @@ from regime_jax import records
 from regime_jax.analysis import curves, fmt, layout, online, timescales
 from regime_jax.analysis.curves import PAPER_RATIO
 from regime_jax.analysis.layout import find_runs
+from regime_jax.analysis.seeds import seed_stats
 from regime_jax.analysis.timescales import RULES, DecayConfig, decay_times_all_rules
 
 SUMMARY = records.SUMMARY
 KINDS = ("abs", "rel")
+# What the project headlines (docs/results/reproduction.md, "Which number to read"): the
+# fraction rule at f = 1/e (a time constant: no final level, no dependence on the run's end
+# once crossed) and the geometric mean of per-seed ratios (ratios are heavy-tailed; a ratio
+# and its inverse are equally far from 1), median beside it, the arithmetic mean labelled.
+HEADLINE_RULE = "fraction"
+HEADLINE_STAT = "geo_mean"
+# seed statistics by name -> (centre, CI low, CI high) keys of SeedStats.to_dict()
+STATS = {
+    "geo_mean": ("geo_mean", "geo_ci_low", "geo_ci_high"),
+    "median": ("median", "median_ci_low", "median_ci_high"),
+    "mean": ("mean", "ci_low", "ci_high"),
+}
 SERIES = ("flip/all", "step/abs/all", "step/rel/all")
 SummaryLike = Mapping[str, Any] | str | os.PathLike  # a sweep summary, its file or its folder
 
@@ -59,35 +72,43 @@ MAIN_ELSE_FIRST = "main_else_first"
 
 class Decay(NamedTuple):
     """A decay time as ``summary.json`` holds it (a ``DecayResult``): ``time`` is None unless
-    ``status`` is ``"ok"``; ``rule`` the rule it was measured under. Absent from the file:
-    every field None."""
+    ``status`` is ``"ok"``; ``rule`` the rule it was measured under; ``run_fraction`` the time
+    as a fraction of the run (None without a time, or in a summary written before it).
+    Absent from the file: every field None."""
 
     time: float | None
     status: str | None
     rule: str | None
     message: str | None = None
+    run_fraction: float | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> Decay:
         d = data if isinstance(data, Mapping) else {}
-        return cls(d.get("time"), d.get("status"), d.get("rule"), d.get("message"))
+        return cls(
+            d.get("time"), d.get("status"), d.get("rule"), d.get("message"), d.get("run_fraction")
+        )
 
 
 class Lag(NamedTuple):
     """A lag ratio ``T_step / T_flip`` as ``summary.json`` holds it (a ``LagResult``):
-    ``ratio`` is None unless ``status`` is ``"ok"``."""
+    ``ratio`` is None unless ``status`` is ``"ok"`` (both times exist); ``budget_bound``: True
+    where T(step) lies in the run's last ``1 - budget_fraction`` (None: no ratio, or a summary
+    written before the flag)."""
 
     ratio: float | None
     status: str | None
     message: str | None
     t_step: Decay
     t_flip: Decay
+    budget_bound: bool | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> Lag:
         d = data if isinstance(data, Mapping) else {}
         t_step, t_flip = (Decay.from_json(d.get(k)) for k in ("t_step", "t_flip"))
-        return cls(d.get("ratio"), d.get("status"), d.get("message"), t_step, t_flip)
+        status, message = d.get("status"), d.get("message")
+        return cls(d.get("ratio"), status, message, t_step, t_flip, d.get("budget_bound"))
 
 
 def _block(mapping: Any, *keys: str) -> Any:
@@ -207,7 +228,7 @@ class RunSummary:
         was recorded too (the lag ratio's denominator), under the named ``rule``:
 
         * :data:`MAIN` (default): the run's main rule; ``time`` None if it gives none;
-        * a rule of ``RULES`` (``"settle"``, ``"cumsum"``, ``"threshold"``);
+        * a rule of ``RULES`` (``"settle"``, ``"cumsum"``, ``"threshold"``, ``"fraction"``);
         * :data:`MAIN_ELSE_FIRST`: the main rule, else the first other rule in name order
           that gives a time; if none does, the main rule's (``time`` None, its status and
           message say why). The returned ``rule`` names the rule the time is under.
@@ -506,38 +527,66 @@ def _describes(summary: RunSummary, run: records.Run) -> bool:
     return run.partial is None and summary.complete is True and summary.last_step == run.last_step
 
 
+def _lag_stats(lags: Sequence[Lag]) -> dict[str, Any]:
+    """seed_stats of the ratios (mean, median, geometric mean, each with its CI), the
+    per-seed ratios and budget-bound flags, and how many valid ratios are budget-bound."""
+    ratios = [lag.ratio for lag in lags]
+    bound = [lag.budget_bound if lag.ratio is not None else None for lag in lags]
+    stats = seed_stats(ratios).to_dict()
+    return stats | {
+        "per_seed": ratios,
+        "per_seed_budget_bound": bound,
+        "budget_bound": sum(b is True for b in bound),
+    }
+
+
 def aggregate(summaries: Sequence[RunSummary | Mapping[str, Any]]) -> dict[str, Any]:
-    """seed_stats of the lag ratios of one (setting, optimizer) group, per kind and rule, and
-    of its lag-ratio curves (``curves``: :func:`regime_jax.analysis.curves.aggregate_curves`)."""
+    """seed_stats of the lag ratios of one (setting, optimizer) group, per kind and rule (with
+    per-seed ratios and budget-bound counts: :func:`_lag_stats`), and of its lag-ratio curves
+    (``curves``: :func:`regime_jax.analysis.curves.aggregate_curves`); ``headline`` names the
+    rule and statistic the report leads with (:data:`HEADLINE_RULE`, :data:`HEADLINE_STAT`)."""
     summaries = [RunSummary.of(s) for s in summaries]
     main = summaries[0].main_rule
     out = {"main_rule": main, "seeds": [s.seed for s in summaries], "lag": {}, "layers": {}}
+    out["headline"] = {"rule": HEADLINE_RULE, "statistic": HEADLINE_STAT}
     for kind in KINDS:
         out["lag"][kind] = {
-            rule: timescales.seed_stats([s.lag_ratio(kind, rule) for s in summaries]).to_dict()
-            | {"per_seed": [s.lag_ratio(kind, rule) for s in summaries]}
-            for rule in RULES
+            rule: _lag_stats([s.lag(kind, rule) for s in summaries]) for rule in RULES
         }
     layers = sorted({layer for s in summaries for layer in s.layer_names})
     for layer in layers:
         vals = [s.layer_lag(layer, "abs").ratio for s in summaries]
-        out["layers"][layer] = timescales.seed_stats(vals).to_dict() | {"per_seed": vals}
+        out["layers"][layer] = seed_stats(vals).to_dict() | {"per_seed": vals}
     out["curves"] = curves.aggregate_curves([s.lag_ratio_curves for s in summaries])
     return records.jsonable(out)
 
 
 def group_lag(agg: Mapping[str, Any], kind: str = "abs", rule: str | None = None):
     """A group's (:func:`aggregate`) seed statistics of the ``kind`` lag ratio under ``rule``
-    (default: the group's main rule), with ``per_seed``."""
-    return agg["lag"][kind][rule or agg["main_rule"]]
+    (default: the group's main rule), with ``per_seed``; ``{}`` for a rule the group's
+    summaries predate."""
+    return agg["lag"][kind].get(rule or agg["main_rule"], {})
+
+
+def stat_view(stats: Mapping[str, Any], statistic: str = HEADLINE_STAT) -> dict[str, Any]:
+    """``{"mean", "ci_low", "ci_high"}`` of one statistic (``"geo_mean"``, ``"median"``,
+    ``"mean"``: :data:`STATS`) of seed statistics, in the shape
+    :func:`regime_jax.analysis.fmt.ci` and :func:`verdict` read; None where absent."""
+    keys = STATS[statistic]
+    return dict(zip(("mean", "ci_low", "ci_high"), (stats.get(k) for k in keys), strict=True))
 
 
 def _run_notes(name: str, summary: RunSummary) -> list[str]:
     out = [f"{name}: {n}" for n in summary.notes or ()]
     for kind in KINDS:
-        lag = summary.lag(kind)
-        if lag.status != "ok":
-            out.append(f"{name}: {kind} lag: {lag.message or lag.status}")
+        for rule in dict.fromkeys([summary.main_rule, HEADLINE_RULE]):
+            lag = summary.lag(kind, rule)
+            if lag.status is None:
+                continue  # a summary written before the rule existed
+            if lag.status != "ok":
+                out.append(f"{name}: {kind} lag ({rule}): {lag.message or lag.status}")
+            elif lag.budget_bound:
+                out.append(f"{name}: {kind} lag ({rule}): {lag.message}")
     return out
 
 
@@ -586,8 +635,12 @@ def summarize_sweep(sweep_workdir: str | Path) -> Sweep:
 
 
 def verdict(stats: Mapping[str, Any]) -> str:
-    """One line comparing the lag-ratio stats (mean, 95% CI) with the paper's 3.85x."""
-    mean, lo, hi = stats["mean"], stats["ci_low"], stats["ci_high"]
+    """One line comparing the lag-ratio stats with the paper's 3.85x: the geometric mean and
+    its 95% CI where ``stats`` has them (seed statistics), else ``mean``, ``ci_low``,
+    ``ci_high`` (e.g. :func:`stat_view` of another statistic)."""
+    if stats.get("geo_mean") is not None:
+        stats = stat_view(stats, "geo_mean")
+    mean, lo, hi = stats.get("mean"), stats.get("ci_low"), stats.get("ci_high")
     if mean is None:
         return "no verdict: no run gave a valid lag ratio"
     if lo is None or hi is None:
@@ -615,22 +668,28 @@ def load_sweep_summary(summary: SummaryLike) -> Mapping[str, Any]:
     return records.read_json(path / SUMMARY if path.is_dir() else path)
 
 
-def table_rows(summary: SummaryLike) -> list[dict[str, Any]]:
-    """The sweep's lag ratio (abs step, main rule) per (setting, optimizer), beside 3.85x.
+def table_rows(summary: SummaryLike, rule: str | None = None) -> list[dict[str, Any]]:
+    """The sweep's lag ratio (abs step) per (setting, optimizer) under ``rule`` (default: the
+    main rule; :data:`HEADLINE_RULE` for the headline), beside 3.85x.
 
     ``summary``: a sweep's ``summary.json`` (path, its folder, or loaded), or what
     :func:`regime_jax.report.build_report` returns. One dict per group: ``setting, optimizer,
-    seeds`` (valid lag ratios), ``lag mean`` (None if none), ``CI`` (95% bootstrap, text),
-    ``paper`` (3.85), ``verdict``.
+    rule, seeds`` (valid lag ratios), ``lag mean`` (arithmetic; None if none), ``CI`` (its 95%
+    bootstrap CI, text), ``median``, ``geo mean`` and ``geo CI`` (geometric mean and its CI),
+    ``budget-bound`` (valid ratios whose T(step) lies in the run's last 10%), ``paper`` (3.85),
+    ``verdict`` (on the geometric mean's CI).
     """
     rows = []
     for name, agg in sorted(load_sweep_summary(summary)["groups"].items()):
         setting, optimizer = name.split("/", 1)
-        stats = group_lag(agg)
-        ci = fmt.interval(stats["ci_low"], stats["ci_high"])
-        row = {"setting": setting, "optimizer": optimizer, "seeds": stats["n"]}
-        row |= {"lag mean": stats["mean"], "CI": ci, "paper": PAPER_RATIO}
-        rows.append(row | {"verdict": verdict(stats)})
+        stats = group_lag(agg, "abs", rule)
+        ci = fmt.interval(stats.get("ci_low"), stats.get("ci_high"))
+        geo_ci = fmt.interval(stats.get("geo_ci_low"), stats.get("geo_ci_high"))
+        row = {"setting": setting, "optimizer": optimizer, "rule": rule or agg["main_rule"]}
+        row |= {"seeds": stats.get("n", 0), "lag mean": stats.get("mean"), "CI": ci}
+        row |= {"median": stats.get("median"), "geo mean": stats.get("geo_mean")}
+        row |= {"geo CI": geo_ci, "budget-bound": stats.get("budget_bound")}
+        rows.append(row | {"paper": PAPER_RATIO, "verdict": verdict(stats)})
     return rows
 
 

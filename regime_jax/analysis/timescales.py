@@ -8,6 +8,11 @@ than ``s``; the lag ratio is ``T_s / T_h``. Statistics over seeds are in
 :mod:`regime_jax.analysis.online`;
 both are still importable from here.
 
+A decay time is a measurement of a decay: every rule first asks whether the series
+decayed at all (the decay test below) and returns a time only if it did. A series
+that stays flat, rises, barely drops or drops by less than its own noise gets a
+status and no time, never a number.
+
 Smoothing (:func:`smooth`): a centered moving average of odd width
 ``w = 2*h + 1`` with ``h = (min(window, n) - 1) // 2`` (even windows lose one
 point to stay centered). In the interior ``y_i = mean(x_{i-h} .. x_{i+h})``.
@@ -17,51 +22,91 @@ equals the moving average in the interior), so the ends are not biased by
 linear trends and are still averaged over ``w`` points. The edge line is an
 extrapolation: where the series bends inside the first window (a plateau, then a
 drop) it can put ``y[0]`` above every observed value, so no *level* is read off
-an edge: the threshold rule's start level is a plain window mean (below).
+an edge: start and final levels are plain means of raw values (below).
 
-Decay rules (``y`` = smoothed series, ``n`` points, index ``i`` -> ``steps[i]``):
+Levels and noise (:func:`decay_evidence`; ``x`` = raw series, ``n`` points):
 
-* ``settle``: ``m = ceil(final_fraction * n)``; final level ``L = mean(y[n-m:])``;
-  range ``R = max(y) - min(y)``. ``T = steps[k]`` with ``k`` the smallest index
-  such that ``|y_j - L| <= delta * R`` for every ``j >= k``. Reported as
-  ``never_settles`` if ``k >= n - m`` (it only enters the band inside the segment
-  that defines ``L``) or if the level still drifts:
-  ``|L - L_prev| > delta * R / 2`` with ``L_prev = mean(y[n-2m:n-m])`` (a linear
-  ramp would otherwise "settle" at 85% of its length).
+* start level ``I = mean(x[0:w])`` (:func:`start_level`, the first full window;
+  ``= y[h]``), never an extrapolation;
+* ``m = ceil(final_fraction * n)``; final level ``L = mean(x[n-m:])``, the level
+  before it ``L_prev = mean(x[n-2m:n-m])``;
+* noise ``sigma``: the standard deviation (``n_f - 2`` degrees of freedom) of the
+  last ``n_f = max(m, w)`` raw values about their least-squares line (a trend in
+  the tail is not noise);
+* drop ``D = I - L``, relative drop ``D / I``, and signal-to-noise ratio
+  ``snr = D / (sigma * sqrt(1/w + 1/m))``: the drop over the standard error of
+  the difference of a ``w``-point and an ``m``-point mean of white noise
+  (``inf`` when ``sigma = 0`` and ``D > 0``);
+* final drift ``L_prev - L`` (positive: the series still falls at the end).
+
+Decay test: the series *decayed* iff ``I > 0``, ``D / I >= min_drop`` and
+``snr >= min_snr`` (defaults 0.5 and 5: it ended at most half its start level, by
+at least five standard errors). It *still decays* iff, in addition,
+``L_prev - L > max_final_drift * D`` (default 0.02: the last ``m`` points fell by
+more than 2% of the whole drop; an exponential still decays by this test when the run is
+shorter than about ``3 tau``, a power law ``(1 + t / t0)^-1`` while ``t0`` is over about a
+third of the run).
+
+Decay rules (``y`` = smoothed series, index ``i`` -> ``steps[i]``):
+
+* ``settle``: range ``R = max(y) - min(y)``; ``L_y = mean(y[n-m:])``.
+  ``T = steps[k]`` with ``k`` the smallest index such that ``|y_j - L_y| <= delta * R``
+  for every ``j >= k``. Reported as ``never_settles`` if ``k >= n - m`` (it only
+  enters the band inside the segment that defines ``L_y``) or if the level moves:
+  ``|L_y - L_prev,y| > delta * R / 2`` with ``L_prev,y = mean(y[n-2m:n-m])``.
 * ``cumsum``: ``c_k = sum_{j<=k} max(y_j, 0)``; ``T = steps[k]`` for the first ``k``
-  with ``c_k >= cumsum_fraction * c_{n-1}``. ``c_{n-1} <= 0`` gives ``flat``.
-  It depends on the series length and on any floor: a noisy tail around zero
-  still adds positive mass after clipping and pushes ``T`` later.
-* ``threshold``: start level ``I = mean(x[0:w])``, the mean of the first full
-  window of raw values (:func:`start_level`; ``= y[h]``, the first smoothed value
-  that is a plain average): never an extrapolation, never above ``max(x[0:w])``.
-  With ``k`` the first index ``> h`` where ``y_k <= threshold_fraction * I``
-  (``y_h = I`` itself is above it), ``T = steps[k - h]``: ``I`` is the level at
-  the window's center, point ``h``, so the decay is counted from there, as
-  ``k - h`` points after the first step (for evenly spaced steps ``T - steps[0]
-  = steps[k] - steps[h]``). The final level is NOT used. Never reached, or
-  ``I <= 0``, gives ``never_settles``.
+  with ``c_k >= cumsum_fraction * c_{n-1}``. It depends on the series length and
+  on any floor: a noisy tail above zero adds mass and pushes ``T`` later.
+* ``fraction`` (the "fraction f of the start level" family, ``f = fraction``,
+  default ``1/e``: then ``T`` is the time constant of an exponential): with ``k``
+  the first index ``> h`` where ``y_k <= f * I`` (to a relative 1e-9, so that rounding
+  does not break scale invariance; ``y_h = I`` itself is above it),
+  ``T = steps[k - h]``: ``I`` is the level at the window's center, point ``h``, so
+  the decay is counted from there, as ``k - h`` points after the first step (for
+  evenly spaced steps ``T - steps[0] = steps[k] - steps[h]``). The final level
+  is not used beyond the decay test, so ``T`` does not move with the run's end once
+  the series has crossed ``f * I``. Not reached: ``still_decaying`` if the series still decays,
+  else ``never_settles`` (it levels off above ``f * I``).
+* ``threshold``: the same family at ``f = threshold_fraction`` (default 0.1), the
+  rule's name and default before ``fraction`` existed; kept so that earlier
+  summaries and curves read the same.
+
+Statuses, checked in this order; only ``ok`` has a time:
+
+1. ``nonfinite``: any NaN/inf value;
+2. ``too_short``: ``n < min_points``;
+3. ``flat``: ``R <= 1e-12 * max|y|`` (numerically constant, scale-free);
+4. ``no_decay``: the decay test fails (message: relative drop and snr);
+5. ``still_decaying``: the series still decays at its end; for ``settle`` and
+   ``cumsum`` always (their times move with the run's end), for ``fraction`` /
+   ``threshold`` only when ``f * I`` is not reached;
+6. ``never_settles``: the rule's own failure above;
+7. ``ok``.
 
 Analytic answers for ``x_t = exp(-t / tau)``, ``t = 0, 1, ..`` on a long series
 (the smoothed interior is ``S * x_t`` with ``S`` a constant, which cancels):
 ``settle`` ``tau * ln(1 / delta)``; ``cumsum`` ``tau * ln(1 / (1 - cumsum_fraction))``;
-``threshold`` ``ceil(tau * ln(1 / threshold_fraction))``, whatever the window (while
-the crossing lies in the interior). With the defaults all three are ``tau * ln(10)``
-(tested, with the tolerances stated there). Every rule is invariant under
-``x -> c * x`` for ``c > 0``; adding a constant changes ``cumsum`` and ``threshold``
-(they measure decay towards zero) but not ``settle``.
+``fraction`` / ``threshold`` ``ceil(tau * ln(1 / f))``, whatever the window (while
+the crossing lies in the interior): ``tau`` itself for ``fraction`` at ``1/e``. With
+the defaults ``settle``, ``cumsum`` and ``threshold`` are all ``tau * ln(10)``
+(tested, with the tolerances stated there). Every rule and the decay test are
+invariant under ``x -> c * x`` for ``c > 0``; adding a constant changes the decay
+test, ``cumsum`` and the fraction family (they measure decay towards zero).
+
+Each time is also given as a fraction of the run, ``run_fraction = (T - steps[0]) /
+(steps[-1] - steps[0])``; a lag ratio whose step-size time has ``run_fraction >
+budget_fraction`` (default 0.9: the last 10% of the run) is marked ``budget_bound``:
+the weights' decay time is then set by the run's length as much as by training.
 
 Config ranges: ``window >= 1``, ``min_points >= 2``, ``delta``, ``cumsum_fraction``,
-``threshold_fraction`` in (0, 1), ``final_fraction`` in (0, 0.5] (the drift check
-needs ``2m <= n``).
-
-Statuses, checked in this order: ``nonfinite`` (any NaN/inf value), ``too_short``
-(``n < min_points``), ``flat`` (``R <= 1e-12 * max|y|``, scale-free), then the rule's
-own ``never_settles`` / ``ok``.
+``threshold_fraction``, ``fraction``, ``max_final_drift`` in (0, 1), ``min_drop``
+in [0, 1), ``min_snr >= 0``, ``final_fraction`` in (0, 0.5] (the drift checks
+need ``2m <= n``), ``budget_fraction`` in (0, 1].
 
 Lag ratio: times are converted to elapsed durations ``T - steps[0]`` and
-``ratio = (T_s - steps[0]) / (T_h - steps[0])``; a zero flip duration gives
-status ``undefined`` (no inf).
+``ratio = (T_s - steps[0]) / (T_h - steps[0])``; it exists only when both times
+exist (else the status names each failed series and its status); a zero flip
+duration gives status ``undefined`` (no inf).
 """
 
 from __future__ import annotations
@@ -74,9 +119,19 @@ from typing import Any
 
 import numpy as np
 
-RULES: tuple[str, ...] = ("settle", "cumsum", "threshold")
-STATUSES: tuple[str, ...] = ("ok", "never_settles", "flat", "too_short", "nonfinite")
+RULES: tuple[str, ...] = ("settle", "cumsum", "threshold", "fraction")
+# in the order they are checked (module docstring), ``ok`` last
+STATUSES: tuple[str, ...] = (
+    "nonfinite",
+    "too_short",
+    "flat",
+    "no_decay",
+    "still_decaying",
+    "never_settles",
+    "ok",
+)
 _FLAT_RTOL = 1e-12
+INV_E = math.exp(-1.0)  # the fraction rule's default: T is the time constant
 
 
 def _to_jsonable(obj: Any) -> Any:
@@ -103,14 +158,22 @@ def _check_int(name: str, value: Any, low: int, owner: str = "DecayConfig") -> N
 
 
 def _check_open(
-    name: str, value: Any, low: float, high: float, closed_high: bool = False, owner: str = ""
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    closed_high: bool = False,
+    owner: str = "",
+    closed_low: bool = False,
 ) -> None:
     ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
-    ok = ok and low < value and (value <= high if closed_high else value < high)
+    ok = ok and math.isfinite(value) if ok else ok
+    ok = ok and (low <= value if closed_low else low < value)
+    ok = ok and (value <= high if closed_high else value < high)
     if not ok:
-        bracket = "]" if closed_high else ")"
+        left, right = "[" if closed_low else "(", "]" if closed_high else ")"
         raise ValueError(
-            f"{owner or 'DecayConfig'}.{name} must be a number in ({low}, {high}{bracket}, "
+            f"{owner or 'DecayConfig'}.{name} must be a number in {left}{low}, {high}{right}, "
             f"got {value!r}"
         )
 
@@ -126,6 +189,11 @@ class DecayConfig(_DictMixin):
     cumsum_fraction: float = 0.9
     threshold_fraction: float = 0.1
     min_points: int = 20
+    fraction: float = INV_E
+    min_drop: float = 0.5
+    min_snr: float = 5.0
+    max_final_drift: float = 0.02
+    budget_fraction: float = 0.9
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -136,27 +204,45 @@ class DecayConfig(_DictMixin):
         _check_open("final_fraction", self.final_fraction, 0.0, 0.5, closed_high=True)
         _check_open("cumsum_fraction", self.cumsum_fraction, 0.0, 1.0)
         _check_open("threshold_fraction", self.threshold_fraction, 0.0, 1.0)
+        _check_open("fraction", self.fraction, 0.0, 1.0)
+        _check_open("min_drop", self.min_drop, 0.0, 1.0, closed_low=True)
+        _check_open("min_snr", self.min_snr, 0.0, math.inf, closed_low=True)
+        _check_open("max_final_drift", self.max_final_drift, 0.0, 1.0)
+        _check_open("budget_fraction", self.budget_fraction, 0.0, 1.0, closed_high=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class DecayResult(_DictMixin):
-    """Decay time (a value from ``steps``, not an index; None unless status is "ok")."""
+    """Decay time (a value from ``steps``, not an index; None unless status is "ok").
+
+    ``run_fraction``: ``(time - steps[0]) / (steps[-1] - steps[0])`` (None without a time);
+    ``relative_drop`` and ``snr``: the decay test's ``D / I`` and signal-to-noise ratio
+    (:func:`decay_evidence`; None where the test was not reached).
+    """
 
     time: float | None
     status: str
     rule: str
     message: str = ""
+    run_fraction: float | None = None
+    relative_drop: float | None = None
+    snr: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class LagResult(_DictMixin):
-    """Lag ratio ``(T_s - steps[0]) / (T_h - steps[0])`` with both decay results."""
+    """Lag ratio ``(T_s - steps[0]) / (T_h - steps[0])`` with both decay results.
+
+    ``budget_bound``: the step-size time lies in the last ``1 - budget_fraction`` of the run
+    (``t_step.run_fraction > budget_fraction``); None without a ratio.
+    """
 
     ratio: float | None
     t_step: DecayResult
     t_flip: DecayResult
     status: str
     message: str = ""
+    budget_bound: bool | None = None
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -202,9 +288,83 @@ def _validate(steps: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
     return s, v
 
 
+@dataclasses.dataclass(frozen=True)
+class DecayEvidence(_DictMixin):
+    """The decay test's quantities (module docstring, "Levels and noise")."""
+
+    start: float  # I
+    final: float  # L
+    previous: float  # L_prev
+    noise: float  # sigma
+    relative_drop: float  # D / I (nan when I <= 0)
+    snr: float  # D / standard error (inf when sigma = 0 and D > 0)
+    decayed: bool
+    still_decaying: bool
+
+
+def _final_points(n: int, cfg: DecayConfig) -> int:
+    return max(1, math.ceil(cfg.final_fraction * n))
+
+
+def decay_evidence(values: Any, config: DecayConfig = DecayConfig()) -> DecayEvidence:
+    """Start and final levels, noise, drop and signal-to-noise ratio of a raw series.
+
+    Args:
+      values: 1-D finite series (raw, not smoothed), at least 2 points.
+      config: ``window``, ``final_fraction``, ``min_drop``, ``min_snr``, ``max_final_drift``.
+
+    Returns:
+      DecayEvidence; ``decayed`` iff ``I > 0``, ``D / I >= min_drop`` and ``snr >= min_snr``;
+      ``still_decaying`` iff ``decayed`` and ``L_prev - L > max_final_drift * D``.
+
+    >>> e = decay_evidence(np.exp(-np.arange(1000) / 50))
+    >>> e.decayed, e.still_decaying, round(e.relative_drop, 2)
+    (True, False, 1.0)
+    >>> decay_evidence(np.full(1000, 3.0)).decayed
+    False
+    """
+    x = np.asarray(values, dtype=float)
+    n = x.size
+    if x.ndim != 1 or n < 2:
+        raise ValueError(f"values must be a 1-D series of >= 2 points, got shape {x.shape}")
+    h = (min(int(config.window), n) - 1) // 2
+    w, m = 2 * h + 1, _final_points(n, config)
+    start, final = float(np.mean(x[:w])), float(np.mean(x[n - m :]))
+    previous = float(np.mean(x[max(0, n - 2 * m) : n - m])) if n > m else final
+    tail = x[n - min(n, max(m, w)) :]
+    u = np.arange(tail.size) - (tail.size - 1) / 2.0
+    resid = tail - tail.mean() - u * (float(np.dot(u, tail)) / max(float(np.dot(u, u)), 1.0))
+    noise = float(np.sqrt(np.sum(resid**2) / max(tail.size - 2, 1)))
+    drop = start - final
+    rel = drop / start if start > 0 else math.nan
+    se = noise * math.sqrt(1.0 / w + 1.0 / m)
+    snr = drop / se if se > 0 else (math.inf if drop > 0 else 0.0)
+    decayed = start > 0 and rel >= config.min_drop and snr >= config.min_snr
+    still = decayed and previous - final > config.max_final_drift * drop
+    return DecayEvidence(start, final, previous, noise, rel, snr, decayed, still)
+
+
+def _no_decay_message(e: DecayEvidence, cfg: DecayConfig) -> str:
+    if not e.start > 0:
+        return f"start level {e.start:.3g} <= 0: no decay towards zero to measure"
+    return (
+        f"no decay: level {e.start:.3g} -> {e.final:.3g}, relative drop {e.relative_drop:.3g} "
+        f"(min_drop {cfg.min_drop:g}), signal/noise {e.snr:.3g} (min_snr {cfg.min_snr:g})"
+    )
+
+
+def _still_message(e: DecayEvidence, cfg: DecayConfig) -> str:
+    drift = (e.previous - e.final) / (e.start - e.final)
+    return (
+        f"still decaying at the end: the last {cfg.final_fraction:g} of the run fell by "
+        f"{drift:.3g} of the whole drop (max_final_drift {cfg.max_final_drift:g}); "
+        "its time would move with the run's length"
+    )
+
+
 def _settle(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig, rng: float) -> DecayResult:
     n = y.size
-    m = max(1, math.ceil(cfg.final_fraction * n))
+    m = _final_points(n, cfg)
     level = float(np.mean(y[n - m :]))
     prev = float(np.mean(y[n - 2 * m : n - m]))
     outside = np.nonzero(np.abs(y - level) > cfg.delta * rng)[0]
@@ -227,7 +387,7 @@ def _cumsum(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig) -> DecayResult:
 
 
 def start_level(values: Any, window: int) -> float:
-    """The threshold rule's start level: the mean of the first full smoothing window.
+    """The fraction rules' start level: the mean of the first full smoothing window.
 
     ``mean(values[0:w])`` with ``w`` the odd width :func:`smooth` uses for ``window``
     (the smoothed value at the window's center, ``h = (w - 1) // 2``). A mean of observed
@@ -243,22 +403,26 @@ def start_level(values: Any, window: int) -> float:
     return float(np.mean(x[: 2 * h + 1]))
 
 
-def _threshold(steps: np.ndarray, y: np.ndarray, cfg: DecayConfig, x: np.ndarray) -> DecayResult:
-    initial = start_level(x, cfg.window)
-    if initial <= 0:
-        msg = f"start level {initial:.3g} <= 0; threshold rule needs a positive start"
-        return DecayResult(None, "never_settles", "threshold", msg)
+def _fraction(
+    steps: np.ndarray, y: np.ndarray, cfg: DecayConfig, e: DecayEvidence, rule: str
+) -> DecayResult:
+    f = cfg.fraction if rule == "fraction" else cfg.threshold_fraction
     h = (min(cfg.window, y.size) - 1) // 2
-    below = y[h + 1 :] <= cfg.threshold_fraction * initial
+    # 1e-9: a crossing exactly at f * I (an exponential with tau * ln(1/f) an integer) is
+    # decided the same way at every scale of the series despite rounding
+    below = y[h + 1 :] <= f * e.start * (1.0 + 1e-9)
     if not below.any():
-        msg = f"never falls below {cfg.threshold_fraction} x start level {initial:.3g}"
-        return DecayResult(None, "never_settles", "threshold", msg)
+        if e.still_decaying:
+            msg = f"not yet below {f:.3g} x start level {e.start:.3g}; "
+            return DecayResult(None, "still_decaying", rule, msg + _still_message(e, cfg))
+        msg = f"never falls below {f:.3g} x start level {e.start:.3g} (levels off above it)"
+        return DecayResult(None, "never_settles", rule, msg)
     k = h + 1 + int(np.argmax(below))  # the crossing; the start level sits at point h
-    return DecayResult(float(steps[k - h]), "ok", "threshold")
+    return DecayResult(float(steps[k - h]), "ok", rule)
 
 
 def decay_time(steps: Any, values: Any, config: DecayConfig = DecayConfig()) -> DecayResult:
-    """Decay time of one series under ``config.rule``.
+    """Decay time of one series under ``config.rule``, if the series decayed.
 
     Args:
       steps: 1-D strictly increasing step values.
@@ -267,13 +431,17 @@ def decay_time(steps: Any, values: Any, config: DecayConfig = DecayConfig()) -> 
 
     Returns:
       DecayResult; ``time`` is a value from ``steps`` when status is "ok", else None.
-      Levels are never read off the extrapolated edges of :func:`smooth`: the threshold
-      rule's start level is :func:`start_level`, the mean of the first window, and its
-      decay is counted from that window's center (module docstring).
+      The statuses are checked in the order of the module docstring: a series that did not
+      decay by the decay test (:func:`decay_evidence`) is ``no_decay`` under every rule.
+      Levels are never read off the extrapolated edges of :func:`smooth`.
 
     >>> t = np.arange(3000)
     >>> round(decay_time(t, np.exp(-t / 100.0)).time / 100, 1)
     2.3
+    >>> decay_time(t, np.exp(-t / 100.0), DecayConfig(rule="fraction")).time
+    100.0
+    >>> decay_time(t, np.full(3000, 1.2e-8)).status
+    'flat'
     """
     s, v = _validate(steps, values)
     rule, n = config.rule, v.size
@@ -287,11 +455,22 @@ def decay_time(steps: Any, values: Any, config: DecayConfig = DecayConfig()) -> 
     rng = float(np.max(y) - np.min(y))
     if rng <= _FLAT_RTOL * float(np.max(np.abs(y))):
         return DecayResult(None, "flat", rule, "smoothed series is constant (range ~ 0)")
+    e = decay_evidence(v, config)
+    evidence = {"relative_drop": e.relative_drop, "snr": e.snr}
+    evidence = {k: (val if math.isfinite(val) else None) for k, val in evidence.items()}
+    if not e.decayed:
+        return DecayResult(None, "no_decay", rule, _no_decay_message(e, config), **evidence)
+    if e.still_decaying and rule in ("settle", "cumsum"):
+        return DecayResult(None, "still_decaying", rule, _still_message(e, config), **evidence)
     if rule == "settle":
-        return _settle(s, y, config, rng)
-    if rule == "cumsum":
-        return _cumsum(s, y, config)
-    return _threshold(s, y, config, v)
+        out = _settle(s, y, config, rng)
+    elif rule == "cumsum":
+        out = _cumsum(s, y, config)
+    else:
+        out = _fraction(s, y, config, e, rule)
+    span = float(s[-1] - s[0])
+    frac = None if out.time is None else (out.time - float(s[0])) / span
+    return dataclasses.replace(out, run_fraction=frac, **evidence)
 
 
 def decay_times_all_rules(
@@ -320,8 +499,10 @@ def lag_ratio(
       config: decay rule and parameters (same for both series).
 
     Returns:
-      LagResult; ``ratio`` is None unless status is "ok". A failed series gives
-      status like "flip_rate: never_settles"; a zero flip duration gives "undefined".
+      LagResult; ``ratio`` is None unless status is "ok", which needs both times. A failed
+      series gives status like "flip_rate: no_decay"; a zero flip duration gives
+      "undefined"; ``budget_bound`` marks a ratio whose step-size time lies after
+      ``budget_fraction`` of the run.
 
     >>> t = np.arange(3000)
     >>> round(lag_ratio(t, np.exp(-t / 300.0), np.exp(-t / 100.0)).ratio, 1)
@@ -340,7 +521,14 @@ def lag_ratio(
     if d_h <= 0:
         msg = f"flip decay time is 0 (settles at the first step {first:g}); ratio undefined"
         return LagResult(None, t_s, t_h, "undefined", msg)
-    return LagResult(d_s / d_h, t_s, t_h, "ok")
+    bound = t_s.run_fraction is not None and t_s.run_fraction > config.budget_fraction
+    msg = (
+        f"budget-bound: T(step) at {t_s.run_fraction:.2f} of the run "
+        f"(> budget_fraction {config.budget_fraction:g})"
+        if bound
+        else ""
+    )
+    return LagResult(d_s / d_h, t_s, t_h, "ok", msg, bound)
 
 
 # parameter grids of lag_ratio_curves: {parameter: (rule it belongs to, default values)}
@@ -405,5 +593,5 @@ _MOVED = {
 
 def __getattr__(name: str) -> Any:
     if name in _MOVED:
-        return getattr(importlib.import_module(f"regime_jax.{_MOVED[name]}"), name)
+        return getattr(importlib.import_module(f"regime_jax.analysis.{_MOVED[name]}"), name)
     raise AttributeError(f"module 'regime_jax.analysis.timescales' has no attribute {name!r}")

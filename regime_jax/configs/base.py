@@ -129,13 +129,18 @@ def base_config() -> ml_collections.ConfigDict:
     # Decay-time analysis of the recorded series (timescales.DecayConfig's fields and
     # defaults; the rules' formulas are in regime_jax/analysis/timescales.py).
     c.timescales = dict(
-        rule="settle",  # the main rule: settle | cumsum | threshold (all are reported)
-        window=25,  # centered moving-average width (points) before any rule
-        delta=0.1,  # settle: band half-width, a fraction of the smoothed range
-        final_fraction=0.1,  # settle: trailing fraction of points defining the final level
-        cumsum_fraction=0.9,  # cumsum: fraction of the total mass reached at T
-        threshold_fraction=0.1,  # threshold: fraction of the initial level reached at T
-        min_points=20,  # a series with fewer points is reported too_short
+        rule="settle",  # the main rule: settle | cumsum | threshold | fraction (all reported)
+        window=25,  # centered moving-average width (points) before any rule; >= 1
+        delta=0.1,  # settle: band half-width, a fraction of the smoothed range; (0, 1)
+        final_fraction=0.1,  # trailing fraction of points: the final level; (0, 0.5]
+        cumsum_fraction=0.9,  # cumsum: fraction of the total mass reached at T; (0, 1)
+        threshold_fraction=0.1,  # threshold: fraction of the start level reached at T; (0, 1)
+        min_points=20,  # a series with fewer points is reported too_short; >= 2
+        fraction=math.exp(-1.0),  # fraction rule: f of the start level (1/e: tau); (0, 1)
+        min_drop=0.5,  # decay test: (start - final) / start must reach this; [0, 1)
+        min_snr=5.0,  # decay test: (start - final) / its noise std error must reach this; >= 0
+        max_final_drift=0.02,  # still_decaying: last segment fell > this x the drop; (0, 1)
+        budget_fraction=0.9,  # flag a ratio budget-bound if T(step) is past this of the run; (0, 1]
     )
     return c
 

@@ -35,10 +35,14 @@ from regime_jax.analysis import curves, decoupling, layout
 from regime_jax.analysis.fmt import ci, num
 from regime_jax.analysis.layout import find_runs
 from regime_jax.analysis.summary import (
+    HEADLINE_RULE,
     KINDS,
     PAPER_RATIO,
+    RunSummary,
     Sweep,
     group_lag,
+    stat_view,
+    summarize_run,
     summarize_sweep,
     verdict,
 )
@@ -57,24 +61,87 @@ __all__ = [
 DPI = 110
 DESCRIPTION = "A sweep's report.md, summary.json and figures, or one run's figures."
 TABLE_HEAD = (
-    "| setting | optimizer | seeds | lag ratio (abs step) mean [95% CI] | median | "
-    "per-rule means (settle / cumsum / threshold) | lag ratio (rel step) mean [95% CI] | paper |\n"
-    "|---|---|---|---|---|---|---|---|"
+    "| setting | optimizer | seeds | geometric mean [95% CI] | median [95% CI] | "
+    "arithmetic mean [95% CI] | budget-bound | rel step: geometric mean [95% CI] | paper |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+HEADLINE = (
+    f"Headline: the `{HEADLINE_RULE}` rule at f = 1/e (each series' time constant: the first "
+    "step below 1/e of its start level), abs step; per group the geometric mean of the "
+    "per-seed lag ratios T_step / T_flip with its 95% bootstrap CI, the median beside it, and "
+    "the arithmetic mean (labelled: one heavy seed dominates it). A ratio exists only where "
+    "both series decayed (`timescales.min_drop`, `min_snr`); seeds = valid ratios / runs; "
+    "budget-bound: valid ratios whose T(step) lies in the run's last 10% (set by the run's "
+    "length as much as by training)."
 )
 
 
-def table_row(setting: str, optimizer: str, agg: dict[str, Any], runs: int) -> str:
-    """One markdown row; ``runs`` counts the group's summarized runs (seeds = valid / runs)."""
-    a, r = (group_lag(agg, k) for k in KINDS)
-    rules = " / ".join(num(group_lag(agg, "abs", rule)["mean"]) for rule in RULES)
-    cells = [setting, optimizer, f"{a['n']}/{runs}", ci(a), num(a["median"]), rules]
-    return "| " + " | ".join([*cells, ci(r), f"{PAPER_RATIO}x"]) + " |"
+def _stat(stats: dict[str, Any], statistic: str) -> str:
+    return ci(stat_view(stats, statistic))
+
+
+def table_row(
+    setting: str, optimizer: str, agg: dict[str, Any], runs: int, rule: str | None = None
+) -> str:
+    """One markdown row under ``rule`` (default: the group's main rule); ``runs`` counts the
+    group's summarized runs (seeds = valid / runs)."""
+    a, r = (group_lag(agg, k, rule) for k in KINDS)
+    cells = [setting, optimizer, f"{a.get('n', 0)}/{runs}"]
+    cells += [_stat(a, "geo_mean"), _stat(a, "median"), _stat(a, "mean")]
+    cells += [f"{a.get('budget_bound', 0)}/{a.get('n', 0)}", _stat(r, "geo_mean")]
+    return "| " + " | ".join([*cells, f"{PAPER_RATIO}x"]) + " |"
+
+
+def rules_table(sweep: Sweep) -> str:
+    """Per group, every rule's geometric-mean lag ratio (abs step) [95% CI], (valid seeds /
+    runs; budget-bound)."""
+    lines = ["| setting | optimizer | " + " | ".join(RULES) + " |", "|---" * (2 + len(RULES)) + "|"]
+    for (s, o), agg in sweep.groups.items():
+        runs, cells = len(sweep.members[s, o]), []
+        for rule in RULES:
+            st = group_lag(agg, "abs", rule)
+            cells.append(
+                f"{_stat(st, 'geo_mean')} ({st.get('n', 0)}/{runs}; "
+                f"{st.get('budget_bound', 0)} b.b.)"
+            )
+        lines.append(f"| {s} | {o} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _time_cell(lag: Any, which: str) -> str:
+    decay = getattr(lag, which)
+    if decay.time is None:
+        return f"– ({decay.status})" if decay.status else "–"
+    frac = "" if decay.run_fraction is None else f" ({decay.run_fraction:.2f})"
+    return f"{decay.time:g}{frac}"
+
+
+def runs_table(sweep: Sweep) -> str:
+    """One row per run and rule (main and headline): T(flip), T(step) (each with its fraction
+    of the run), the lag ratio and, where there is none, the status; budget-bound marked."""
+    lines = [
+        "| run | rule | T(flip) (fraction of run) | T(step) (fraction of run) | lag ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for name, summary in sweep.runs.items():
+        summary = RunSummary.of(summary)
+        for rule in dict.fromkeys([summary.main_rule, HEADLINE_RULE]):
+            lag = summary.lag("abs", rule)
+            if lag.status is None:
+                continue
+            if lag.ratio is None:
+                ratio = f"– ({lag.status})"
+            else:
+                ratio = num(lag.ratio) + (" **budget-bound**" if lag.budget_bound else "")
+            cells = [name, rule, _time_cell(lag, "t_flip"), _time_cell(lag, "t_step"), ratio]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def curves_table(aggs: dict) -> str:
-    """Per (setting, optimizer) and rule parameter: where along the parameter's grid the mean
-    lag ratio's 95% CI contains 3.85 (:func:`regime_jax.analysis.curves.paper_ranges`), or
-    "nowhere"."""
+    """Per (setting, optimizer) and rule parameter: where along the parameter's grid the
+    geometric-mean lag ratio's 95% CI contains 3.85
+    (:func:`regime_jax.analysis.curves.paper_ranges`), or "nowhere"."""
     heads = [f"{p} ({curves.grid_span(p)})" for p in curves.PARAMS]
     lines = ["| setting | optimizer | " + " | ".join(heads) + " |", "|---" * (2 + len(heads)) + "|"]
     for (s, o), agg in sorted(aggs.items()):
@@ -86,9 +153,11 @@ def curves_table(aggs: dict) -> str:
 def _curves_section(aggs: dict, figures: list[Path]) -> list[str]:
     lines = ["", "## Lag ratio over each rule's parameter", ""]
     lines += [
-        f"Where the mean lag ratio's 95% CI (over seeds) contains {PAPER_RATIO}:",
-        "threshold_fraction under the threshold rule, delta under settle, cumsum_fraction under",
-        "cumsum, window under the main rule (others at their configured values); abs step.",
+        f"Where the geometric-mean lag ratio's 95% CI (over seeds) contains {PAPER_RATIO}:",
+        "threshold_fraction under the threshold rule (the fraction family: 1/e lies between",
+        "0.35 and 0.4), delta under settle, cumsum_fraction under cumsum, window under the main",
+        "rule (others at their configured values); abs step. A value counts only the seeds",
+        "where both series decayed under it.",
         "",
         curves_table(aggs),
     ]
@@ -104,8 +173,9 @@ def _markdown(
     decoupled: list[str] = (),
     online: list[str] = (),
     partial: str | None = None,
+    rules_table_text: str = "",
+    runs_text: str = "",
 ) -> str:
-    main = ", ".join(sorted({a["main_rule"] for a in aggs.values()}))
     lines = ["# Lag ratio T_step / T_flip (regime change hypothesis, arXiv 2602.08333)", ""]
     if decoupled:
         lines = ["# The decoupling experiment (regime change hypothesis, arXiv 2602.08333)", ""]
@@ -113,10 +183,16 @@ def _markdown(
     if decoupled:
         lines += [*decoupled, "", "![decoupling](figures/decoupling.png)", ""]
         lines += ["## Lag ratio T_step / T_flip of every variant", ""]
-    lines += [f"Main decay rule: {main}; paper: {PAPER_RATIO}x.", "", table, "", "## Verdicts", ""]
+    lines += [f"{HEADLINE} Paper: {PAPER_RATIO}x.", "", table, "", "## Verdicts", ""]
+    lines += [f"On the geometric mean's 95% CI, `{HEADLINE_RULE}` rule (headline), then main rule:"]
+    lines += [""]
     for (s, o), agg in sorted(aggs.items()):
-        lines.append(f"- {s} / {o}: {verdict(group_lag(agg))}")
-    lines += ["", "## Per-layer lag ratios (abs step, main rule)", ""]
+        head = verdict(group_lag(agg, "abs", HEADLINE_RULE))
+        main = f"; {agg['main_rule']}: {verdict(group_lag(agg))}"
+        lines.append(f"- {s} / {o}: {head}" + (main if agg["main_rule"] != HEADLINE_RULE else ""))
+    lines += ["", "## Every rule", "", rules_table_text] if rules_table_text else []
+    lines += ["", "## Decay times per run", "", runs_text] if runs_text else []
+    lines += ["", "## Per-layer lag ratios (abs step, main rule, mean [95% CI])", ""]
     for (s, o), agg in sorted(aggs.items()):
         cells = [f"{k} {ci(v)}" for k, v in agg["layers"].items()]
         lines.append(f"- {s} / {o}: " + ("; ".join(cells) or "none"))
@@ -128,10 +204,24 @@ def _markdown(
     return "\n".join(lines + rest) + "\n"
 
 
-def markdown_table(sweep: Sweep) -> str:
-    """The head and one :func:`table_row` per (setting, optimizer) group of ``sweep``."""
-    rows = [table_row(s, o, agg, len(sweep.members[s, o])) for (s, o), agg in sweep.groups.items()]
+def markdown_table(sweep: Sweep, rule: str | None = None) -> str:
+    """The head and one :func:`table_row` per (setting, optimizer) group of ``sweep`` under
+    ``rule`` (default: the groups' main rule)."""
+    rows = [
+        table_row(s, o, agg, len(sweep.members[s, o]), rule) for (s, o), agg in sweep.groups.items()
+    ]
     return "\n".join([TABLE_HEAD, *rows])
+
+
+def report_tables(sweep: Sweep) -> str:
+    """The headline table (:data:`HEADLINE_RULE`) and, where the main rule differs, the main
+    rule's, each under a caption line."""
+    parts = [f"Rule `{HEADLINE_RULE}` (headline):", "", markdown_table(sweep, HEADLINE_RULE)]
+    mains = sorted({agg["main_rule"] for agg in sweep.groups.values()} - {HEADLINE_RULE})
+    for main in mains:
+        parts += ["", f"Rule `{main}` (the runs' main rule, `timescales.rule`):", ""]
+        parts += [markdown_table(sweep, main)]
+    return "\n".join(parts)
 
 
 def write_figures(fig_dir: Path, sweep: Sweep) -> list[Path]:
@@ -181,7 +271,7 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
     root = Path(sweep_workdir)
     sweep = summarize_sweep(root)
     partial = partial_sweep(root, sweep)
-    table = markdown_table(sweep)
+    table = report_tables(sweep)
     figures = write_figures(root / "figures", sweep)
     decoupled = decoupling.decoupling(sweep)
     if decoupled["groups"]:
@@ -190,7 +280,17 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
         fig.savefig(figures[-1], dpi=DPI)
     section = decoupling_markdown(decoupled)
     online = online_markdown(decoupled["online"])
-    text = _markdown(table, sweep.groups, sweep.notes, figures, section, online, partial)
+    text = _markdown(
+        table,
+        sweep.groups,
+        sweep.notes,
+        figures,
+        section,
+        online,
+        partial,
+        rules_table(sweep),
+        runs_table(sweep),
+    )
     (root / "report.md").write_text(text)
     out = sweep.to_dict() | {"online": decoupled["online"], "partial": partial}
     out |= {"decoupling": decoupled} if decoupled["groups"] else {}
@@ -199,14 +299,17 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
     return out | {"table": table} | paths
 
 
-def write_run_figures(workdir: str | Path | records.Run) -> list[Path]:
+def write_run_figures(
+    workdir: str | Path | records.Run, summary: RunSummary | None = None
+) -> list[Path]:
     """One run's figures (:func:`regime_jax.report.plots.run_figures`) as
     ``<workdir>/figures/*.png``;
-    a partial run's are titled ``partial at step N of M (why)`` (:attr:`records.Run.partial`)."""
+    a partial run's are titled ``partial at step N of M (why)`` (:attr:`records.Run.partial`).
+    ``summary``: the run's (computed if None)."""
     run = workdir if isinstance(workdir, records.Run) else records.load_run(workdir)
     (run.workdir / "figures").mkdir(exist_ok=True)
     paths = []
-    for name, fig in plots.run_figures(run):
+    for name, fig in plots.run_figures(run, summary):
         paths.append(run.workdir / "figures" / f"{name}.png")
         fig.savefig(paths[-1], dpi=DPI)
     return paths
@@ -245,7 +348,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             run = records.load_run(args.run)
             if run.partial:
                 print(f"{args.run}: {run.partial}; every figure is marked so", flush=True)
-            for path in write_run_figures(run):
+            summary = RunSummary.from_json(summarize_run(run.workdir))
+            for line in run_lag_lines(summary):
+                print(line)
+            for path in write_run_figures(run, summary):
                 print(path)
             return
         _require(Path(args.workdir))
@@ -264,6 +370,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 _KEPT = "the runs' records are untouched (a report only writes figures and report.md)"
+
+
+def run_lag_lines(summary: RunSummary) -> list[str]:
+    """``--run``'s lines: per rule (main, headline), T(flip) and T(step) with their fractions
+    of the run and the abs lag ratio, flagged budget-bound (T(step) in the run's last 10%),
+    or the status that says why there is none."""
+    out = []
+    for rule in dict.fromkeys([summary.main_rule, HEADLINE_RULE]):
+        lag = summary.lag("abs", rule)
+        if lag.status is None:
+            continue
+        times = f"T(flip) {_time_cell(lag, 't_flip')}, T(step) {_time_cell(lag, 't_step')}"
+        if lag.ratio is None:
+            out.append(f"lag ratio [{rule}]: none ({lag.status}); {times}")
+            continue
+        flag = f" BUDGET-BOUND: {lag.message}" if lag.budget_bound else ""
+        out.append(f"lag ratio [{rule}]: {num(lag.ratio)}; {times} (fraction of run){flag}")
+    return out
 
 
 def _require(directory: Path, *names: str) -> None:

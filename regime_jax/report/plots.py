@@ -105,14 +105,22 @@ def _marked(fig, run: records.Run):
     return fig
 
 
+def _lag_cell(lag: analysis.Lag, kind: str) -> str:
+    if lag.ratio is None:
+        return f"{kind}: {lag.status}"
+    return f"{num(lag.ratio)} ({kind}{', budget-bound' if lag.budget_bound else ''})"
+
+
 def _lag_title(summary: RunSummary) -> str:
-    parts = []
-    for kind in analysis.KINDS:
-        lag = summary.lag(kind)
-        parts.append(
-            f"{num(lag.ratio)} ({kind})" if lag.ratio is not None else f"{kind}: {lag.status}"
-        )
-    return f"lag ratio T_step / T_flip [{summary.main_rule}]: " + ", ".join(parts)
+    """The lag ratios under the main rule and the headline rule; a ratio whose T(step) lies in
+    the run's last 10% is marked budget-bound, a missing one names its status."""
+    lines = []
+    for rule in dict.fromkeys([summary.main_rule, analysis.HEADLINE_RULE]):
+        if summary.lag("abs", rule).status is None:
+            continue  # a summary written before the rule existed
+        parts = [_lag_cell(summary.lag(kind, rule), kind) for kind in analysis.KINDS]
+        lines.append(f"lag ratio T_step / T_flip [{rule}]: " + ", ".join(parts))
+    return "\n".join(lines)
 
 
 def timescales_figure(run: RunLike, summary: RunSummary | Mapping[str, Any] | None = None):
@@ -134,9 +142,11 @@ def timescales_figure(run: RunLike, summary: RunSummary | Mapping[str, Any] | No
         steps, curves = analysis.normalized_curves([run], key, window)
         if curves.shape[0]:
             ax.plot(steps, curves[0], color=color, ls=ls, label=key)
-        t = summary.decay_time(key).time
-        if t is not None:
-            ax.axvline(t, color=color, ls=":", lw=1.5, label=f"T {key} = {num(t, 'g')}")
+        decay = summary.decay_time(key)
+        if decay.time is not None:
+            frac = "" if decay.run_fraction is None else f" ({decay.run_fraction:.2f} of run)"
+            label = f"T {key} = {num(decay.time, 'g')}{frac}"
+            ax.axvline(decay.time, color=color, ls=":", lw=1.5, label=label)
     mva = summary.mva_step
     if mva is not None:
         ax.axvline(mva, color="k", ls="-.", lw=1, label=f"max val. acc. (step {mva})")
@@ -280,33 +290,49 @@ def kept_vs_eps_figure(results: Mapping[str, Mapping[str, Any]]):
 def lag_summary_figure(summary: SummaryLike):
     """Lag ratio (abs step) per (setting, optimizer) and decay rule, beside the paper's 3.85x.
 
-    Seeds as dots, the mean with its 95% CI as marker and bars; takes what :func:`table_rows` does.
+    Seeds as dots (hollow: budget-bound, T(step) in the run's last 10%), the geometric mean
+    with its 95% CI as marker and bars (the arithmetic mean where a sweep summary predates the
+    geometric one); log scale. Takes what :func:`table_rows` does.
     """
     groups = sorted(analysis.load_sweep_summary(summary)["groups"].items())
-    fig, ax = _axes((max(6.5, 1.6 * len(groups) + 2.5), 4.2))
-    for j, rule in enumerate(timescales.RULES):
+    fig, ax = _axes((max(6.5, 1.9 * len(groups) + 2.5), 4.2))
+    rules = timescales.RULES
+    for j, rule in enumerate(rules):
         for i, (_, agg) in enumerate(groups):
-            x, stats = i + 0.2 * (j - 1), analysis.group_lag(agg, "abs", rule)
-            seeds = [v for v in stats["per_seed"] if v is not None]
-            ax.plot([x] * len(seeds), seeds, ".", color=f"C{j}", label=None if i else rule)
-            if stats["mean"] is not None:
-                lo, hi = (stats[k] if stats[k] is not None else stats["mean"] for k in _CI)
-                yerr = [[stats["mean"] - lo], [hi - stats["mean"]]]
-                ax.errorbar(x, stats["mean"], yerr, fmt="o", color=f"C{j}", ms=8, capsize=4)
+            x, stats = i + 0.16 * (j - (len(rules) - 1) / 2), analysis.group_lag(agg, "abs", rule)
+            per_seed = stats.get("per_seed") or []
+            bound = stats.get("per_seed_budget_bound") or [None] * len(per_seed)
+            for hollow in (False, True):
+                ys = [v for v, b in zip(per_seed, bound, strict=True) if v and bool(b) is hollow]
+                face = "none" if hollow else f"C{j}"
+                label = rule if not (i or hollow) else None
+                ax.plot([x] * len(ys), ys, "o", ms=3, color=f"C{j}", mfc=face, label=label)
+            view = analysis.stat_view(stats, "geo_mean" if "geo_mean" in stats else "mean")
+            centre = view["mean"]
+            if centre is not None:
+                lo, hi = (view[k] if view[k] is not None else centre for k in _CI)
+                yerr = [[centre - lo], [hi - centre]]
+                ax.errorbar(x, centre, yerr, fmt="D", color=f"C{j}", ms=7, capsize=4)
     paper = analysis.PAPER_RATIO
     ax.axhline(paper, color="tab:red", ls="--", label=f"paper {paper}x")
     ax.axhline(1.0, color="k", ls=":", lw=1, label="no lag (1x)")
     ax.set_xticks(range(len(groups)), [name.replace("/", "\n") for name, _ in groups])
     ax.set(ylabel="lag ratio T_step / T_flip (abs step)", xlim=(-0.6, len(groups) - 0.4))
+    ax.set_yscale("log")
     main = ", ".join(sorted({agg["main_rule"] for _, agg in groups}))
-    ax.set_title(f"per rule: seeds (dots), mean and 95% CI; main rule {main}", fontsize=10)
+    ax.set_title(
+        f"per rule: seeds (dots; hollow = budget-bound), geometric mean and 95% CI; "
+        f"main rule {main}, headline {analysis.HEADLINE_RULE}",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     return fig
 
 
 def lag_curves_figure(summary: SummaryLike):
     """The lag ratio (abs step) over each rule's parameter, one panel per parameter: per
-    (setting, optimizer) the seed mean with its 95% CI band, lines at the paper's 3.85x and 1x.
+    (setting, optimizer) the seeds' geometric mean with its 95% CI band (only seeds with a
+    ratio at that value: both series decayed), lines at the paper's 3.85x and 1x.
 
     Takes what :func:`table_rows` does (groups' ``curves``, :mod:`regime_jax.analysis.curves`).
     """
@@ -333,7 +359,9 @@ def lag_curves_figure(summary: SummaryLike):
         ax.set_xscale("log" if param == "window" and drawn else "linear")
         ax.set_title(f"{param} (rule: {', '.join(sorted(rules)) or '-'})", fontsize=10)
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("lag ratio vs decay-rule parameter: seed mean, band = 95% CI", fontsize=11)
+    fig.suptitle(
+        "lag ratio vs decay-rule parameter: geometric mean over seeds, band = 95% CI", fontsize=11
+    )
     return fig
 
 
@@ -403,15 +431,18 @@ def sweep_figures(sweep: analysis.Sweep) -> Iterator[tuple[str, Any]]:
         yield "lag_curves", lag_curves_figure(sweep.to_dict())
 
 
-def run_figures(run: RunLike) -> Iterator[tuple[str, Any]]:
+def run_figures(
+    run: RunLike, summary: RunSummary | Mapping[str, Any] | None = None
+) -> Iterator[tuple[str, Any]]:
     """``(name, Figure)`` of one run: ``timescales``, ``layer_flips``, ``raster``, and with
     ``stability/*`` metrics (``stability.num_points > 0``) ``stability_kept`` and
     ``stability_radius``. A run that is not finished (unfinished, live, stopped by a
     non-finite loss) is drawn as far as it got, every figure titled with its
-    ``"partial at step N of M (why)"`` (:attr:`regime_jax.records.Run.partial`)."""
+    ``"partial at step N of M (why)"`` (:attr:`regime_jax.records.Run.partial`). ``summary``:
+    the run's summary for ``timescales`` (computed if None)."""
     run = _as_run(run)
     makers = {
-        "timescales": timescales_figure,
+        "timescales": functools.partial(timescales_figure, summary=summary),
         "layer_flips": layer_flips_figure,
         "raster": mask_raster_figure,
     }

@@ -56,3 +56,8 @@ def test_aggregate_curves_and_paper_ranges():
     values, mean, lo, hi = curves.as_arrays(agg["delta"])
     assert values.tolist() == [0.1, 0.2, 0.3] and hi[0] >= 3.85
     assert math.isnan(lo[2]) and mean[2] == 5.0
+    # the geometric mean by default; the arithmetic one on request
+    assert agg["delta"]["geo_mean"][1] == pytest.approx((2.0 * 2.1 * 2.2) ** (1 / 3))
+    assert agg["delta"]["median"][1] == 2.1
+    assert curves.as_arrays(agg["delta"])[1][1] == pytest.approx(agg["delta"]["geo_mean"][1])
+    assert curves.as_arrays(agg["delta"], "mean")[1][1] == pytest.approx(2.1)

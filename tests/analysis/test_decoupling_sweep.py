@@ -93,14 +93,14 @@ def test_freeze_steps_are_multiples_of_the_reference_t_flip(tmp_path, monkeypatc
 
 def test_a_reference_without_t_flip_falls_back_then_fails_naming_why(tmp_path, monkeypatch):
     calls, log = [], []
-    times = {"settle": None, "cumsum": 40.0, "threshold": None}
+    times = {"settle": None, "cumsum": 40.0, "threshold": None, "fraction": None}
     monkeypatch.setattr(loop, "train_and_evaluate", _fake_train(times, calls))
     sweep.run_sweep(_quick(), tmp_path / "a", log=log.append)
     assert [f for _, f, _ in calls[2:]] == [0, 10, 20, 40, 80]
     assert any("T(flip) from the cumsum rule (settle: none)" in line for line in log)
 
     calls.clear()
-    times = {"settle": None, "cumsum": None, "threshold": None}
+    times = {"settle": None, "cumsum": None, "threshold": None, "fraction": None}
     monkeypatch.setattr(loop, "train_and_evaluate", _fake_train(times, calls))
     out = sweep.run_sweep(_quick(), tmp_path / "b", log=lambda _: None)
     assert len(calls) == 2 and len(out["failed"]) == 5  # never and auto ran; no freeze step

@@ -196,12 +196,14 @@ def test_run_summary_reads_every_measure_by_a_named_rule(tmp_path):
             got = s.lag(kind, rule)
             assert (got.ratio, got.status, got.message) == (lag["ratio"], lag["status"], "")
             assert s.lag_ratio(kind, rule) == summary.main_ratio(data, kind, rule)
-            assert s.t_flip(rule, kind) == summary.Decay(**lag["t_flip"])
-            assert s.t_step(rule, kind) == summary.Decay(**lag["t_step"])
+            assert s.t_flip(rule, kind) == summary.Decay.from_json(lag["t_flip"])
+            assert s.t_step(rule, kind) == summary.Decay.from_json(lag["t_step"])
+            assert s.t_flip(rule, kind).run_fraction == lag["t_flip"]["run_fraction"]
+            assert got.budget_bound is (False if lag["ratio"] is not None else None)
     assert s.t_flip() == s.t_flip("settle") == s.t_flip(summary.MAIN_ELSE_FIRST)
     assert s.t_flip().time == data["lag"]["abs"]["settle"]["t_flip"]["time"] is not None
     rel = s.decay_time("step/rel/all", "cumsum")
-    assert rel == summary.Decay(**data["decay"]["step/rel/all"]["cumsum"]) and rel.time
+    assert rel == summary.Decay.from_json(data["decay"]["step/rel/all"]["cumsum"]) and rel.time
     assert s.layer_names == ("fc1", "fc2") and s.layer_lag("fc2").ratio == pytest.approx(1.5, 0.1)
     assert s.lag_ratio_curves == data["lag_ratio_curves"] and s.mva_step == 150
     assert s.online_trigger == data["online"]["time"] is not None
@@ -210,7 +212,7 @@ def test_run_summary_reads_every_measure_by_a_named_rule(tmp_path):
 
 def test_main_else_first_falls_back_in_name_order_and_says_why_when_no_rule_has_a_time(tmp_path):
     data = _synthetic_summary(tmp_path)
-    for rule, time in (("settle", None), ("cumsum", None), ("threshold", 55.0)):
+    for rule, time in (("settle", None), ("cumsum", None), ("fraction", None), ("threshold", 55.0)):
         data["lag"]["abs"][rule]["t_flip"] |= {"time": time}
     data["lag"]["abs"]["settle"]["t_flip"] |= {"status": "never_settles", "message": "why"}
     s = summary.RunSummary.from_json(data)
@@ -219,7 +221,7 @@ def test_main_else_first_falls_back_in_name_order_and_says_why_when_no_rule_has_
     assert s.t_flip(summary.MAIN_ELSE_FIRST).time == 55.0
     data["lag"]["abs"]["threshold"]["t_flip"]["time"] = None
     none = summary.RunSummary.from_json(data).t_flip(summary.MAIN_ELSE_FIRST)
-    assert none == summary.Decay(None, "never_settles", "settle", "why")
+    assert none[:4] == (None, "never_settles", "settle", "why")
     data["lag"]["abs"]["threshold"]["t_flip"]["time"] = 55.0  # from_json took a copy
     assert s.t_flip(summary.MAIN_ELSE_FIRST).time == 55.0
 

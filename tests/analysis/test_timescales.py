@@ -71,15 +71,16 @@ def test_settle_exponential_matches_tau_ln10(tau: float) -> None:
 # interior is S * x_t (S a constant that cancels); the edges are the only approximations.
 CONFIGS = [
     DecayConfig(),
-    DecayConfig(window=11, delta=0.05, cumsum_fraction=0.8, threshold_fraction=0.3),
+    DecayConfig(window=11, delta=0.05, cumsum_fraction=0.8, threshold_fraction=0.3, fraction=0.5),
 ]
 
 
 def _analytic(rule: str, tau: float, cfg: DecayConfig, noise: float = 0.0) -> float:
     if rule == "settle":  # |S x_T - L| = delta * R with L ~ 0, R ~ S x_0
         return tau * math.log(1 / cfg.delta)
-    if rule == "threshold":  # start level S x_h at point h; S x_k <= f S x_h; T = k - h
-        return math.ceil(tau * math.log(1 / cfg.threshold_fraction))
+    if rule in ("threshold", "fraction"):  # start level S x_h at h; S x_k <= f S x_h; T = k - h
+        f = cfg.threshold_fraction if rule == "threshold" else cfg.fraction
+        return math.ceil(tau * math.log(1 / f))
     if not noise:  # 1 - exp(-T / tau) = cumsum_fraction
         return tau * math.log(1 / (1 - cfg.cumsum_fraction))
     # With noise the rule sums max(y, 0), y ~ N(s, sy^2) with s = exp(-t / tau) and
@@ -103,7 +104,7 @@ def test_every_rule_matches_its_analytic_answer_noise_free(cfg: DecayConfig, tau
     for rule, res in decay_times_all_rules(STEPS, _exp(tau), cfg).items():
         expected = _analytic(rule, tau, cfg)
         assert res.status == "ok", res
-        tol = 1.0 if rule == "threshold" else 0.02 * expected + 2.0
+        tol = 1.0 if rule in ("threshold", "fraction") else 0.02 * expected + 2.0
         assert abs(res.time - expected) <= tol, (rule, res.time, expected)
 
 
@@ -268,11 +269,14 @@ def test_step_function_settles_at_the_step(k: int) -> None:
 
 
 def test_settle_ignores_offset_but_threshold_does_not() -> None:
-    x = _exp(100.0)
-    base = decay_times_all_rules(STEPS, x)
-    shifted = decay_times_all_rules(STEPS, x + 5.0)
+    x, cfg = _exp(100.0), DecayConfig(min_drop=0.0)  # the decay test's relative drop off
+    base = decay_times_all_rules(STEPS, x, cfg)
+    shifted = decay_times_all_rules(STEPS, x + 5.0, cfg)
     assert shifted["settle"].time == pytest.approx(base["settle"].time, abs=1.0)
     assert shifted["threshold"].status == "never_settles"
+    # with the default min_drop 0.5, 5.9 -> 5.0 is not a decay under any rule
+    for res in decay_times_all_rules(STEPS, x + 5.0).values():
+        assert res.status == "no_decay" and res.time is None and "relative drop" in res.message
 
 
 # --------------------------------------------------------- scale invariance
@@ -300,17 +304,25 @@ def test_positive_scaling_does_not_change_decay_time(
 # ---------------------------------------------------------------- edge cases
 
 
-def test_linear_ramp_never_settles() -> None:
-    for sign in (1.0, -1.0):
-        res = decay_time(STEPS, sign * STEPS)
-        assert res.status == "never_settles" and res.time is None and res.message
+def test_rising_and_negative_ramps_do_not_decay() -> None:
+    for x in (STEPS, -STEPS):
+        for res in decay_times_all_rules(STEPS, x).values():
+            assert res.status == "no_decay" and res.time is None and res.message
 
 
-def test_growing_oscillation_never_settles() -> None:
+def test_falling_ramp_is_still_decaying() -> None:
+    # 3000 -> 0 in a straight line: it decayed, but is still falling at the end; settle and
+    # cumsum would read the run's end, the fraction family crosses f * I on the way down
+    res = decay_times_all_rules(STEPS, 3000.0 - STEPS)
+    assert res["settle"].status == res["cumsum"].status == "still_decaying"
+    assert res["fraction"].status == "ok"
+    assert res["fraction"].time == pytest.approx((3000 - 12) * (1 - math.exp(-1)), abs=2)
+
+
+def test_growing_oscillation_does_not_decay() -> None:
     x = (1.0 + 0.5 * np.sin(2 * np.pi * STEPS / 100.0)) * np.exp(STEPS / 500.0)
-    for rule in ("settle", "threshold"):
-        res = decay_time(STEPS, x, DecayConfig(rule=rule))
-        assert res.status == "never_settles" and res.time is None
+    for res in decay_times_all_rules(STEPS, x).values():
+        assert res.status == "no_decay" and res.time is None
 
 
 def test_late_transient_in_final_segment_never_settles() -> None:
@@ -326,8 +338,11 @@ def test_late_transient_in_final_segment_never_settles() -> None:
 
 
 def test_threshold_never_reached() -> None:
-    res = decay_time(STEPS, 1.0 + 0.5 * _exp(100.0), DecayConfig(rule="threshold"))
+    # decays (0.93 -> 0.4, levels off) but never below 0.1 x start
+    x = 0.4 + 0.6 * _exp(100.0)
+    res = decay_time(STEPS, x, DecayConfig(rule="threshold"))
     assert res.status == "never_settles" and "never falls below" in res.message
+    assert decay_time(STEPS, x, DecayConfig(rule="settle")).status == "ok"
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -362,12 +377,12 @@ def test_input_validation() -> None:
 def test_lag_ratio_names_failing_series() -> None:
     good = _exp(100.0)
     res = lag_ratio(STEPS, good, STEPS.copy())
-    assert res.ratio is None and res.status == "flip_rate: never_settles"
-    assert res.t_step.status == "ok"
+    assert res.ratio is None and res.status == "flip_rate: no_decay"
+    assert res.t_step.status == "ok" and res.budget_bound is None
     res = lag_ratio(STEPS, np.full(3000, 2.0), good)
     assert res.ratio is None and res.status == "step_size: flat"
     res = lag_ratio(STEPS, np.full(3000, 2.0), STEPS.copy())
-    assert res.status == "step_size: flat; flip_rate: never_settles"
+    assert res.status == "step_size: flat; flip_rate: no_decay"
 
 
 def test_lag_ratio_zero_flip_time_is_undefined() -> None:
@@ -386,7 +401,9 @@ def test_to_dict_is_json_serializable() -> None:
     assert d["status"] == "ok" and isinstance(d["ratio"], float)
     assert isinstance(d["t_step"]["time"], float)
     bad = json.loads(json.dumps(decay_time(STEPS, STEPS).to_dict()))
-    assert bad["time"] is None and bad["status"] == "never_settles"
+    assert bad["time"] is None and bad["status"] == "no_decay" and bad["run_fraction"] is None
+    assert d["t_step"]["run_fraction"] == pytest.approx(d["t_step"]["time"] / 2999)
+    assert d["budget_bound"] is False
     assert json.loads(json.dumps(DecayConfig().to_dict()))["window"] == 25
 
 
@@ -416,6 +433,14 @@ def test_analyze_series_and_all_rules() -> None:
         ({"cumsum_fraction": 1.0}, "cumsum_fraction"),
         ({"threshold_fraction": -0.1}, "threshold_fraction"),
         ({"min_points": 1}, "min_points"),
+        ({"fraction": 1.0}, "fraction"),
+        ({"min_drop": -0.1}, "min_drop"),
+        ({"min_drop": 1.0}, "min_drop"),
+        ({"min_snr": -1.0}, "min_snr"),
+        ({"min_snr": math.nan}, "min_snr"),
+        ({"max_final_drift": 0.0}, "max_final_drift"),
+        ({"budget_fraction": 1.5}, "budget_fraction"),
+        ({"budget_fraction": True}, "budget_fraction"),
     ],
 )
 def test_config_validation_names_field(kwargs: dict, field: str) -> None:
@@ -426,4 +451,5 @@ def test_config_validation_names_field(kwargs: dict, field: str) -> None:
 def test_config_rule_error_lists_allowed_values() -> None:
     with pytest.raises(ValueError) as err:
         DecayConfig(rule="foo")
-    assert "['cumsum', 'settle', 'threshold']" in str(err.value) and "'foo'" in str(err.value)
+    assert "['cumsum', 'fraction', 'settle', 'threshold']" in str(err.value)
+    assert "'foo'" in str(err.value)

@@ -184,7 +184,23 @@ def test_table_rows_and_frame(sweep_dir, monkeypatch):
     rows = plots.table_rows(sweep_dir)
     assert rows == plots.table_rows(sweep_dir / "summary.json")
     (row,) = rows
-    assert list(row) == ["setting", "optimizer", "seeds", "lag mean", "CI", "paper", "verdict"]
+    assert list(row) == [
+        "setting",
+        "optimizer",
+        "rule",
+        "seeds",
+        "lag mean",
+        "CI",
+        "median",
+        "geo mean",
+        "geo CI",
+        "budget-bound",
+        "paper",
+        "verdict",
+    ]
+    assert row["rule"] == "settle" and plots.table_rows(sweep_dir, "fraction")[0]["rule"] == (
+        "fraction"
+    )
     assert (row["setting"], row["optimizer"], row["paper"]) == ("tiny", "sgd", 3.85)
     assert row["seeds"] == 0 and row["lag mean"] is None and row["CI"] == "–"  # 12 steps: too short
     monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas raises ImportError
@@ -204,6 +220,8 @@ def _with_ratios(summary: dict) -> dict:
     for agg in summary["groups"].values():
         for stats in agg["lag"]["abs"].values():
             stats.update(n=2, mean=2.5, ci_low=2.0, ci_high=3.0, per_seed=[2.0, 3.0])
+            stats.update(geo_mean=6**0.5, geo_ci_low=2.0, geo_ci_high=3.0, median=2.5)
+            stats.update(per_seed_budget_bound=[False, True], budget_bound=1)
     return summary
 
 
@@ -211,6 +229,7 @@ def test_table_rows_with_ratios(sweep_dir):
     summary = _with_ratios(report.build_report(sweep_dir))
     (row,) = plots.table_rows(summary)
     assert (row["seeds"], row["lag mean"], row["CI"]) == (2, 2.5, "[2.00, 3.00]")
+    assert (row["geo mean"], row["geo CI"], row["budget-bound"]) == (6**0.5, "[2.00, 3.00]", 1)
     assert row["verdict"] == "lag > 1 but below paper"
 
 
@@ -220,9 +239,16 @@ def test_lag_summary_figure(sweep_dir, tmp_path):
     assert not ax.containers  # no valid ratio: no mean markers
     fig = plots.lag_summary_figure(_with_ratios(summary))
     (ax,) = fig.axes
-    assert len(ax.containers) == 3  # one group x three rules
+    assert len(ax.containers) == 4  # one group x four rules
     labels = _labels(ax)
-    assert {"settle", "cumsum", "threshold", "paper 3.85x", "no lag (1x)"} <= set(labels)
+    assert {"settle", "cumsum", "threshold", "fraction", "paper 3.85x"} <= set(labels)
+    # the geometric mean is drawn; the budget-bound seed (3.0) hollow, the other filled
+    (y,) = {float(c.lines[0].get_ydata()[0]) for c in ax.containers}
+    assert y == pytest.approx(6**0.5)
+    hollow = [
+        ln for ln in ax.get_lines() if ln.get_markerfacecolor() == "none" and len(ln.get_ydata())
+    ]
+    assert hollow and all(list(ln.get_ydata()) == [3.0] for ln in hollow)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["tiny\nsgd"]
     _saves(fig, tmp_path)
 

@@ -56,23 +56,40 @@ def test_build_report_on_synthetic_sweep(tmp_path, monkeypatch):
     md = (tmp_path / "report.md").read_text()
     for setting, opt in ratios:
         assert f"| {setting} | {opt} |" in md
-    assert md.count("| 3.85x |") == 4 and "| paper |" in md
-    assert "- alpha / sgd: agrees: CI contains 3.85" in md
+    # the headline (fraction rule) table and the main (settle) rule's, one row per group each
+    assert md.count("| 3.85x |") == 8 and "| paper |" in md
+    assert "Headline: the `fraction` rule at f = 1/e" in md
+    assert md.index("Rule `fraction` (headline):") < md.index("Rule `settle` (the runs' main")
+    assert "- alpha / sgd: agrees: CI contains 3.85; settle: agrees: CI contains 3.85" in md
     assert "- alpha / adam: disagrees: patterns settle later than weights" in md
     assert "- beta / sgd: lag > 1 but below paper" in md
-    assert "beta/adam/seed_2: abs lag: flip_rate:" in md
+    assert "beta/adam/seed_2: abs lag (settle): flip_rate: smoothed series is constant" in md
+    assert "beta/adam/seed_2: abs lag (fraction): flip_rate: smoothed series is" in md
+    # every rule's geometric mean, and each run's decay times as fractions of the run
+    assert "## Every rule" in md and "| setting | optimizer | settle | cumsum | threshold |" in md
+    assert "## Decay times per run" in md
+    assert "| beta/adam/seed_2 | settle | – (flat) |" in md
     assert "beta/adam/seed_3: partial at step 100 of 200 (unfinished" in md
     assert "**Partial: 1 of 13 runs are not in this report" in md
-    assert "| beta | adam | 2/3 |" in md
+    assert md.count("| beta | adam | 2/3 |") == 2
 
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written == {k: out[k] for k in ("runs", "groups", "notes", "online", "partial")}
     assert sorted(written["groups"]) == ["alpha/adam", "alpha/sgd", "beta/adam", "beta/sgd"]
     settle = written["groups"]["alpha/sgd"]["lag"]["abs"]["settle"]
     assert settle["n"] == 3 and settle["mean"] == pytest.approx(3.85, rel=0.05)
+    assert settle["geo_mean"] == pytest.approx(3.84, rel=0.05) and settle["budget_bound"] == 0
+    fraction = written["groups"]["alpha/sgd"]["lag"]["abs"]["fraction"]
+    assert fraction["n"] == 3 and fraction["geo_ci_low"] <= 3.85 <= fraction["geo_ci_high"]
+    assert written["groups"]["alpha/sgd"]["headline"] == {
+        "rule": "fraction",
+        "statistic": "geo_mean",
+    }
     assert settle["per_seed"][0] == pytest.approx(3.5, rel=0.06)
     assert written["groups"]["beta/adam"]["lag"]["abs"]["settle"]["per_seed"][2] is None
-    assert len(written["runs"]) == 12 and out["table"].count("\n") == 5
+    assert (
+        len(written["runs"]) == 12 and out["table"].count("\n") == 16
+    )  # 2 x (caption, blank, 2 + 4) + blank
     assert (tmp_path / "alpha" / "sgd" / "seed_0" / "summary.json").exists()
 
     pngs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
@@ -110,6 +127,7 @@ def test_report_cli_prints_table_and_path(tmp_path, capsys):
     report.main(["--workdir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| only | sgd | 2/2 |" in out and f"report: {tmp_path / 'report.md'}" in out
+    assert "Rule `fraction` (headline):" in out
 
 
 # ------------------------------------------------------------------------------- sweep
