@@ -90,6 +90,8 @@ _WHY = {  # a decay time's status (regime_jax.analysis.timescales.STATUSES), in 
     "too_short": "has too few recorded points",
     "flat": "is constant",
     "nonfinite": "has NaN or inf values",
+    "no_decay": "did not decay by the margin (timescales.min_drop, timescales.min_snr)",
+    "still_decaying": "was still decaying when the run ended",
 }
 
 

@@ -410,3 +410,10 @@ def test_a_stopped_run_says_how_far_it_got_and_prints_no_figures(capsys, tmp_pat
     assert lines[2].startswith(f"  records       {workdir}: metrics.jsonl")
     assert f"python -m regime_jax.report --run {workdir}" in lines[3]
     assert "T(flip)" not in out and "val accuracy" not in out and "lag ratio" not in out
+
+
+def test_every_decay_status_but_ok_is_said_in_words_by_the_final_block():
+    from regime_jax.analysis.timescales import STATUSES
+
+    assert set(main._WHY) == set(STATUSES) - {"ok"}
+    assert all(words and "_" not in words.split("(")[0] for words in main._WHY.values())
