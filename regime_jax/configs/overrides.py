@@ -283,9 +283,38 @@ def comment_help(fn: Callable) -> dict[str, str]:
 
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
-                visit(target.attr, node.value, node.lineno)
+            name = _dotted(node.targets[0])
+            if name:
+                visit(name, node.value, node.lineno)
+    return out
+
+
+def _dotted(target: ast.AST) -> str | None:
+    """``"dataset.seq_len"`` for the target ``c.dataset.seq_len`` (the root name dropped);
+    None for anything else (a tuple, a subscript, a bare name)."""
+    parts = []
+    while isinstance(target, ast.Attribute):
+        parts.insert(0, target.attr)
+        target = target.value
+    return ".".join(parts) if parts and isinstance(target, ast.Name) else None
+
+
+@functools.cache
+def packaged_help() -> dict[str, str]:
+    """The comments of every packaged config's ``get_config``: the meaning of fields a config
+    adds beyond base_config (``dataset.seq_len`` of a text config)."""
+    import importlib
+
+    from regime_jax import configs
+
+    out: dict[str, str] = {}
+    for name in configs.names():
+        try:
+            module = importlib.import_module(f"regime_jax.configs.{name}")
+        except ImportError:
+            continue
+        if callable(getattr(module, "get_config", None)):
+            out = comment_help(module.get_config) | out
     return out
 
 
@@ -336,14 +365,15 @@ def model_help(name: str) -> dict[str, str]:
 
 
 def help_for(c: ml_collections.ConfigDict) -> dict[str, str]:
-    """The meaning of each of ``c``'s fields: :func:`field_help`, and for ``model.*`` fields
-    base_config does not have, the model's own (:func:`model_help`)."""
+    """The meaning of each of ``c``'s fields: :func:`field_help`; for ``model.*`` fields
+    base_config does not have, the model's own (:func:`model_help`); for any other field a
+    packaged config adds, that config's comment (:func:`packaged_help`)."""
     helps = dict(field_help())
     model = c.get("model")
     if isinstance(model, ml_collections.ConfigDict) and isinstance(model.get("name"), str):
         if any(f"model.{k}" not in helps for k in model.keys()):
             helps = model_help(model.name) | helps
-    return helps
+    return packaged_help() | helps
 
 
 HELP_COLUMN = 46  # where a field's meaning starts in --help, after --config.<name>=<default>

@@ -211,7 +211,11 @@ def test_the_workdir_removed_mid_run_is_exit_4_in_one_line(tmp_path):
     )
     _wait_for(rows, proc)
     assert proc.poll() is None, "the run ended before its workdir could be removed"
-    shutil.rmtree(tmp_path / "w")
+    # As `rm -rf` does, seen from the run: the path is gone at once (a rename is atomic; an
+    # rmtree of a tree the run still writes into can race it), then the files go too.
+    gone = tmp_path / "removed"
+    (tmp_path / "w").rename(gone)
+    shutil.rmtree(gone, ignore_errors=True)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == faults.VANISHED, err
     lines = err.strip().splitlines()

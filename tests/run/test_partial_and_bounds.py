@@ -105,11 +105,16 @@ def test_report_run_on_a_killed_run_prints_and_titles_partial(finished, tmp_path
     report.main(["--run", str(d)])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{d}: partial at step 8 of 12 (unfinished")
-    assert sorted(Path(p).name for p in out[1:]) == [
+    figures = [line for line in out[1:] if line.endswith(".png")]
+    assert sorted(Path(p).name for p in figures) == [
         "layer_flips.png",
         "raster.png",
         "timescales.png",
     ]
+    # The readings between say why there is no ratio (8 steps are too short), never a number.
+    readings = [line for line in out[1:] if not line.endswith(".png")]
+    assert readings and all(line.startswith("lag ratio [") for line in readings), readings
+    assert all(": none (" in line and "too_short" in line for line in readings), readings
     assert not (d / records.SUMMARY).exists()  # a partial run never gets a summary.json
 
 
