@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from regime_jax import bitmask
 from regime_jax.bitmask import Packed, Patterns
@@ -308,6 +309,78 @@ def patterns_from_preacts(preacts: Mapping[str, jax.Array]) -> dict[str, Packed]
     return {k: Packed.from_bool(bitmask.active(z)) for k, z in preacts.items()}
 
 
+# The auto probe chunk: examples per chunk so that one chunk's pre-activations (the recorded
+# layers' z, at their dtype) stay within this many bytes; a probe set whose pre-activations fit
+# runs in one pass (the program it always was). Chosen with experiments/bench_memory.py
+# (docs/guide/scale.md, "Memory").
+PROBE_CHUNK_BYTES = 64 * 2**20
+
+
+def probe_chunk_size(example_bytes: int, num_examples: int, probe_chunk: int | str | None) -> int:
+    """Examples per chunk of the probe forward (``num_examples``: one pass, no chunking).
+
+    ``probe_chunk``: an int ``N >= 1`` (at most ``N`` per chunk), ``"auto"`` (so that a chunk's
+    pre-activations, ``example_bytes`` per example, stay within :data:`PROBE_CHUNK_BYTES`), or
+    None (one pass). The chunks are then made equal: ``n = ceil(P / N)`` chunks of
+    ``ceil(P / n)`` examples.
+
+    >>> probe_chunk_size(2**20, 512, "auto"), probe_chunk_size(2**20, 32, "auto")
+    (64, 32)
+    """
+    if probe_chunk is None:
+        return num_examples
+    if probe_chunk == "auto":
+        probe_chunk = max(1, PROBE_CHUNK_BYTES // max(example_bytes, 1))
+    elif isinstance(probe_chunk, bool) or not isinstance(probe_chunk, int) or probe_chunk < 1:
+        raise ValueError(f"probe_chunk={probe_chunk!r}; allowed values: an int >= 1, 'auto', None")
+    if probe_chunk >= num_examples:
+        return num_examples
+    n = -(-num_examples // probe_chunk)
+    return -(-num_examples // n)
+
+
+def chunked_patterns(
+    patterns_fn: Callable[[Any], Mapping[str, Packed]], x: Any, chunk: int
+) -> dict[str, Packed]:
+    """``patterns_fn(x)`` computed ``chunk`` examples at a time, the same bits.
+
+    ``patterns_fn(x_chunk) -> {layer: Packed [chunk, ...]}`` must treat examples independently
+    (a probe forward in eval mode). Chunk ``j`` of ``n = ceil(P / chunk)`` holds the examples
+    ``i * n + j`` (strided, so a probe set sharded on its leading axis stays sharded: each
+    device runs its own examples of every chunk); a ``lax.fori_loop`` writes each chunk's
+    packed masks into one ``[chunk, n, ...]`` buffer, read back as ``[P, ...]``. ``P`` not a
+    multiple of the chunk: the last ``chunk * n - P`` (< n) slots take copies of the first
+    examples and are dropped. Memory: the masks plus one chunk's forward, whatever ``P``.
+    """
+    num = jax.tree.leaves(x)[0].shape[0]
+    if chunk >= num:
+        return dict(patterns_fn(x))
+    n = -(-num // chunk)
+    pad = chunk * n - num
+
+    def strided(a):
+        if pad:
+            a = jnp.concatenate([a, a[:pad]])
+        return a.reshape(chunk, n, *a.shape[1:])
+
+    xs = jax.tree.map(strided, x)
+    take = lambda j: jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, j, 1, False), xs)
+    like = jax.eval_shape(patterns_fn, take(0))
+    bufs = {k: jnp.zeros((chunk, n, *p.bits.shape[1:]), p.bits.dtype) for k, p in like.items()}
+
+    def body(j, bufs):
+        got = patterns_fn(take(j))
+        return {
+            k: lax.dynamic_update_index_in_dim(buf, got[k].bits, j, 1) for k, buf in bufs.items()
+        }
+
+    bufs = lax.fori_loop(0, n, body, bufs)
+    return {
+        k: Packed(buf.reshape(chunk * n, *buf.shape[2:])[:num], like[k].units)
+        for k, buf in bufs.items()
+    }
+
+
 # ----------------------------------------------------------------------------- the monitor
 
 
@@ -339,6 +412,7 @@ def pattern_monitor(
     *,
     sites: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    probe_chunk: int | str | None = "auto",
     **kwargs: Any,
 ) -> PatternMonitor:
     """Flip rates, dead / always-on fractions and step sizes of any model, as ``init, update``.
@@ -355,6 +429,13 @@ def pattern_monitor(
       sites: the layers to measure, by name (``preacts_fn.sites(params, x)`` lists them; a
         scanned layer's name without ``[i]`` selects every iteration); None: all.
       exclude: layers to leave out, by name (same rule).
+      probe_chunk: run the probe forward ``N`` examples at a time (``lax.fori_loop`` over
+        chunks, masks packed per chunk), so monitoring needs the masks plus one chunk's
+        activations whatever ``P`` is, with the same bits (:func:`chunked_patterns`; the
+        forward must treat examples independently, as an eval-mode forward does).
+        ``"auto"`` (default): chunks whose pre-activations stay within
+        :data:`PROBE_CHUNK_BYTES` (64 MiB), one pass when the whole probe set's do; an int
+        ``N >= 1``: at most ``N`` per chunk; None: always one pass.
       **kwargs: passed to every ``preacts_fn`` call: a linen model's eval-mode flag
         (``train=False``), so the probe forward is deterministic and reads the running
         statistics (``rj.nnx_apply``'s function runs eval mode already).
@@ -401,8 +482,9 @@ def pattern_monitor(
     """
     default_x = probe_x
     pick = _site_picker(sites, exclude)
+    probe_chunk_size(1, 1, probe_chunk)  # a bad value is refused here, not at the first update
 
-    def probe_patterns(variables: Any, x: Any) -> dict[str, Packed]:
+    def one_pass(variables: Any, x: Any) -> dict[str, Packed]:
         try:
             preacts = preacts_fn(variables, x, **kwargs)[1]
         except Exception as err:  # a cause that is not the probe is named; others as raised
@@ -411,6 +493,16 @@ def pattern_monitor(
                 raise
             raise cause from err
         return patterns_from_preacts(pick(preacts))
+
+    def probe_patterns(variables: Any, x: Any) -> dict[str, Packed]:
+        num = jax.tree.leaves(x)[0].shape[0]
+        if probe_chunk is None or (isinstance(probe_chunk, int) and probe_chunk >= num):
+            return one_pass(variables, x)
+        example = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), x)
+        z = pick(jax.eval_shape(lambda v, e: preacts_fn(v, e, **kwargs)[1], variables, example))
+        per_example = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in z.values())
+        chunk = probe_chunk_size(per_example, num, probe_chunk)
+        return chunked_patterns(lambda xc: one_pass(variables, xc), x, chunk)
 
     def init(variables: Any, params: Any = None) -> MonitorState:
         _check_probe(preacts_fn, variables, default_x, kwargs)

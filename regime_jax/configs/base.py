@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.record = dict(
         every_steps=1,  # steps between pattern records (flip/*, dead/*, always_on/*, step/*)
         snapshot_every_steps=100,  # steps between packed mask snapshots (a multiple of every_steps)
+        probe_chunk=0,  # probe examples per chunk of the probe forward; 0: auto (<=64 MiB preacts)
     )
     c.log_every_steps = 100  # steps between host fetches of the metrics (and progress lines)
     c.eval_every_steps = 100  # steps between eval/loss, eval/acc on the whole validation split
@@ -311,6 +312,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             f"stability.num_examples={st.num_examples!r}; allowed values: 0..{c.probe.size} "
             f"(probe.size; 0 means the whole probe set)"
         )
+    _int_in(
+        "record.probe_chunk",
+        c.record.get("probe_chunk", 0),
+        0,
+        SIZE_MAX,
+        " (0: auto, chunks of at most 64 MiB of pre-activations)",
+    )
     _implementation_bounds(c)
     _decouple_fields(c)
     if c.record.snapshot_every_steps % c.record.every_steps:

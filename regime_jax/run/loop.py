@@ -203,7 +203,12 @@ def _check_model(setup: Setup) -> None:
     """
     x = setup.ds.x_val
     probe_x = jax.ShapeDtypeStruct((len(setup.probe_idx), *x.shape[1:]), x.dtype)
-    init = functools.partial(step.create_train_state, setup.net, setup.tx)
+    init = functools.partial(
+        step.create_train_state,
+        setup.net,
+        setup.tx,
+        probe_chunk=step.probe_chunk_of(setup.config),
+    )
     try:
         state = jax.eval_shape(init, jax.random.key(0), probe_x)
         if setup.gated_net is not None:  # the gated transform refuses what capture refuses
@@ -262,6 +267,7 @@ def restore(config, workdir: str | Path, *, model=None, dataset=None) -> Restore
         jax.random.key(config.seed),
         probe_x,
         decoupled=setup.gated_net is not None,
+        probe_chunk=step.probe_chunk_of(config),
     )
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
     try:

@@ -141,8 +141,19 @@ def _is_classification(logits: jax.Array, y: jax.Array) -> bool:
     return jnp.issubdtype(y.dtype, jnp.integer) and logits.ndim == y.ndim + 1
 
 
-def _monitor(net: Net, probe_x: Any) -> analyzer.PatternMonitor:
-    return analyzer.pattern_monitor(net.preacts_fn, probe_x)
+def _monitor(net: Net, probe_x: Any, probe_chunk: ProbeChunk = "auto") -> analyzer.PatternMonitor:
+    return analyzer.pattern_monitor(net.preacts_fn, probe_x, probe_chunk=probe_chunk)
+
+
+# The monitor's probe chunk (:func:`regime_jax.analyzer.pattern_monitor`): an int N >= 1,
+# "auto", or None (one pass); ``record.probe_chunk`` of a config through :func:`probe_chunk_of`.
+ProbeChunk = int | str | None
+
+
+def probe_chunk_of(config: Any) -> ProbeChunk:
+    """A config's ``record.probe_chunk`` as the monitor takes it (0: "auto")."""
+    value = config.record.get("probe_chunk", 0)
+    return "auto" if value == 0 else value
 
 
 def model_variables(model: Any, state: TrainState) -> Any:
@@ -154,9 +165,9 @@ def model_variables(model: Any, state: TrainState) -> Any:
     return as_net(model).modes.join(state.params, model_state.variables)
 
 
-def probe_patterns(model: Any, params: Any, probe_x: Any) -> Patterns:
-    """Packed ``z > 0`` of every ReLU layer on the probe inputs."""
-    return analyzer.patterns_from_preacts(as_net(model).preacts_fn(params, probe_x)[1])
+def probe_patterns(model: Any, params: Any, probe_x: Any, probe_chunk: ProbeChunk = "auto"):
+    """Packed ``z > 0`` of every ReLU layer on the probe inputs (chunked as the monitor is)."""
+    return _monitor(as_net(model), probe_x, probe_chunk).init(params).masks
 
 
 def _key_data(key: jax.Array) -> jax.Array:
@@ -177,6 +188,7 @@ def create_train_state(
     probe_x: Any,
     *,
     decoupled: bool = False,
+    probe_chunk: ProbeChunk = "auto",
 ) -> TrainState:
     """Initial state; its masks are the probe patterns of the initial parameters (step 0).
 
@@ -189,7 +201,7 @@ def create_train_state(
     model_state = None
     if net.modes is None:
         params = net.init(key, x1)
-        monitor = _monitor(net, probe_x).init(params)
+        monitor = _monitor(net, probe_x, probe_chunk).init(params)
     else:
         if decoupled:
             raise ValueError(
@@ -199,7 +211,7 @@ def create_train_state(
         params, variables = net.modes.init(key, x1)
         model_state = ModelState(variables, _key_data(jax.random.fold_in(key, 1)))
         joined = net.modes.join(params, variables)
-        monitor = _monitor(net, probe_x).init(joined, params=params)
+        monitor = _monitor(net, probe_x, probe_chunk).init(joined, params=params)
     frozen = None
     if decoupled:
         frozen = FrozenGates(_copy(params), _copy(monitor.masks), jnp.full((), -1, jnp.int32))
@@ -209,11 +221,13 @@ def create_train_state(
     return StatefulTrainState(*fields, model_state)
 
 
-def freeze(state: TrainState, probe_x: Any, *, model: Any) -> TrainState:
+def freeze(
+    state: TrainState, probe_x: Any, *, model: Any, probe_chunk: ProbeChunk = "auto"
+) -> TrainState:
     """The state with its gates frozen now: a copy of the params, their probe patterns, F."""
     if state.frozen is None:
         raise ValueError("freeze needs a state made with create_train_state(..., decoupled=True)")
-    masks = probe_patterns(model, state.params, probe_x)
+    masks = probe_patterns(model, state.params, probe_x, probe_chunk)
     return state.replace(frozen=FrozenGates(_copy(state.params), masks, state.step))
 
 
@@ -247,6 +261,7 @@ def train_step(
     record: bool,
     loss_fn: LossFn = cross_entropy,
     gated_net: gating.GatedNet | None = None,
+    probe_chunk: ProbeChunk = "auto",
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns | None]:
     """One update, then the monitor: step sizes, and with ``record`` the post-update patterns.
 
@@ -276,7 +291,7 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     now = params if model_state is None else net.modes.join(params, model_state.variables)
-    monitored, monitor = _monitor(net, probe["x"]).update(
+    monitored, monitor = _monitor(net, probe["x"], probe_chunk).update(
         state.monitor, now, updates, patterns=record
     )
     metrics = {"train/loss": loss}
@@ -332,6 +347,7 @@ def make_step_fns(
     loss_fn: LossFn = cross_entropy,
     out_shardings: Any = None,
     gated_net: gating.GatedNet | None = None,
+    probe_chunk: ProbeChunk = "auto",
 ) -> dict[bool, Callable]:
     """The two jitted step variants, keyed by ``record``; each traces once.
 
@@ -344,7 +360,13 @@ def make_step_fns(
     return {
         record: jax.jit(
             functools.partial(
-                train_step, model=net, tx=tx, record=record, loss_fn=loss_fn, gated_net=gated_net
+                train_step,
+                model=net,
+                tx=tx,
+                record=record,
+                loss_fn=loss_fn,
+                gated_net=gated_net,
+                probe_chunk=probe_chunk,
             ),
             donate_argnames="state",
             **kwargs,
@@ -381,6 +403,7 @@ def train_chunk(
     every_record: bool,
     slots: int,
     gated_net: gating.GatedNet | None = None,
+    probe_chunk: ProbeChunk = "auto",
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns]:
     """``T`` consecutive :func:`train_step` calls in one ``lax.scan``.
 
@@ -399,7 +422,12 @@ def train_chunk(
       (a chunk never straddles the freeze step).
     """
     step_fn = functools.partial(
-        train_step, model=model, tx=tx, loss_fn=loss_fn, gated_net=gated_net
+        train_step,
+        model=model,
+        tx=tx,
+        loss_fn=loss_fn,
+        gated_net=gated_net,
+        probe_chunk=probe_chunk,
     )
     snaps_S = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), state.masks)
 
@@ -426,6 +454,7 @@ def make_chunk_fn(
     slots: int,
     out_shardings: Any = None,
     gated_net: gating.GatedNet | None = None,
+    probe_chunk: ProbeChunk = "auto",
 ) -> Callable:
     """:func:`train_chunk` jitted, donating the state; one trace per chunk length ``T``."""
     kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
@@ -437,6 +466,7 @@ def make_chunk_fn(
         every_record=every_record,
         slots=slots,
         gated_net=gated_net,
+        probe_chunk=probe_chunk,
     )
     return jax.jit(fn, donate_argnames="state", **kwargs)
 
