@@ -235,7 +235,7 @@ def count_sum(x: jax.Array, each: int, bound: int) -> jax.Array:
         keep -= 1
     if keep == len(shape):  # the last axis alone could overflow: cut it into blocks
         x = x.reshape(-1)
-        block = LIMB_BOUND // max(each, 1) // 2
+        block = max(1, LIMB_BOUND // max(each, 1) // 2)
         head = x.size // block * block
         parts = [jnp.sum(x[:head].reshape(-1, block), axis=1, dtype=jnp.int32)]
         if head < x.size:
@@ -279,14 +279,15 @@ def limbs(count: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def add_counts(counts: list[jax.Array], bound: int) -> jax.Array:
-    """The exact sum of Counts (either form) as a Count for ``bound`` (static)."""
+    """The exact sum of Counts (either form) as a Count for ``bound`` (static); elementwise
+    over stacks of counts of one shape (limbs on the last axis)."""
     if bound < LIMB_BOUND:
         return sum(jnp.asarray(c, jnp.int32) for c in counts)
     pairs = [limbs(c) for c in counts]
     hi, lo = pairs[0]
     for pair in pairs[1:]:
         hi, lo = _add_limbs((hi, lo), pair)
-    return jnp.stack([hi, lo])
+    return jnp.stack([hi, lo], axis=-1)
 
 
 def count_int(count: Any) -> int:

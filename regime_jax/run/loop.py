@@ -48,7 +48,8 @@ from regime_jax.run.step import LossFn, Placement, TrainState
 from regime_jax.schedule import Schedule
 
 # Fields that do not change a run's results: a resumed run may differ in these.
-RESUME_IGNORES = ("overwrite", "log_every_steps", "checkpoint")
+# Fields that do not change a run's records: record.probe_chunk changes memory, not a bit.
+RESUME_IGNORES = ("overwrite", "log_every_steps", "checkpoint", "record.probe_chunk")
 SITES_TXT, SITES_JSON = "sites.txt", "sites.json"  # the site table of the run's model
 
 

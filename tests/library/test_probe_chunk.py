@@ -177,3 +177,16 @@ def test_chunked_monitor_on_a_sharded_probe_gives_the_one_pass_bits():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["ok", "8"]
+
+
+def test_probe_chunk_is_not_part_of_what_a_run_is():
+    """A memory setting: the fingerprint (resume, sweeps) leaves it out, so a run written
+    before the field existed, or with another chunk, resumes."""
+    from regime_jax.run import fingerprint, loop
+
+    a, b = base_config(), base_config()
+    b.record.probe_chunk = 7
+    fa = fingerprint.make(a.to_dict(), None, loop.RESUME_IGNORES)
+    fb = fingerprint.make(b.to_dict(), None, loop.RESUME_IGNORES)
+    assert "probe_chunk" not in fa["config"]["record"] and fa == fb
+    assert fa["config"]["record"]["every_steps"] == 1  # the rest of the block stays
