@@ -138,9 +138,12 @@ def measure(name: str, num: int, batch_size: int) -> dict:
     zeros = jnp.zeros(probe["x"].shape, probe["x"].dtype)  # abstract below: never computed
     out = {}
     for label, chunk in (("mon/one", None), ("mon/auto", "auto")):
-        init = functools.partial(step.create_train_state, model, tx, probe_chunk=chunk)
+        options = step.MonitorOptions(probe_chunk=chunk)
+        init = functools.partial(step.create_train_state, model, tx, monitor_options=options)
         state = jax.eval_shape(lambda k, init=init: init(k, zeros), jax.random.key(0))
-        fn = functools.partial(step.train_step, model=model, tx=tx, record=True, probe_chunk=chunk)
+        fn = functools.partial(
+            step.train_step, model=model, tx=tx, record=True, monitor_options=options
+        )
         out[label] = memory(fn, state, batch, probe)
     for label, fwd in (("plain", False), ("+probe", True)):
         fn = functools.partial(_plain_step, model=model, tx=tx, forward_probe=fwd)

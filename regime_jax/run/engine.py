@@ -72,7 +72,7 @@ class Engine:
                 setup.net,
                 setup.tx,
                 decoupled=setup.gated_net is not None,
-                probe_chunk=step.probe_chunk_of(self.config),
+                monitor_options=step.monitor_options_of(self.config),
             ),
             out_shardings=place.replicated,
         )
@@ -108,7 +108,9 @@ class Engine:
         self._compile_eval()
         self._compile_stability()
         self.freeze_fn = jax.jit(
-            functools.partial(step.freeze, model=s.net, probe_chunk=step.probe_chunk_of(s.config)),
+            functools.partial(
+                step.freeze, model=s.net, monitor_options=step.monitor_options_of(s.config)
+            ),
             donate_argnames="state",
             out_shardings=s.place.replicated,
         )

@@ -141,19 +141,46 @@ def _is_classification(logits: jax.Array, y: jax.Array) -> bool:
     return jnp.issubdtype(y.dtype, jnp.integer) and logits.ndim == y.ndim + 1
 
 
-def _monitor(net: Net, probe_x: Any, probe_chunk: ProbeChunk = "auto") -> analyzer.PatternMonitor:
-    return analyzer.pattern_monitor(net.preacts_fn, probe_x, probe_chunk=probe_chunk)
+def _monitor(net: Net, probe_x: Any, options: MonitorOptions | None = None):
+    """The monitor of ``net`` on ``probe_x``, with a config's :class:`MonitorOptions`."""
+    return analyzer.pattern_monitor(
+        net.preacts_fn, probe_x, **dataclasses.asdict(options or MonitorOptions())
+    )
 
 
-# The monitor's probe chunk (:func:`regime_jax.analyzer.pattern_monitor`): an int N >= 1,
-# "auto", or None (one pass); ``record.probe_chunk`` of a config through :func:`probe_chunk_of`.
-ProbeChunk = int | str | None
+@dataclasses.dataclass(frozen=True)
+class MonitorOptions:
+    """How the step's monitor records (:func:`regime_jax.analyzer.pattern_monitor`'s options;
+    static, hashable). From a config: :func:`monitor_options_of`.
+
+    Attributes:
+      probe_chunk: probe examples per chunk of the probe forward: an int, "auto" or None.
+      sample_units, sample_positions: record a fixed random subset per layer (None: all).
+      sample_seed: which subset.
+    """
+
+    probe_chunk: int | str | None = "auto"
+    sample_units: int | None = None
+    sample_positions: int | None = None
+    sample_seed: int = 0
 
 
-def probe_chunk_of(config: Any) -> ProbeChunk:
-    """A config's ``record.probe_chunk`` as the monitor takes it (0: "auto")."""
-    value = config.record.get("probe_chunk", 0)
-    return "auto" if value == 0 else value
+def monitor_options_of(config: Any) -> MonitorOptions:
+    """A config's ``record.probe_chunk`` (0: "auto") and ``record.sample_*`` (0: all)."""
+    r = config.record
+    chunk = r.get("probe_chunk", 0)
+    return MonitorOptions(
+        probe_chunk="auto" if chunk == 0 else chunk,
+        sample_units=r.get("sample_units", 0) or None,
+        sample_positions=r.get("sample_positions", 0) or None,
+        sample_seed=r.get("sample_seed", 0),
+    )
+
+
+def monitor_sample(model: Any, variables: Any, probe_x: Any, options: MonitorOptions) -> dict:
+    """The units and positions a sampled monitor records, ``{layer: {"units": [k] | None,
+    "positions": [m] | None}}`` (:func:`regime_jax.analyzer.sample_indices`)."""
+    return _monitor(as_net(model), probe_x, options).update.sample(variables)
 
 
 def model_variables(model: Any, state: TrainState) -> Any:
@@ -165,9 +192,10 @@ def model_variables(model: Any, state: TrainState) -> Any:
     return as_net(model).modes.join(state.params, model_state.variables)
 
 
-def probe_patterns(model: Any, params: Any, probe_x: Any, probe_chunk: ProbeChunk = "auto"):
-    """Packed ``z > 0`` of every ReLU layer on the probe inputs (chunked as the monitor is)."""
-    return _monitor(as_net(model), probe_x, probe_chunk).init(params).masks
+def probe_patterns(model: Any, params: Any, probe_x: Any, monitor_options=None) -> Patterns:
+    """Packed ``z > 0`` of every ReLU layer on the probe inputs, as the monitor records them
+    (chunked, sampled: :class:`MonitorOptions`)."""
+    return _monitor(as_net(model), probe_x, monitor_options).init(params).masks
 
 
 def _key_data(key: jax.Array) -> jax.Array:
@@ -188,7 +216,7 @@ def create_train_state(
     probe_x: Any,
     *,
     decoupled: bool = False,
-    probe_chunk: ProbeChunk = "auto",
+    monitor_options: MonitorOptions | None = None,
 ) -> TrainState:
     """Initial state; its masks are the probe patterns of the initial parameters (step 0).
 
@@ -201,7 +229,7 @@ def create_train_state(
     model_state = None
     if net.modes is None:
         params = net.init(key, x1)
-        monitor = _monitor(net, probe_x, probe_chunk).init(params)
+        monitor = _monitor(net, probe_x, monitor_options).init(params)
     else:
         if decoupled:
             raise ValueError(
@@ -211,7 +239,7 @@ def create_train_state(
         params, variables = net.modes.init(key, x1)
         model_state = ModelState(variables, _key_data(jax.random.fold_in(key, 1)))
         joined = net.modes.join(params, variables)
-        monitor = _monitor(net, probe_x, probe_chunk).init(joined, params=params)
+        monitor = _monitor(net, probe_x, monitor_options).init(joined, params=params)
     frozen = None
     if decoupled:
         frozen = FrozenGates(_copy(params), _copy(monitor.masks), jnp.full((), -1, jnp.int32))
@@ -222,12 +250,12 @@ def create_train_state(
 
 
 def freeze(
-    state: TrainState, probe_x: Any, *, model: Any, probe_chunk: ProbeChunk = "auto"
+    state: TrainState, probe_x: Any, *, model: Any, monitor_options: MonitorOptions | None = None
 ) -> TrainState:
     """The state with its gates frozen now: a copy of the params, their probe patterns, F."""
     if state.frozen is None:
         raise ValueError("freeze needs a state made with create_train_state(..., decoupled=True)")
-    masks = probe_patterns(model, state.params, probe_x, probe_chunk)
+    masks = probe_patterns(model, state.params, probe_x, monitor_options)
     return state.replace(frozen=FrozenGates(_copy(state.params), masks, state.step))
 
 
@@ -261,7 +289,7 @@ def train_step(
     record: bool,
     loss_fn: LossFn = cross_entropy,
     gated_net: gating.GatedNet | None = None,
-    probe_chunk: ProbeChunk = "auto",
+    monitor_options: MonitorOptions | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns | None]:
     """One update, then the monitor: step sizes, and with ``record`` the post-update patterns.
 
@@ -291,7 +319,7 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     now = params if model_state is None else net.modes.join(params, model_state.variables)
-    monitored, monitor = _monitor(net, probe["x"], probe_chunk).update(
+    monitored, monitor = _monitor(net, probe["x"], monitor_options).update(
         state.monitor, now, updates, patterns=record
     )
     metrics = {"train/loss": loss}
@@ -347,7 +375,7 @@ def make_step_fns(
     loss_fn: LossFn = cross_entropy,
     out_shardings: Any = None,
     gated_net: gating.GatedNet | None = None,
-    probe_chunk: ProbeChunk = "auto",
+    monitor_options: MonitorOptions | None = None,
 ) -> dict[bool, Callable]:
     """The two jitted step variants, keyed by ``record``; each traces once.
 
@@ -366,7 +394,7 @@ def make_step_fns(
                 record=record,
                 loss_fn=loss_fn,
                 gated_net=gated_net,
-                probe_chunk=probe_chunk,
+                monitor_options=monitor_options,
             ),
             donate_argnames="state",
             **kwargs,
@@ -403,7 +431,7 @@ def train_chunk(
     every_record: bool,
     slots: int,
     gated_net: gating.GatedNet | None = None,
-    probe_chunk: ProbeChunk = "auto",
+    monitor_options: MonitorOptions | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns]:
     """``T`` consecutive :func:`train_step` calls in one ``lax.scan``.
 
@@ -427,7 +455,7 @@ def train_chunk(
         tx=tx,
         loss_fn=loss_fn,
         gated_net=gated_net,
-        probe_chunk=probe_chunk,
+        monitor_options=monitor_options,
     )
     snaps_S = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), state.masks)
 
@@ -454,7 +482,7 @@ def make_chunk_fn(
     slots: int,
     out_shardings: Any = None,
     gated_net: gating.GatedNet | None = None,
-    probe_chunk: ProbeChunk = "auto",
+    monitor_options: MonitorOptions | None = None,
 ) -> Callable:
     """:func:`train_chunk` jitted, donating the state; one trace per chunk length ``T``."""
     kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
@@ -466,7 +494,7 @@ def make_chunk_fn(
         every_record=every_record,
         slots=slots,
         gated_net=gated_net,
-        probe_chunk=probe_chunk,
+        monitor_options=monitor_options,
     )
     return jax.jit(fn, donate_argnames="state", **kwargs)
 

@@ -129,10 +129,10 @@ def test_config_probe_chunk_is_validated_and_defaults_to_auto():
     from regime_jax.run import step
 
     c = base_config()
-    assert c.record.probe_chunk == 0 and step.probe_chunk_of(c) == "auto"
+    assert c.record.probe_chunk == 0 and step.monitor_options_of(c) == step.MonitorOptions()
     c.record.probe_chunk = 64
     validate_config(c)
-    assert step.probe_chunk_of(c) == 64
+    assert step.monitor_options_of(c).probe_chunk == 64
     for bad in (-1, 2**31, True):
         c = base_config()
         c.record.probe_chunk = bad
