@@ -4,6 +4,7 @@ COMMAND:
   python experiments/bench_memory.py                       # gpt at P = 128 .. 1024
   python experiments/bench_memory.py --models gpt mlp cnn transformer --probe 64 512
   python experiments/bench_memory.py --models resnet18 --probe 512   # a registered model
+  python experiments/bench_memory.py --probe 512 --chunks 2 4 8 16 32 64   # per probe_chunk N
 
 For each model and probe size P, XLA's compiled memory analysis (``jax.jit(f).lower(...)
 .compile().memory_analysis()``: temporary, argument and output bytes) of
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from regime_jax import configs, models, registry
+from regime_jax import analyzer, configs, models, registry
 from regime_jax.models.adapt import as_net
 from regime_jax.models.record import relu
 from regime_jax.run import step
@@ -154,12 +155,55 @@ def measure(name: str, num: int, batch_size: int) -> dict:
     return out
 
 
+def sweep_chunks(args) -> None:
+    """The monitored step's extra memory for each ``probe_chunk`` N (how the default was
+    chosen): per model and P, N, one chunk's pre-activation bytes and the extra."""
+    print(f"backend {jax.default_backend()}, jax {jax.__version__}, batch {args.batch}; MiB")
+    print("model        P      N  chunk preacts | mon extra")
+    for name in args.models:
+        for num in args.probe:
+            for size, preacts, extra in chunk_rows(name, num, args.chunks, args.batch):
+                print(f"{name:10s} {num:5d} {size:6d} {preacts / MIB:13.1f} | {extra / MIB:9.1f}")
+
+
+def chunk_rows(name: str, num: int, chunks: list[int], batch_size: int) -> list[tuple]:
+    """``(examples per chunk, their pre-activation bytes, extra bytes)`` for each N."""
+    model, x1, y1 = build(name)
+    tx, net = optax.adam(1e-3), as_net(model)
+    batch = {"x": _stack(batch_size, x1), "y": _stack(batch_size, y1)}
+    probe = {"x": _stack(num, x1)}
+    params = jax.eval_shape(net.init, jax.random.key(0), _stack(1, x1))
+    z = jax.eval_shape(lambda p, x: net.preacts_fn(p, x)[1], params, _stack(1, x1))
+    per_example = sum(math.prod(a.shape[1:]) * a.dtype.itemsize for a in z.values())
+    rows, base = [], None
+    for chunk in chunks:
+        options = step.MonitorOptions(probe_chunk=chunk)
+        init = functools.partial(step.create_train_state, model, tx, monitor_options=options)
+        state = jax.eval_shape(init, jax.random.key(0), probe["x"])
+        if base is None:
+            fn = functools.partial(_plain_step, model=model, tx=tx, forward_probe=False)
+            m = memory(fn, state, batch, probe)
+            base = m["temp"] + m["out"]
+        fn = functools.partial(
+            step.train_step, model=model, tx=tx, record=True, monitor_options=options
+        )
+        m = memory(fn, state, batch, probe)
+        size = analyzer.probe_chunk_size(per_example, num, chunk)
+        rows.append((size, size * per_example, m["temp"] + m["out"] - base))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["gpt"])
     p.add_argument("--probe", nargs="+", type=int, default=[128, 256, 512, 1024])
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument(
+        "--chunks", nargs="*", type=int, default=[], help="also: the extra memory of each N"
+    )
     args = p.parse_args()
+    if args.chunks:
+        return sweep_chunks(args)
     print(f"backend {jax.default_backend()}, jax {jax.__version__}, batch {args.batch}; MiB")
     head = "model        P    bits  masks |  plain temp/arg |  +probe extra | mon/one extra"
     print(head + " | mon/auto extra | bar (2 masks + 256)")

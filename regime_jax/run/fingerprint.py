@@ -36,11 +36,27 @@ def make(config: Mapping[str, Any], data_id: str | None, ignores: Iterable[str])
     """The fingerprint of a run of ``config`` on data whose content hash is ``data_id``."""
     from regime_jax import __version__
 
+    fields = records.jsonable(dict(config))
     return {
-        "config": _without(records.jsonable(dict(config)), set(ignores)),
+        "config": _without(fields, set(ignores) | _neutral(fields)),
         "data": data_id,
         "version": __version__,
     }
+
+
+# Fields added after runs were written, left out of a fingerprint at the value that is what
+# those runs did: a run from before the field existed keeps its fingerprint and resumes.
+NEUTRAL = {"record.sample_units": 0, "record.sample_positions": 0, "record.sample_seed": 0}
+
+
+def _neutral(fields: Mapping[str, Any]) -> set[str]:
+    def value(field: str) -> Any:
+        node: Any = fields
+        for part in field.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node
+
+    return {f for f, v in NEUTRAL.items() if value(f) == v}
 
 
 def _without(fields: Mapping[str, Any], ignores: set[str]) -> dict:
