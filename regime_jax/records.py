@@ -217,10 +217,19 @@ def truncate_after(workdir: str | os.PathLike, step: int) -> None:
     (workdir / SUMMARY).unlink(missing_ok=True)
 
 
+# Config fields added after runs were written, with the value that is what those runs did: a
+# field missing on one side equals this value on the other (a run from before it resumes).
+NEUTRAL_FIELDS = {"record.sample_units": 0, "record.sample_positions": 0, "record.sample_seed": 0}
+
+
 def config_diff(
-    stored: Mapping[str, Any], requested: Mapping[str, Any], ignore: Iterable[str] = ()
+    stored: Mapping[str, Any],
+    requested: Mapping[str, Any],
+    ignore: Iterable[str] = (),
+    _prefix: str = "",
 ) -> list[str]:
-    """Dotted names of the fields whose values differ (nested dicts are compared per field)."""
+    """Dotted names of the fields whose values differ (nested dicts are compared per field;
+    a field of :data:`NEUTRAL_FIELDS` missing on one side is its neutral value)."""
     ignore = set(ignore)
     out = []
     for key in sorted(set(stored) | set(requested)):
@@ -229,10 +238,17 @@ def config_diff(
         a, b = stored.get(key), requested.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             nested = {i.split(".", 1)[1] for i in ignore if i.startswith(f"{key}.")}
-            out += [f"{key}.{k}" for k in config_diff(a, b, nested)]
+            out += [f"{key}.{k}" for k in config_diff(a, b, nested, f"{_prefix}{key}.")]
         elif jsonable(a) != jsonable(b):
+            neutral = NEUTRAL_FIELDS.get(f"{_prefix}{key}", _MISSING)
+            if neutral is not _MISSING and (key not in stored or key not in requested):
+                if (a if key in stored else b) == neutral:
+                    continue
             out.append(key)
     return out
+
+
+_MISSING = object()
 
 
 def mask_path(workdir: str | os.PathLike, step: int) -> Path:

@@ -38,25 +38,10 @@ def make(config: Mapping[str, Any], data_id: str | None, ignores: Iterable[str])
 
     fields = records.jsonable(dict(config))
     return {
-        "config": _without(fields, set(ignores) | _neutral(fields)),
+        "config": _without(fields, set(ignores)),
         "data": data_id,
         "version": __version__,
     }
-
-
-# Fields added after runs were written, left out of a fingerprint at the value that is what
-# those runs did: a run from before the field existed keeps its fingerprint and resumes.
-NEUTRAL = {"record.sample_units": 0, "record.sample_positions": 0, "record.sample_seed": 0}
-
-
-def _neutral(fields: Mapping[str, Any]) -> set[str]:
-    def value(field: str) -> Any:
-        node: Any = fields
-        for part in field.split("."):
-            node = node.get(part) if isinstance(node, Mapping) else None
-        return node
-
-    return {f for f, v in NEUTRAL.items() if value(f) == v}
 
 
 def _without(fields: Mapping[str, Any], ignores: set[str]) -> dict:
