@@ -47,7 +47,7 @@ if [[ "$SMOKE" == 1 ]]; then
   OVERHEAD_SMALL=(--chunks 2 --chunk-steps 2 --batch 8 --probe 16)
   MLP_ARGS=(--hidden 32,32 "${OVERHEAD_SMALL[@]}")
   THROUGHPUT_ARGS=(--jobs main --ks 1,8,32 --rounds 1 --steps 32)
-  MEMORY_ARGS=(--help)  # the script's own options are its author's: smoke checks it starts
+  MEMORY_ARGS=(--models mlp --probe 16 --batch 8)
   RUN_OVERRIDES=(--config.num_steps=20 --config.batch_size=8 --config.probe.size=8
     --config.log_every_steps=10)
 else
@@ -56,7 +56,7 @@ else
   OVERHEAD_SMALL=(--chunks 30)
   MLP_ARGS=("${OVERHEAD_SMALL[@]}")
   THROUGHPUT_ARGS=(--jobs main,transformer --ks 1,8,32 --rounds 6)
-  MEMORY_ARGS=(--models resnet18_cifar10,gpt_shakespeare)
+  MEMORY_ARGS=(--models gpt resnet --probe 512 1024)
   RUN_OVERRIDES=()
 fi
 

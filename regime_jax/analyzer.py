@@ -43,12 +43,14 @@ nothing is an error: patterns with no layer, or a layer with no bit, raise ``Val
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from regime_jax import bitmask
 from regime_jax.bitmask import Packed, Patterns
@@ -308,6 +310,154 @@ def patterns_from_preacts(preacts: Mapping[str, jax.Array]) -> dict[str, Packed]
     return {k: Packed.from_bool(bitmask.active(z)) for k, z in preacts.items()}
 
 
+# The auto probe chunk: examples per chunk so that one chunk's pre-activations (the recorded
+# layers' z, at their dtype) stay within this many bytes; a probe set whose pre-activations fit
+# runs in one pass (the program it always was). Chosen with experiments/bench_memory.py
+# (docs/guide/scale.md, "Memory").
+PROBE_CHUNK_BYTES = 64 * 2**20
+
+
+def probe_chunk_size(example_bytes: int, num_examples: int, probe_chunk: int | str | None) -> int:
+    """Examples per chunk of the probe forward (``num_examples``: one pass, no chunking).
+
+    ``probe_chunk``: an int ``N >= 1`` (at most ``N`` per chunk), ``"auto"`` (so that a chunk's
+    pre-activations, ``example_bytes`` per example, stay within :data:`PROBE_CHUNK_BYTES`), or
+    None (one pass). The chunks are then made equal: ``n = ceil(P / N)`` chunks of
+    ``ceil(P / n)`` examples.
+
+    >>> probe_chunk_size(2**20, 512, "auto"), probe_chunk_size(2**20, 32, "auto")
+    (64, 32)
+    """
+    if probe_chunk is None:
+        return num_examples
+    if probe_chunk == "auto":
+        probe_chunk = max(1, PROBE_CHUNK_BYTES // max(example_bytes, 1))
+    elif isinstance(probe_chunk, bool) or not isinstance(probe_chunk, int) or probe_chunk < 1:
+        raise ValueError(f"probe_chunk={probe_chunk!r}; allowed values: an int >= 1, 'auto', None")
+    if probe_chunk >= num_examples:
+        return num_examples
+    n = -(-num_examples // probe_chunk)
+    return -(-num_examples // n)
+
+
+def chunked_patterns(
+    patterns_fn: Callable[[Any], Mapping[str, Packed]], x: Any, chunk: int
+) -> dict[str, Packed]:
+    """``patterns_fn(x)`` computed ``chunk`` examples at a time, the same bits.
+
+    ``patterns_fn(x_chunk) -> {layer: Packed [chunk, ...]}`` must treat examples independently
+    (a probe forward in eval mode). Chunk ``j`` of ``n = ceil(P / chunk)`` holds the examples
+    ``i * n + j`` (strided, so a probe set sharded on its leading axis stays sharded: each
+    device runs its own examples of every chunk); a ``lax.fori_loop`` writes each chunk's
+    packed masks into one ``[chunk, n, ...]`` buffer, read back as ``[P, ...]``. ``P`` not a
+    multiple of the chunk: the last ``chunk * n - P`` (< n) slots take copies of the first
+    examples and are dropped. Memory: the masks plus one chunk's forward, whatever ``P``.
+    """
+    num = jax.tree.leaves(x)[0].shape[0]
+    if chunk >= num:
+        return dict(patterns_fn(x))
+    n = -(-num // chunk)
+    pad = chunk * n - num
+
+    def strided(a):
+        if pad:
+            a = jnp.concatenate([a, a[:pad]])
+        return a.reshape(chunk, n, *a.shape[1:])
+
+    xs = jax.tree.map(strided, x)
+    take = lambda j: jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, j, 1, False), xs)
+    like = jax.eval_shape(patterns_fn, take(0))
+    bufs = {k: jnp.zeros((chunk, n, *p.bits.shape[1:]), p.bits.dtype) for k, p in like.items()}
+
+    def body(j, bufs):
+        got = patterns_fn(take(j))
+        return {
+            k: lax.dynamic_update_index_in_dim(buf, got[k].bits, j, 1) for k, buf in bufs.items()
+        }
+
+    bufs = lax.fori_loop(0, n, body, bufs)
+    return {
+        k: Packed(buf.reshape(chunk * n, *buf.shape[2:])[:num], like[k].units)
+        for k, buf in bufs.items()
+    }
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def sample_indices(
+    shapes: Mapping[str, Sequence[int]], units: int | None, positions: int | None, seed: int = 0
+) -> dict[str, dict[str, np.ndarray | None]]:
+    """The fixed random subset of every layer that a sampled monitor records.
+
+    Args:
+      shapes: ``{layer: [P, positions..., U]}``, the pre-activations' shapes.
+      units: units kept per layer (``k`` of ``U``, the same for every position and example);
+        None (or ``>= U``): all.
+      positions: positions kept per layer (``m`` of the ``S = prod(positions...)``
+        flattened positions, the same for every example); None, ``>= S`` or a layer with no
+        position axis: all.
+      seed: with the layer's name, what picks them (``np.random.default_rng([seed,
+        crc32(name)])``: the same run, the same indices; another layer, other indices).
+
+    Returns:
+      ``{layer: {"units": int [k] sorted | None, "positions": int [m] sorted | None}}``
+      (None: all kept).
+    """
+    out = {}
+    for name, shape in shapes.items():
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        u, s = int(shape[-1]), int(np.prod(shape[1:-1], dtype=np.int64))
+        keep_u = np.sort(rng.choice(u, units, replace=False)) if units and units < u else None
+        sampled = positions and len(shape) > 2 and positions < s
+        keep_p = np.sort(rng.choice(s, positions, replace=False)) if sampled else None
+        out[name] = {"units": keep_u, "positions": keep_p}
+    return out
+
+
+def sample_preacts(z: jax.Array, index: Mapping[str, np.ndarray | None]) -> jax.Array:
+    """``z [P, positions..., U]`` at the kept positions (flattened: ``[P, m, k]``) and units."""
+    if index["positions"] is not None:
+        z = jnp.take(z.reshape(z.shape[0], -1, z.shape[-1]), index["positions"], axis=1)
+    if index["units"] is not None:
+        z = jnp.take(z, index["units"], axis=-1)
+    return z
+
+
+def flip_standard_errors(
+    prev: Patterns, cur: Patterns, fractions: Mapping[str, tuple[float, float]]
+) -> dict[str, jax.Array]:
+    """``flip_se/<layer>`` and ``flip_se/all``: the standard error of a sampled flip rate.
+
+    The estimator: a layer's sampled bits form a crossed sample of ``k`` units and ``m``
+    positions (every probe example kept). With ``r_u`` the flip rate of sampled unit ``u``
+    (over its sampled positions and all examples) and ``r_p`` that of sampled position ``p``,
+    ``se^2 = (1 - k/U) var(r_u) / k + (1 - m/S) var(r_p) / m`` (sample variances, ddof 1;
+    ``1 - k/U``, ``1 - m/S`` the finite-population corrections, 0 for a dimension kept
+    whole). For a two-way random-effects model this over-counts the interaction term once,
+    so it errs on the side of a wider interval. ``flip_se/all`` pools the layers as
+    ``flip/all`` does (sampled bits): ``sqrt(sum_l (b_l / B)^2 se_l^2)``.
+
+    Args:
+      fractions: ``{layer: (k / U, m / S)}``, the kept fraction of units and of positions.
+    """
+    out, parts, total = {}, [], sum(p.num_bits for p in cur.values())
+    for name, p in cur.items():
+        d = jnp.bitwise_xor(prev[name].bits, p.bits)
+        flips = bitmask.unpack(d, p.units).astype(jnp.float32)
+        flips = flips.reshape(flips.shape[0], -1, flips.shape[-1])  # [P, m, k]
+        terms = []
+        for axis, frac in ((1, fractions[name][0]), (0, fractions[name][1])):
+            rates = jnp.mean(flips, axis=(0, 2 - axis))  # per unit (axis 1) / position (0)
+            n = rates.shape[0]
+            var = jnp.var(rates, ddof=1) if n > 1 else jnp.zeros((), jnp.float32)
+            terms.append((1.0 - frac) * var / n)
+        out[f"flip_se/{name}"] = jnp.sqrt(sum(terms))
+        parts.append((p.num_bits / total) ** 2 * sum(terms))
+    out["flip_se/all"] = jnp.sqrt(sum(parts))
+    return out
+
+
 # ----------------------------------------------------------------------------- the monitor
 
 
@@ -339,6 +489,10 @@ def pattern_monitor(
     *,
     sites: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    probe_chunk: int | str | None = "auto",
+    sample_units: int | None = None,
+    sample_positions: int | None = None,
+    sample_seed: int = 0,
     **kwargs: Any,
 ) -> PatternMonitor:
     """Flip rates, dead / always-on fractions and step sizes of any model, as ``init, update``.
@@ -355,6 +509,21 @@ def pattern_monitor(
       sites: the layers to measure, by name (``preacts_fn.sites(params, x)`` lists them; a
         scanned layer's name without ``[i]`` selects every iteration); None: all.
       exclude: layers to leave out, by name (same rule).
+      probe_chunk: run the probe forward ``N`` examples at a time (``lax.fori_loop`` over
+        chunks, masks packed per chunk), so monitoring needs the masks plus one chunk's
+        activations whatever ``P`` is, with the same bits (:func:`chunked_patterns`; the
+        forward must treat examples independently, as an eval-mode forward does).
+        ``"auto"`` (default): chunks whose pre-activations stay within
+        :data:`PROBE_CHUNK_BYTES` (64 MiB), one pass when the whole probe set's do; an int
+        ``N >= 1``: at most ``N`` per chunk; None: always one pass.
+      sample_units, sample_positions, sample_seed: record only a fixed random subset of
+        each layer, for models whose full patterns are too large: ``sample_units`` units and
+        ``sample_positions`` (flattened) positions per layer (None: all), picked once by
+        :func:`sample_indices` from the seed and the layer's name. The masks, flips and
+        dead / always-on counts are then those of the sample, and the metrics add
+        ``flip_se/<layer>`` and ``flip_se/all`` (:func:`flip_standard_errors`); the indices
+        are ``monitor.update.sample(variables)`` (the built-in loop writes them to
+        ``sample.json``). Default: everything, no ``flip_se``.
       **kwargs: passed to every ``preacts_fn`` call: a linen model's eval-mode flag
         (``train=False``), so the probe forward is deterministic and reads the running
         statistics (``rj.nnx_apply``'s function runs eval mode already).
@@ -401,8 +570,31 @@ def pattern_monitor(
     """
     default_x = probe_x
     pick = _site_picker(sites, exclude)
+    probe_chunk_size(1, 1, probe_chunk)  # a bad value is refused here, not at the first update
+    for field, value in (("sample_units", sample_units), ("sample_positions", sample_positions)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{field}={value!r}; allowed values: None (all) or an int >= 1")
+    sampling = sample_units is not None or sample_positions is not None
 
-    def probe_patterns(variables: Any, x: Any) -> dict[str, Packed]:
+    def sample_of(variables: Any, x: Any) -> dict[str, dict[str, np.ndarray | None]]:
+        """The kept indices of every layer (static: from shapes, the seed and the names)."""
+        z = pick(jax.eval_shape(lambda v, e: preacts_fn(v, e, **kwargs)[1], variables, x))
+        shapes = {k: a.shape for k, a in z.items()}
+        return sample_indices(shapes, sample_units, sample_positions, sample_seed)
+
+    def fractions(variables: Any, x: Any) -> dict[str, tuple[float, float]]:
+        z = pick(jax.eval_shape(lambda v, e: preacts_fn(v, e, **kwargs)[1], variables, x))
+        out = {}
+        for name, idx in sample_of(variables, x).items():
+            u, s = z[name].shape[-1], int(np.prod(z[name].shape[1:-1], dtype=np.int64))
+            fu = 1.0 if idx["units"] is None else len(idx["units"]) / u
+            fp = 1.0 if idx["positions"] is None else len(idx["positions"]) / max(s, 1)
+            out[name] = (fu, fp)
+        return out
+
+    def one_pass(variables: Any, x: Any, index: Mapping | None = None) -> dict[str, Packed]:
         try:
             preacts = preacts_fn(variables, x, **kwargs)[1]
         except Exception as err:  # a cause that is not the probe is named; others as raised
@@ -410,7 +602,21 @@ def pattern_monitor(
             if cause is None:
                 raise
             raise cause from err
-        return patterns_from_preacts(pick(preacts))
+        preacts = pick(preacts)
+        if index is not None:
+            preacts = {k: sample_preacts(z, index[k]) for k, z in preacts.items()}
+        return patterns_from_preacts(preacts)
+
+    def probe_patterns(variables: Any, x: Any) -> dict[str, Packed]:
+        num = jax.tree.leaves(x)[0].shape[0]
+        index = sample_of(variables, x) if sampling else None
+        if probe_chunk is None or (isinstance(probe_chunk, int) and probe_chunk >= num):
+            return one_pass(variables, x, index)
+        example = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), x)
+        z = pick(jax.eval_shape(lambda v, e: preacts_fn(v, e, **kwargs)[1], variables, example))
+        per_example = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in z.values())
+        chunk = probe_chunk_size(per_example, num, probe_chunk)
+        return chunked_patterns(lambda xc: one_pass(variables, xc, index), x, chunk)
 
     def init(variables: Any, params: Any = None) -> MonitorState:
         _check_probe(preacts_fn, variables, default_x, kwargs)
@@ -430,10 +636,14 @@ def pattern_monitor(
         metrics = step_sizes_from_norms(updates, state.sq_norms)
         masks = state.masks
         if patterns:
-            masks = probe_patterns(variables, default_x if probe_x is None else probe_x)
+            x = default_x if probe_x is None else probe_x
+            masks = probe_patterns(variables, x)
             metrics.update(pattern_metrics(state.masks, masks))
+            if sampling:
+                metrics.update(flip_standard_errors(state.masks, masks, fractions(variables, x)))
         return metrics, MonitorState(masks, squared_norms(trained))
 
+    update.sample = lambda variables: sample_of(variables, default_x)
     return PatternMonitor(init, update)
 
 

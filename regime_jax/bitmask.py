@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax import lax
 
 
 @struct.dataclass
@@ -111,8 +112,49 @@ def popcount(packed: jax.Array, units: int) -> jax.Array:
 
 
 def flip_count(a: jax.Array, b: jax.Array, units: int) -> jax.Array:
-    """Hamming distance between two packed masks: popcount(a XOR b), padding excluded."""
-    return popcount(jnp.bitwise_xor(a, b), units)
+    """Hamming distance between two packed masks: popcount(a XOR b), padding excluded.
+
+    Masks over :data:`BLOCK_BYTES` are counted a block of examples at a time
+    (:func:`_example_blocks`), so the temporary memory is one block's, not the masks' four
+    times over (XLA on CPU widens the bytes to int32 before summing them).
+    """
+    rows = _block_rows(a.shape)
+    if rows >= a.shape[0]:
+        return popcount(jnp.bitwise_xor(a, b), units)
+    xa, xb = _example_blocks(a, rows, copies=False), _example_blocks(b, rows, copies=False)
+    block = lambda j: popcount(jnp.bitwise_xor(_block(xa, j), _block(xb, j)), units)
+    partial = lax.map(block, jnp.arange(xa.shape[1]))  # int32 [n]: a block has < 2^31 bits
+    each = num_bits(xa.shape[:1] + xa.shape[2:], units)
+    return count_sum(partial, each, num_bits(a.shape, units))
+
+
+# Packed bytes of masks counted in one pass; larger masks are counted in blocks of examples
+# of at most this many bytes (temporary memory ~ 8x this, whatever the masks' size).
+BLOCK_BYTES = 2**22
+
+
+def _block_rows(shape: tuple[int, ...]) -> int:
+    """Examples per block: as many as keep a block within :data:`BLOCK_BYTES` (at least 1)."""
+    return max(1, BLOCK_BYTES // max(int(np.prod(shape[1:], dtype=np.int64)), 1))
+
+
+def _example_blocks(x: jax.Array, rows: int, *, copies: bool) -> jax.Array:
+    """``x [P, ...]`` as ``[r, n, ...]`` blocks ``x[:, j]`` of ``r <= rows`` strided examples
+    (example ``i * n + j``; a leading-axis sharding stays on axis 0). ``P`` not a multiple of
+    ``r``: the ``r * n - P`` padding rows are zeros (``copies=False``: they add nothing to a
+    popcount of a XOR) or copies of the first examples (``copies=True``: min / max unchanged)."""
+    num = x.shape[0]
+    n = -(-num // rows)
+    rows = -(-num // n)
+    pad = rows * n - num
+    if pad:
+        fill = x[:pad] if copies else jnp.zeros((pad, *x.shape[1:]), x.dtype)
+        x = jnp.concatenate([x, fill])
+    return x.reshape(rows, n, *x.shape[1:])
+
+
+def _block(xs: jax.Array, j: jax.Array) -> jax.Array:
+    return lax.dynamic_index_in_dim(xs, j, 1, keepdims=False)
 
 
 def flip_rate(a: jax.Array, b: jax.Array, units: int) -> jax.Array:
@@ -126,19 +168,38 @@ def num_bits(packed_shape: tuple[int, ...], units: int) -> int:
     return int(np.prod(packed_shape[:-1], dtype=np.int64)) * units
 
 
-def always_on(packed_PxSxY: jax.Array, units: int) -> jax.Array:
-    """Count of (position, unit) sites on for every example (axis 0), exact (a Count).
+def _reduce_examples(packed_PxSxY: jax.Array, units: int, reduce: Any) -> jax.Array:
+    """``reduce(unpack(packed), axis=0)`` as uint8 0/1 ``[S..., U]``, one bit plane at a time.
 
-    The reduction over examples runs on unpacked 0/1 bytes with ``min`` (not a bitwise AND of
-    the packed bytes): across devices that is an all-reduce every backend supports.
+    ``reduce`` (``jnp.min`` or ``jnp.max``) runs on 0/1 bytes (not a bitwise AND / OR of the
+    packed bytes): across devices that is an all-reduce every backend supports. Each plane
+    ``(packed >> b) & 1`` is reduced as it is read (one fusion), so no unpacked
+    ``[P, S..., U]`` array is ever held: the memory is that of the result.
     """
-    on = jnp.min(unpack(packed_PxSxY, units).astype(jnp.uint8), axis=0)
+    rows = _block_rows(packed_PxSxY.shape)
+    if rows < packed_PxSxY.shape[0]:  # large masks: a block of examples at a time
+        xs = _example_blocks(packed_PxSxY, rows, copies=True)
+        step = lambda j, acc: _combine(reduce, acc, _reduce_examples(_block(xs, j), units, reduce))
+        first = _reduce_examples(_block(xs, 0), units, reduce)
+        return lax.fori_loop(1, xs.shape[1], step, first)
+    planes = [reduce((packed_PxSxY >> np.uint8(b)) & np.uint8(1), axis=0) for b in range(8)]
+    per_unit = jnp.stack(planes, axis=-1)  # [S..., Y, 8]: unit 8 * byte + bit (little order)
+    return per_unit.reshape(*per_unit.shape[:-2], -1)[..., :units].astype(jnp.uint8)
+
+
+def _combine(reduce: Any, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.minimum(a, b) if reduce is jnp.min else jnp.maximum(a, b)
+
+
+def always_on(packed_PxSxY: jax.Array, units: int) -> jax.Array:
+    """Count of (position, unit) sites on for every example (axis 0), exact (a Count)."""
+    on = _reduce_examples(packed_PxSxY, units, jnp.min)
     return count_sum(on, 1, num_bits(packed_PxSxY.shape[1:], units))
 
 
 def dead(packed_PxSxY: jax.Array, units: int) -> jax.Array:
     """Count of (position, unit) sites off for every example (axis 0), exact (a Count)."""
-    off = 1 - jnp.max(unpack(packed_PxSxY, units).astype(jnp.uint8), axis=0)
+    off = 1 - _reduce_examples(packed_PxSxY, units, jnp.max)
     return count_sum(off, 1, num_bits(packed_PxSxY.shape[1:], units))
 
 
@@ -174,7 +235,7 @@ def count_sum(x: jax.Array, each: int, bound: int) -> jax.Array:
         keep -= 1
     if keep == len(shape):  # the last axis alone could overflow: cut it into blocks
         x = x.reshape(-1)
-        block = LIMB_BOUND // max(each, 1) // 2
+        block = max(1, LIMB_BOUND // max(each, 1) // 2)
         head = x.size // block * block
         parts = [jnp.sum(x[:head].reshape(-1, block), axis=1, dtype=jnp.int32)]
         if head < x.size:
@@ -218,14 +279,15 @@ def limbs(count: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def add_counts(counts: list[jax.Array], bound: int) -> jax.Array:
-    """The exact sum of Counts (either form) as a Count for ``bound`` (static)."""
+    """The exact sum of Counts (either form) as a Count for ``bound`` (static); elementwise
+    over stacks of counts of one shape (limbs on the last axis)."""
     if bound < LIMB_BOUND:
         return sum(jnp.asarray(c, jnp.int32) for c in counts)
     pairs = [limbs(c) for c in counts]
     hi, lo = pairs[0]
     for pair in pairs[1:]:
         hi, lo = _add_limbs((hi, lo), pair)
-    return jnp.stack([hi, lo])
+    return jnp.stack([hi, lo], axis=-1)
 
 
 def count_int(count: Any) -> int:

@@ -226,8 +226,8 @@ def config_diff(
     """Dotted names of the fields whose values differ (nested dicts are compared per field).
 
     ``added``: fields that a later version added, ``{dotted name: the value that does what
-    a run without the field did}``. A stored config without such a field (written before it
-    existed) equals a requested one that has it at that value, and no other.
+    a run without the field did}``. A config without such a field (written before it existed)
+    equals one that has it at that value, and no other (either side may be the older).
 
     >>> config_diff({"model": {"name": "mlp"}}, {"model": {"name": "mlp", "dtype": "f32"}},
     ...             added={"model.dtype": "f32"})
@@ -246,8 +246,10 @@ def config_diff(
             nested = {i.split(".", 1)[1] for i in ignore if i.startswith(f"{key}.")}
             inner = {k.split(".", 1)[1]: v for k, v in added.items() if k.startswith(f"{key}.")}
             out += [f"{key}.{k}" for k in config_diff(a, b, nested, inner)]
-        elif key not in stored and key in added and jsonable(b) == jsonable(added[key]):
-            continue  # written before the field existed, and asked for at its old behaviour
+        elif key in added and (key in stored) != (key in requested):
+            present = b if key in requested else a
+            if jsonable(present) != jsonable(added[key]):
+                out.append(key)  # one side predates the field, the other asks for new behaviour
         elif jsonable(a) != jsonable(b):
             out.append(key)
     return out

@@ -24,7 +24,12 @@ OPTIMIZERS = ("adam", "sgd")
 # Fields added after runs were recorded, each with the value that does what a run without the
 # field did: resuming, extending or skipping a run recorded before the field existed compares
 # equal at that value (records.config_diff's `added`) and differs at any other.
-ADDED_FIELDS = {"model.compute_dtype": "float32"}
+ADDED_FIELDS = {
+    "model.compute_dtype": "float32",
+    "record.sample_units": 0,
+    "record.sample_positions": 0,
+    "record.sample_seed": 0,
+}
 CUSTOM_MODEL = CUSTOM  # model.name of a run given a model object, not a registry name
 SCHEDULES = ("constant", "cosine")
 
@@ -78,6 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.record = dict(
         every_steps=1,  # steps between pattern records (flip/*, dead/*, always_on/*, step/*)
         snapshot_every_steps=100,  # steps between packed mask snapshots (a multiple of every_steps)
+        probe_chunk=0,  # probe examples per chunk of the probe forward; 0: auto (<=64 MiB preacts)
+        sample_units=0,  # record only this many random units per layer (flip_se/*); 0: all
+        sample_positions=0,  # ... and this many random positions (tokens, pixels); 0: all
+        sample_seed=0,  # which units and positions are sampled (written to sample.json)
     )
     c.log_every_steps = 100  # steps between host fetches of the metrics (and progress lines)
     c.eval_every_steps = 100  # steps between eval/loss, eval/acc on the whole validation split
@@ -323,6 +332,16 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             f"stability.num_examples={st.num_examples!r}; allowed values: 0..{c.probe.size} "
             f"(probe.size; 0 means the whole probe set)"
         )
+    _int_in(
+        "record.probe_chunk",
+        c.record.get("probe_chunk", 0),
+        0,
+        SIZE_MAX,
+        " (0: auto, chunks of at most 64 MiB of pre-activations)",
+    )
+    for field in ("record.sample_units", "record.sample_positions"):
+        _int_in(field, c.record.get(field.split(".")[1], 0), 0, SIZE_MAX, " (0: all)")
+    _seed("record.sample_seed", c.record.get("sample_seed", 0))
     _implementation_bounds(c)
     _decouple_fields(c)
     if c.record.snapshot_every_steps % c.record.every_steps:

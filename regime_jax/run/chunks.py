@@ -50,7 +50,8 @@ class Runner:
         self.step_fns, self.keep, self.compiled = {}, {}, {}
         for frozen in (False, True) if setup.gated_net is not None else (False,):
             gated_net = setup.gated_net if frozen else None
-            step_fns = step.make_step_fns(net, tx, loss_fn, rep, gated_net)
+            options = step.monitor_options_of(c)
+            step_fns = step.make_step_fns(net, tx, loss_fn, rep, gated_net, monitor_options=options)
             self.step_fns[frozen] = {  # compiled now: no step of the run compiles
                 record: step_fns[record].lower(state, batch, probe).compile()
                 for record in (True, False)
@@ -68,6 +69,7 @@ class Runner:
                 slots=self.slots,
                 out_shardings=rep,
                 gated_net=gated_net,
+                monitor_options=options,
             )
             for t in sorted(chunk_lengths - {1}):  # before the first step: no mid-run compile
                 self.compiled[frozen, t] = fn.lower(state, *self._abstract(sample, t)).compile()

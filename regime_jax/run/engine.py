@@ -72,6 +72,7 @@ class Engine:
                 setup.net,
                 setup.tx,
                 decoupled=setup.gated_net is not None,
+                monitor_options=step.monitor_options_of(self.config),
             ),
             out_shardings=place.replicated,
         )
@@ -107,7 +108,9 @@ class Engine:
         self._compile_eval()
         self._compile_stability()
         self.freeze_fn = jax.jit(
-            functools.partial(step.freeze, model=s.net),
+            functools.partial(
+                step.freeze, model=s.net, monitor_options=step.monitor_options_of(s.config)
+            ),
             donate_argnames="state",
             out_shardings=s.place.replicated,
         )

@@ -37,9 +37,23 @@ def make(config: Mapping[str, Any], data_id: str | None, ignores: Iterable[str])
     """The fingerprint of a run of ``config`` on data whose content hash is ``data_id``."""
     from regime_jax import __version__
 
-    ignores = set(ignores)
-    fields = {k: v for k, v in records.jsonable(dict(config)).items() if k not in ignores}
-    return {"config": fields, "data": data_id, "version": __version__}
+    fields = records.jsonable(dict(config))
+    return {
+        "config": _without(fields, set(ignores)),
+        "data": data_id,
+        "version": __version__,
+    }
+
+
+def _without(fields: Mapping[str, Any], ignores: set[str]) -> dict:
+    """``fields`` less the ``ignores``, top-level names or dotted (``record.probe_chunk``)."""
+    out = {}
+    for key, value in fields.items():
+        if key in ignores:
+            continue
+        nested = {i.split(".", 1)[1] for i in ignores if i.startswith(f"{key}.")}
+        out[key] = _without(value, nested) if nested and isinstance(value, Mapping) else value
+    return out
 
 
 def diff(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -48,8 +48,10 @@ from regime_jax.run.step import LossFn, Placement, TrainState
 from regime_jax.schedule import Schedule
 
 # Fields that do not change a run's results: a resumed run may differ in these.
-RESUME_IGNORES = ("overwrite", "log_every_steps", "checkpoint")
+# Fields that do not change a run's records: record.probe_chunk changes memory, not a bit.
+RESUME_IGNORES = ("overwrite", "log_every_steps", "checkpoint", "record.probe_chunk")
 SITES_TXT, SITES_JSON = "sites.txt", "sites.json"  # the site table of the run's model
+SAMPLE_JSON = "sample.json"  # the units and positions a sampled run records
 
 
 class Interrupted(KeyboardInterrupt):
@@ -203,7 +205,12 @@ def _check_model(setup: Setup) -> None:
     """
     x = setup.ds.x_val
     probe_x = jax.ShapeDtypeStruct((len(setup.probe_idx), *x.shape[1:]), x.dtype)
-    init = functools.partial(step.create_train_state, setup.net, setup.tx)
+    init = functools.partial(
+        step.create_train_state,
+        setup.net,
+        setup.tx,
+        monitor_options=step.monitor_options_of(setup.config),
+    )
     try:
         state = jax.eval_shape(init, jax.random.key(0), probe_x)
         if setup.gated_net is not None:  # the gated transform refuses what capture refuses
@@ -262,6 +269,7 @@ def restore(config, workdir: str | Path, *, model=None, dataset=None) -> Restore
         jax.random.key(config.seed),
         probe_x,
         decoupled=setup.gated_net is not None,
+        monitor_options=step.monitor_options_of(config),
     )
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep)
     try:
@@ -349,9 +357,24 @@ class _Run:
                     fingerprint.write(workdir, self.fp)
                 records.write_config(workdir, self.config.to_dict())
                 self._write_sites(announce=not resume)
+                self._write_sample()
         except BaseException:
             self.ckpt.close()
             raise
+
+    def _write_sample(self) -> None:
+        """``sample.json``: the units and positions a sampled run records (record.sample_*)."""
+        options = step.monitor_options_of(self.config)
+        if options.sample_units is None and options.sample_positions is None:
+            return
+        e = self.engine
+        variables = step.model_variables(self.setup.net, e.state)
+        index = step.monitor_sample(self.setup.net, variables, e.probe["x"], options)
+        rows = {
+            k: {f: None if v is None else v.tolist() for f, v in idx.items()}
+            for k, idx in index.items()
+        }
+        records.write_atomic(self.workdir / SAMPLE_JSON, records.to_json(rows, indent=1) + "\n")
 
     def _write_sites(self, announce: bool) -> None:
         """``sites.txt`` / ``sites.json``: every ReLU site found, measured or not and why."""

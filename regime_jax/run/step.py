@@ -149,8 +149,46 @@ def _is_classification(logits: jax.Array, y: jax.Array) -> bool:
     return jnp.issubdtype(y.dtype, jnp.integer) and logits.ndim == y.ndim + 1
 
 
-def _monitor(net: Net, probe_x: Any) -> analyzer.PatternMonitor:
-    return analyzer.pattern_monitor(net.preacts_fn, probe_x)
+def _monitor(net: Net, probe_x: Any, options: MonitorOptions | None = None):
+    """The monitor of ``net`` on ``probe_x``, with a config's :class:`MonitorOptions`."""
+    return analyzer.pattern_monitor(
+        net.preacts_fn, probe_x, **dataclasses.asdict(options or MonitorOptions())
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorOptions:
+    """How the step's monitor records (:func:`regime_jax.analyzer.pattern_monitor`'s options;
+    static, hashable). From a config: :func:`monitor_options_of`.
+
+    Attributes:
+      probe_chunk: probe examples per chunk of the probe forward: an int, "auto" or None.
+      sample_units, sample_positions: record a fixed random subset per layer (None: all).
+      sample_seed: which subset.
+    """
+
+    probe_chunk: int | str | None = "auto"
+    sample_units: int | None = None
+    sample_positions: int | None = None
+    sample_seed: int = 0
+
+
+def monitor_options_of(config: Any) -> MonitorOptions:
+    """A config's ``record.probe_chunk`` (0: "auto") and ``record.sample_*`` (0: all)."""
+    r = config.record
+    chunk = r.get("probe_chunk", 0)
+    return MonitorOptions(
+        probe_chunk="auto" if chunk == 0 else chunk,
+        sample_units=r.get("sample_units", 0) or None,
+        sample_positions=r.get("sample_positions", 0) or None,
+        sample_seed=r.get("sample_seed", 0),
+    )
+
+
+def monitor_sample(model: Any, variables: Any, probe_x: Any, options: MonitorOptions) -> dict:
+    """The units and positions a sampled monitor records, ``{layer: {"units": [k] | None,
+    "positions": [m] | None}}`` (:func:`regime_jax.analyzer.sample_indices`)."""
+    return _monitor(as_net(model), probe_x, options).update.sample(variables)
 
 
 def model_variables(model: Any, state: TrainState) -> Any:
@@ -162,9 +200,10 @@ def model_variables(model: Any, state: TrainState) -> Any:
     return as_net(model).modes.join(state.params, model_state.variables)
 
 
-def probe_patterns(model: Any, params: Any, probe_x: Any) -> Patterns:
-    """Packed ``z > 0`` of every ReLU layer on the probe inputs."""
-    return analyzer.patterns_from_preacts(as_net(model).preacts_fn(params, probe_x)[1])
+def probe_patterns(model: Any, params: Any, probe_x: Any, monitor_options=None) -> Patterns:
+    """Packed ``z > 0`` of every ReLU layer on the probe inputs, as the monitor records them
+    (chunked, sampled: :class:`MonitorOptions`)."""
+    return _monitor(as_net(model), probe_x, monitor_options).init(params).masks
 
 
 def _key_data(key: jax.Array) -> jax.Array:
@@ -185,6 +224,7 @@ def create_train_state(
     probe_x: Any,
     *,
     decoupled: bool = False,
+    monitor_options: MonitorOptions | None = None,
 ) -> TrainState:
     """Initial state; its masks are the probe patterns of the initial parameters (step 0).
 
@@ -197,7 +237,7 @@ def create_train_state(
     model_state = None
     if net.modes is None:
         params = net.init(key, x1)
-        monitor = _monitor(net, probe_x).init(params)
+        monitor = _monitor(net, probe_x, monitor_options).init(params)
     else:
         if decoupled:
             raise ValueError(
@@ -207,7 +247,7 @@ def create_train_state(
         params, variables = net.modes.init(key, x1)
         model_state = ModelState(variables, _key_data(jax.random.fold_in(key, 1)))
         joined = net.modes.join(params, variables)
-        monitor = _monitor(net, probe_x).init(joined, params=params)
+        monitor = _monitor(net, probe_x, monitor_options).init(joined, params=params)
     frozen = None
     if decoupled:
         frozen = FrozenGates(_copy(params), _copy(monitor.masks), jnp.full((), -1, jnp.int32))
@@ -217,11 +257,13 @@ def create_train_state(
     return StatefulTrainState(*fields, model_state)
 
 
-def freeze(state: TrainState, probe_x: Any, *, model: Any) -> TrainState:
+def freeze(
+    state: TrainState, probe_x: Any, *, model: Any, monitor_options: MonitorOptions | None = None
+) -> TrainState:
     """The state with its gates frozen now: a copy of the params, their probe patterns, F."""
     if state.frozen is None:
         raise ValueError("freeze needs a state made with create_train_state(..., decoupled=True)")
-    masks = probe_patterns(model, state.params, probe_x)
+    masks = probe_patterns(model, state.params, probe_x, monitor_options)
     return state.replace(frozen=FrozenGates(_copy(state.params), masks, state.step))
 
 
@@ -255,6 +297,7 @@ def train_step(
     record: bool,
     loss_fn: LossFn = cross_entropy,
     gated_net: gating.GatedNet | None = None,
+    monitor_options: MonitorOptions | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns | None]:
     """One update, then the monitor: step sizes, and with ``record`` the post-update patterns.
 
@@ -284,7 +327,7 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     now = params if model_state is None else net.modes.join(params, model_state.variables)
-    monitored, monitor = _monitor(net, probe["x"]).update(
+    monitored, monitor = _monitor(net, probe["x"], monitor_options).update(
         state.monitor, now, updates, patterns=record
     )
     metrics = {"train/loss": loss}
@@ -346,6 +389,7 @@ def make_step_fns(
     loss_fn: LossFn = cross_entropy,
     out_shardings: Any = None,
     gated_net: gating.GatedNet | None = None,
+    monitor_options: MonitorOptions | None = None,
 ) -> dict[bool, Callable]:
     """The two jitted step variants, keyed by ``record``; each traces once.
 
@@ -358,7 +402,13 @@ def make_step_fns(
     return {
         record: jax.jit(
             functools.partial(
-                train_step, model=net, tx=tx, record=record, loss_fn=loss_fn, gated_net=gated_net
+                train_step,
+                model=net,
+                tx=tx,
+                record=record,
+                loss_fn=loss_fn,
+                gated_net=gated_net,
+                monitor_options=monitor_options,
             ),
             donate_argnames="state",
             **kwargs,
@@ -395,6 +445,7 @@ def train_chunk(
     every_record: bool,
     slots: int,
     gated_net: gating.GatedNet | None = None,
+    monitor_options: MonitorOptions | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns]:
     """``T`` consecutive :func:`train_step` calls in one ``lax.scan``.
 
@@ -413,7 +464,12 @@ def train_chunk(
       (a chunk never straddles the freeze step).
     """
     step_fn = functools.partial(
-        train_step, model=model, tx=tx, loss_fn=loss_fn, gated_net=gated_net
+        train_step,
+        model=model,
+        tx=tx,
+        loss_fn=loss_fn,
+        gated_net=gated_net,
+        monitor_options=monitor_options,
     )
     snaps_S = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), state.masks)
 
@@ -440,6 +496,7 @@ def make_chunk_fn(
     slots: int,
     out_shardings: Any = None,
     gated_net: gating.GatedNet | None = None,
+    monitor_options: MonitorOptions | None = None,
 ) -> Callable:
     """:func:`train_chunk` jitted, donating the state; one trace per chunk length ``T``."""
     kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
@@ -451,6 +508,7 @@ def make_chunk_fn(
         every_record=every_record,
         slots=slots,
         gated_net=gated_net,
+        monitor_options=monitor_options,
     )
     return jax.jit(fn, donate_argnames="state", **kwargs)
 

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from regime_jax import bitmask
 from regime_jax.capture import PreactsFn
 from regime_jax.stability._radius import (
     any_layer,
@@ -243,12 +244,15 @@ def perturb(
     total_bits = sum(bits.values())
     if total_bits == 0:
         raise ValueError(f"no pattern bit to test: x has shape {tuple(x.shape)}")
-    flips_all = sum(flips.values(), jnp.zeros(shape[:2], jnp.int32))
+    if total_bits < bitmask.LIMB_BOUND:
+        flips_all = sum(flips.values(), jnp.zeros(shape[:2], jnp.int32))
+    else:  # 2^31 bits or more: exact (hi, lo) limbs, no int32 bound baked into the program
+        flips_all = bitmask.add_counts(list(flips.values()), total_bits)
 
     def summaries(sel, prefix: str = "") -> dict[str, jax.Array]:
         res = {
             f"{prefix}kept/{ALL}": jnp.mean(~changed_all[coarse, sel], axis=(1, 2)).astype(dtype),
-            f"{prefix}flip/{ALL}": jnp.mean(flips_all[coarse, sel] / total_bits, axis=1),
+            f"{prefix}flip/{ALL}": jnp.mean(_rate(flips_all[coarse, sel], total_bits), axis=1),
             f"{prefix}output_change": jnp.mean(out_change[coarse, sel], axis=(1, 2)),
         }
         return {k: v.astype(dtype) for k, v in res.items()}
@@ -256,7 +260,8 @@ def perturb(
     result = {"radii": fine[coarse], "fine_radii": fine, **summaries(slice(None))}
     for name in changed:
         result[f"kept/{name}"] = jnp.mean(~changed[name][coarse], axis=(1, 2)).astype(dtype)
-        result[f"flip/{name}"] = jnp.mean(flips[name][coarse] / bits[name], axis=1).astype(dtype)
+        rates = _rate(flips[name][coarse], bits[name])
+        result[f"flip/{name}"] = jnp.mean(rates, axis=1).astype(dtype)
     if config.per_layer:
         for li, name in enumerate(param_layers(params)):
             sel = slice(li * config.num_directions, (li + 1) * config.num_directions)
@@ -282,6 +287,14 @@ def _radius_labels(radii: np.ndarray) -> list[str]:
     if len(set(labels)) < len(labels):  # grid finer than one digit: keep the labels distinct
         labels = [f"{r:.2e}" for r in radii]
     return labels
+
+
+def _rate(count: jax.Array, bits: int) -> jax.Array:
+    """``count / bits``: as it always was below 2^31 bits; beyond, :func:`bitmask.rate` of the
+    exact limbs (an int32 division would overflow the bound and the count)."""
+    if bits < bitmask.LIMB_BOUND:
+        return count / bits
+    return bitmask.rate(count, bits)
 
 
 def perturbation_metrics(

@@ -182,7 +182,8 @@ def _forward(preacts_fn: PreactsFn, params: Any, x: jax.Array):
 def sweep_radii(preacts_fn, params, x, dirs, radii, radius_batch):
     """Perturbed forwards for every (radius, direction): the one expensive step.
 
-    Returns (changed ``{layer: [R, V, P] bool}``, flips ``{layer: [R, V] int32}``,
+    Returns (changed ``{layer: [R, V, P] bool}``, flips ``{layer: [R, V] Count}`` (int32,
+    or uint32 ``[R, V, 2]`` limbs for a layer of 2^31 bits or more, :mod:`regime_jax.bitmask`),
     output change ``[R, V, P]``, bits per layer ``{layer: int}``).
     """
     logits0, z0 = _forward(preacts_fn, params, x)
@@ -195,7 +196,7 @@ def sweep_radii(preacts_fn, params, x, dirs, radii, radius_batch):
         for name, zl in z.items():
             diff = bitmask.active(zl) != bits0[name]
             changed[name] = jnp.any(diff.reshape(diff.shape[0], -1), axis=1)
-            flips[name] = jnp.sum(diff, dtype=jnp.int32)
+            flips[name] = bitmask.count_sum(diff, 1, diff.size)  # exact past 2^31 bits
         sq = [
             jnp.sum(jnp.square(a - b).reshape(a.shape[0], -1), axis=1)
             for a, b in zip(jax.tree.leaves(logits), jax.tree.leaves(logits0), strict=True)

@@ -315,3 +315,67 @@ def test_metrics_jsonl_has_exact_int_counts_beside_exact_rates(tmp_path, monkeyp
         jax.clear_caches()
     assert sums  # the limb path was traced
     assert (tmp_path / "limbs" / records.METRICS).read_text().splitlines() == lines
+
+
+def test_a_chunked_monitor_of_more_than_2_to_the_31_bits_builds_and_compiles():
+    """Compile only: 1025 probe sequences x 512 tokens x 4096 units (2^31 + 2^21 bits), the
+    probe forward chunked; the counts are limbs, the rates float32."""
+    import regime_jax as rj
+
+    apply_fn = lambda p, x: jnp.maximum(x @ p["w"], 0.0).sum((-2, -1))
+    params = {"w": jax.ShapeDtypeStruct((4, 4096), jnp.float32)}
+    x = jax.ShapeDtypeStruct((1025, 512, 4), jnp.float32)
+    monitor = rj.pattern_monitor(rj.capture_relus(apply_fn), jnp.zeros((1, 512, 4)))
+    update = lambda s, p, x: monitor.update(s, p, p, probe_x=x)
+    init = jax.jit(lambda p, x: rj.pattern_monitor(rj.capture_relus(apply_fn), x).init(p))
+    state = jax.eval_shape(init, params, x)
+    assert state.masks["w"].num_bits == 1025 * 512 * 4096 > 2**31
+    metrics = jax.eval_shape(update, state, params, x)
+    assert metrics[0]["flip_count/w"].shape == (2,) and metrics[0]["flip/w"].dtype == jnp.float32
+    init.lower(params, x).compile()
+    jax.jit(update).lower(state, params, x).compile()
+
+
+def test_stability_counts_past_2_to_the_31_bits_build():
+    """The stability test's flip counts (was: OverflowError on ``flips / total_bits``)."""
+    from regime_jax import stability
+
+    f = lambda p, x: (x, {"l": x @ p})
+    cfg = stability.StabilityConfig(num_directions=2, num_radii=2)
+    p = jax.ShapeDtypeStruct((4, 2**15), jnp.float32)
+    x = jax.ShapeDtypeStruct((2**16 + 8, 4), jnp.float32)
+    out = jax.eval_shape(lambda p, x: stability.perturb(f, p, x, jax.random.key(0), cfg), p, x)
+    assert out["flip/all"].shape == (2,) and out["flip/all"].dtype == jnp.float32
+    assert out["flip/l"].shape == (2,) and out["flip/l"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("bound", [2**6, 2**10])
+def test_stability_limb_path_runs_and_equals_the_int32_path(monkeypatch, bound):
+    """With the limb threshold lowered, a small stability test takes the (hi, lo) path for
+    real: the same flip rates (within float32 rounding of the division) as the int32 path."""
+    from regime_jax import stability
+
+    k = jax.random.split(jax.random.key(3), 2)
+    params = {"w": jax.random.normal(k[0], (3, 9))}
+    x = jax.random.normal(k[1], (11, 3))
+    f = lambda p, x: (x @ p["w"], {"a": x @ p["w"], "b": (x @ p["w"])[:, :5]})
+    cfg = stability.StabilityConfig(num_directions=3, num_radii=5, max_radius=3.0)
+    ref = stability.perturb(f, params, x, jax.random.key(0), cfg)
+    monkeypatch.setattr(bitmask, "LIMB_BOUND", bound)
+    got = stability.perturb(f, params, x, jax.random.key(0), cfg)
+    assert any(np.asarray(ref[k]).any() for k in ref if k.startswith("flip/"))
+    for key in ("flip/all", "flip/a", "flip/b"):
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(ref[key]), rtol=2e-7)
+
+
+def test_blocked_counts_in_limbs_equal_the_bits(monkeypatch):
+    """Blocks of 2 examples (10 bytes) summed as (hi, lo) limbs (the limb threshold lowered
+    to 2^7 bits): 9 examples x 40 bits, every one flipped / dead / always on."""
+    monkeypatch.setattr(bitmask, "LIMB_BOUND", 2**7)
+    monkeypatch.setattr(bitmask, "BLOCK_BYTES", 10)
+    a = jnp.zeros((9, 5), jnp.uint8)
+    b = jnp.full((9, 5), 0xFF, jnp.uint8)
+    got = jax.jit(lambda a, b: bitmask.flip_count(a, b, 40))(a, b)
+    assert got.shape == (2,) and bitmask.count_int(got) == 9 * 40
+    assert bitmask.count_int(bitmask.dead(a, 40)) == 40
+    assert bitmask.count_int(bitmask.always_on(b, 40)) == 40
