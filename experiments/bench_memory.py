@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from regime_jax import analyzer, configs, models, registry
+from regime_jax import analyzer, configs, models
 from regime_jax.models.adapt import as_net
 from regime_jax.models.record import relu
 from regime_jax.run import step
