@@ -260,6 +260,7 @@ def test_a_captured_user_model_freezes_too(tmp_path):
         ({"decouple.check_every_steps": 0}, "decouple.check_every_steps"),
         ({"decouple.online": {"fraction": 1.5}}, "decouple.online"),
         ({"decouple.online": {"window": 0}}, "decouple.online"),
+        ({"decouple.cache": "on"}, "decouple.cache"),
     ],
 )
 def test_bad_decouple_fields_are_refused_before_any_write(overrides, field, tmp_path):
