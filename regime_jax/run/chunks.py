@@ -52,7 +52,7 @@ class Runner:
         every_record = self.schedule.record_every == 1
         self.slots = self.schedule.most_snapshots(longest)
         cached = setup.masked_net is not None
-        # the cached frozen phase reads the gate bits (probe["cache"]) and the batch's indices
+        # the cached frozen phase reads the gate cache (probe["cache"]) at the batch's indices
         self.probes = {False: probe, True: probe | {"cache": cache} if cached else probe}
         self.indexed = {False: False, True: cached}
         sample = next(data.batches(setup.ds, c.batch_size, c.seed, index=cached))
@@ -98,8 +98,11 @@ class Runner:
             self.probes[True] = self.probes[True] | {"cache": cache}
 
     def _batch(self, batch: dict, frozen: bool) -> dict:
-        """The batch as the phase's step takes it (``idx`` only for the cached path)."""
-        return batch if self.indexed[frozen] else {k: v for k, v in batch.items() if k != "idx"}
+        """The batch as the phase's step takes it: the cached path takes the indices alone (its
+        data is on device), the others the examples."""
+        if self.indexed[frozen]:
+            return {"idx": batch["idx"]}
+        return {k: v for k, v in batch.items() if k != "idx"}
 
     def _abstract(self, sample: dict, t: int | None, probe: Any) -> tuple:
         """Shapes and shardings of a length-``t`` chunk's arguments after the state (None:

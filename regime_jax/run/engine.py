@@ -129,11 +129,18 @@ class Engine:
             lengths = self.schedule.chunk_lengths(start)
         cache_shape = self._compile_cache()
         self.runner = chunks.Runner(s, self.state, self.probe, lengths, cache_shape)
-        self.batches = data.batches(
-            s.ds, c.batch_size, c.seed, start_step=start, index=s.masked_net is not None
-        )
+        self.batches = self._batches(start)
         if self.frozen:  # resumed after the freeze: the cache is rebuilt, never checkpointed
             self._build_cache()
+
+    def _batches(self, start: int):
+        """The batches from ``start``: the cached frozen phase's are indices alone."""
+        s, c = self.setup, self.config
+        cached = s.masked_net is not None
+        examples = not (cached and self.frozen)
+        return data.batches(
+            s.ds, c.batch_size, c.seed, start_step=start, index=cached, examples=examples
+        )
 
     def _compile_cache(self) -> step.GateCache | None:
         """The gate cache's builders, compiled now; the cache's shapes (None: not cached)."""
@@ -162,11 +169,14 @@ class Engine:
         return step.GateCache(
             {k: bitmask.Packed(a, self.cache_units[k]) for k, a in train.items()},
             jax.tree.map(as_rep, probe_like),
+            as_rep(x),
+            as_rep(s.ds.y_train),
         )
 
     def _build_cache(self) -> None:
         """The frozen gates' bits of every training example and of the probe set, on device,
-        a chunk at a time (memory: the cache and one chunk's forward)."""
+        a chunk at a time (memory: the cache and one chunk's forward), and the training split
+        on device (the cached steps gather their batches there)."""
         if self.setup.masked_net is None:
             return
         start_s = time.perf_counter()
@@ -176,16 +186,18 @@ class Engine:
             at = min(start, len(x) - c)  # the last chunk overlaps the one before: no padding
             chunk = hosts.put(x[at : at + c], self.setup.place.replicated)
             buf = self.cache_fill(buf, gates, chunk, np.int32(at))
-        units = self.cache_units
+        units, ds, rep = self.cache_units, self.setup.ds, self.setup.place.replicated
         cache = step.GateCache(
             {k: bitmask.Packed(b, units[k]) for k, b in buf.items()},
             self.cache_probe(gates, self.probe["x"]),
+            *hosts.put((ds.x_train, ds.y_train), rep),
         )
         jax.block_until_ready(cache)
         self.runner.set_cache(cache)
         self.clock.note(
             frozen_path="cached",
             cache_bytes=cache.num_bytes,
+            data_bytes=cache.x.nbytes + cache.y.nbytes,
             cache_build_seconds=time.perf_counter() - start_s,
             why=self.setup.frozen_path,
         )
@@ -281,6 +293,8 @@ class Engine:
         self.state = self.freeze_fn(self.state, self.probe["x"])
         self.frozen = True
         self._build_cache()
+        if self.setup.masked_net is not None:
+            self.batches = self._batches(step_)  # step_'s batch is the next one
         if self.setup.masked_net is None:
             self.clock.note(frozen_path="gated", why=self.setup.frozen_path)
 

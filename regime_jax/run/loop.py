@@ -230,14 +230,15 @@ def _frozen_path(setup: Setup) -> tuple[gating.MaskedNet | None, str]:
     except ValueError as err:
         return None, f"gated: the gate network runs at every step ({str(err).splitlines()[0]})"
     size = per_example * (len(ds.y_train) + len(setup.probe_idx))
+    size += ds.x_train.nbytes + ds.y_train.nbytes  # the training split, on device with it
     if size > CACHE_MAX_BYTES:
         return None, (
             f"gated: the gate network runs at every step (a gate cache of {size} bytes would "
             f"exceed {CACHE_MAX_BYTES})"
         )
     return masked, (
-        f"cached: gate bits of {len(ds.y_train)} training examples, {size} bytes on device; "
-        f"no gate forward"
+        f"cached: gate bits and data of {len(ds.y_train)} training examples on device, {size} "
+        f"bytes; no gate forward"
     )
 
 

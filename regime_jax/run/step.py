@@ -65,24 +65,28 @@ class FrozenGates:
 
 @struct.dataclass
 class GateCache:
-    """The frozen gates' packed patterns of every training example and of the probe set
-    (:func:`regime_jax.gating.masked_net`): the cached frozen phase reads these instead of
-    running the gate network. A pure function of the gates and the data, so never
-    checkpointed: rebuilt at the freeze and on resume (:func:`gate_cache`).
+    """What the cached frozen phase reads instead of running the gate network
+    (:func:`regime_jax.gating.masked_net`): the frozen gates' packed patterns of every training
+    example and of the probe set, and the training split itself, all on device, so a step
+    takes only its batch's indices. A pure function of the gates and the data, so never
+    checkpointed: built at the freeze and again on resume.
 
     Attributes:
       train: ``{layer: Packed [N_train, positions..., ceil(units / 8)]}``, row ``i`` the
-        training example ``i`` (the batch's ``idx`` gathers them).
+        training example ``i`` (gathered by the batch's ``idx``).
       probe: ``{layer: Packed [P, ...]}``, the probe set in its order, every unit (the
         monitor's probe forward; ``FrozenGates.masks`` may be sampled).
+      x, y: the training split's inputs ``[N_train, ...]`` and labels.
     """
 
     train: Patterns
     probe: Patterns
+    x: jax.Array
+    y: jax.Array
 
     @property
     def num_bytes(self) -> int:
-        """Device bytes of the cache (training and probe bits)."""
+        """Device bytes of the gate bits (training and probe examples)."""
         parts = (*self.train.values(), *self.probe.values())
         return sum(p.bits.size * p.bits.dtype.itemsize for p in parts)
 
@@ -323,16 +327,6 @@ def _under_masks(masked_net: gating.MaskedNet, cache: GateCache, idx_B: jax.Arra
     )
 
 
-def gate_cache(
-    masked_net: gating.MaskedNet, gates: Any, chunks: Any, probe_x: Any, num: int
-) -> GateCache:
-    """:class:`GateCache` from the frozen gates: ``chunks`` are the training inputs cut in
-    equal pieces (the last padded), the first ``num`` rows kept."""
-    train = [masked_net.gate_bits(gates, x) for x in chunks]
-    train = jax.tree.map(lambda *b: jnp.concatenate(b)[:num], *train)
-    return GateCache(train, masked_net.gate_bits(gates, probe_x))
-
-
 def train_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
@@ -359,15 +353,17 @@ def train_step(
     (BatchNorm statistics); the monitor then reads the model in eval mode on the new params
     and statistics, and takes step sizes of the params alone.
 
-    With ``masked_net`` as well (the cached frozen phase), ``probe["cache"]`` holds the
-    gates' bits (:class:`GateCache`) and ``batch["idx"]`` the batch's training-example
-    indices: the same maths as the gated step with no gate forward, on the batch and on
-    the probe set.
+    With ``masked_net`` as well (the cached frozen phase), ``probe["cache"]`` is the
+    :class:`GateCache` and the batch is ``{"idx": [B]}``, its training-example indices: its
+    inputs, labels and gate bits are gathered on device, and the step is the gated step's
+    maths with no gate forward, on the batch and on the probe set.
     """
     probe_x = probe["x"]
     if masked_net is not None:
-        net = _under_masks(masked_net, probe["cache"], batch["idx"])
-        probe_x = {"x": probe_x, "bits": probe["cache"].probe}
+        cache, idx_B = probe["cache"], batch["idx"]
+        batch = {"x": cache.x[idx_B], "y": cache.y[idx_B]}
+        net = _under_masks(masked_net, cache, idx_B)
+        probe_x = {"x": probe_x, "bits": cache.probe}
     elif gated_net is not None:
         net = _under_gates(gated_net, state.frozen.gates)
     else:

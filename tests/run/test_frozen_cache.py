@@ -62,6 +62,7 @@ def test_timing_says_which_path_the_frozen_phase_took(runs):
     assert cached["frozen_path"] == "cached" and gated["frozen_path"] == "gated"
     # 4000 training + 24 probe examples x (16 + 12 units -> 2 + 2 bytes)
     assert cached["cache_bytes"] == (4000 + 24) * 4
+    assert cached["data_bytes"] == 4000 * (40 + 1) * 4  # the training split, on device
     assert cached["cache_build_seconds"] > 0
     assert "decouple.cache='off'" in gated["why"]
 
@@ -85,7 +86,8 @@ def test_a_cache_over_budget_falls_back_to_the_gates(runs, tmp_path, monkeypatch
     loop.train_and_evaluate(tiny_config(**CKPT, **{"decouple.freeze_step": F}), tmp_path)
     assert "frozen phase gated" in capsys.readouterr().out
     timing = _timing(tmp_path)
-    assert timing["frozen_path"] == "gated" and "16096 bytes would exceed 1000" in timing["why"]
+    size = (4000 + 24) * 4 + 4000 * (40 + 1) * 4  # gate bits, training split
+    assert timing["frozen_path"] == "gated" and f"{size} bytes would exceed 1000" in timing["why"]
     _same_records(runs["off"], tmp_path)
 
 
@@ -114,14 +116,15 @@ def test_k_cached_steps_equal_k_gated_steps_from_the_same_state():
     assert masked is not None
     gates = jax.tree.map(jnp.copy, state.frozen.gates)  # the steps donate their state
     bits = masked.gate_bits(gates, jnp.asarray(setup.ds.x_train))
-    cache = step.GateCache(bits, masked.gate_bits(gates, probe["x"]))
+    x, y = jnp.asarray(setup.ds.x_train), jnp.asarray(setup.ds.y_train)
+    cache = step.GateCache(bits, masked.gate_bits(gates, probe["x"]), x, y)
     gated_fn = step.make_step_fns(net, tx, gated_net=setup.gated_net)[True]
     cached_fn = step.make_step_fns(net, tx, gated_net=setup.gated_net, masked_net=masked)[True]
     a, b = (jax.tree.map(jnp.copy, state) for _ in range(2))
     for _ in range(6):
         batch = next(batches)
         a, ma, _ = gated_fn(a, {"x": batch["x"], "y": batch["y"]}, probe)
-        b, mb, _ = cached_fn(b, batch, probe | {"cache": cache})
+        b, mb, _ = cached_fn(b, {"idx": batch["idx"]}, probe | {"cache": cache})
         assert set(ma) == set(mb)
         for k in ma:
             np.testing.assert_allclose(np.asarray(mb[k]), np.asarray(ma[k]), rtol=1e-6, atol=0)
@@ -134,11 +137,10 @@ def test_k_cached_steps_equal_k_gated_steps_from_the_same_state():
     gated = acc(setup.gated_net.apply(a.params, gates, x_val))
     cached = acc(masked.apply(b.params, masked.gate_bits(gates, x_val), x_val))
     assert cached == gated
-    # the test can fail: the wrong example's bits give other params
-    c = jax.tree.map(jnp.copy, state)
+    # the test can fail: another example's gate bits (the data right) give other params
+    bad = cache.replace(train=jax.tree.map(lambda b: jnp.roll(b, 1, axis=0), cache.train))
     batch = next(batches)
-    wrong = batch | {"idx": (batch["idx"] + 1) % len(setup.ds.y_train)}
-    c = cached_fn(c, wrong, probe | {"cache": cache})[0]
+    c = cached_fn(jax.tree.map(jnp.copy, state), {"idx": batch["idx"]}, probe | {"cache": bad})[0]
     d = gated_fn(jax.tree.map(jnp.copy, state), {"x": batch["x"], "y": batch["y"]}, probe)[0]
     pairs = zip(jax.tree.leaves(c.params), jax.tree.leaves(d.params), strict=True)
     assert any(not np.allclose(x, y) for x, y in pairs)
