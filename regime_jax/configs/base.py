@@ -130,7 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
         # The frozen phase's path: "auto" caches every training example's gate bits at the
         # freeze (1 bit per unit per example, on device) and trains the values alone under
         # them, no gate forward (same maths); it falls back to running the gate network when
-        # the cache would exceed 512 MiB or a ReLU sits inside a scan. "off": always the gates.
+        # the cache and the training split (on device with it) would exceed 512 MiB, or a ReLU
+        # sits inside a scan. "off": always the gates.
         cache="auto",
         # auto: the detector (online.OnlineConfig): trailing mean over `window` recorded
         # points <= fraction x its running peak for `patience` consecutive points.

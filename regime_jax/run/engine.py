@@ -113,7 +113,7 @@ class Engine:
     ) -> None:
         """Opens the fetcher and the clock at ``start`` and compiles everything the steps
         after it run (``lengths``: the chunk lengths, default the schedule's)."""
-        s, c = self.setup, self.config
+        s = self.setup
         self.fetcher = fetch.Fetcher(workdir, start, self.schedule.num_steps, write=write)
         self.clock = live.PhaseClock(workdir, start, write=write)
         self._compile_eval()
