@@ -430,17 +430,31 @@ def check_batch_size(ds: Dataset, batch_size: int) -> None:
         )
 
 
-def batches(ds: Dataset, batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict]:
+def batches(
+    ds: Dataset,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    *,
+    index: bool = False,
+    examples: bool = True,
+) -> Iterator[dict]:
     """``{"x", "y"}`` numpy batches for steps ``start_step, start_step + 1, ...``.
 
-    The batch size is checked here, at the call, not at the first ``next``.
+    With ``index`` each batch also holds ``"idx"``, int32 ``[B]``: its examples' rows in the
+    training split (what a per-example cache is gathered by); ``examples=False`` leaves out
+    ``x`` and ``y`` (a step that gathers them on device). The batch size is checked here, at
+    the call, not at the first ``next``.
     """
     check_batch_size(ds, batch_size)
-    return _batches(ds, batch_size, seed, start_step)
+    return _batches(ds, batch_size, seed, start_step, index, examples)
 
 
-def _batches(ds: Dataset, batch_size: int, seed: int, step: int) -> Iterator[dict]:
+def _batches(
+    ds: Dataset, batch_size: int, seed: int, step: int, index: bool, examples: bool
+) -> Iterator[dict]:
     while True:
         idx = batch_indices(len(ds.y_train), batch_size, seed, step)
-        yield {"x": ds.x_train[idx], "y": ds.y_train[idx]}
+        batch = {"x": ds.x_train[idx], "y": ds.y_train[idx]} if examples else {}
+        yield batch | {"idx": idx.astype(np.int32)} if index else batch
         step += 1

@@ -33,10 +33,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
-from regime_jax import analyzer
-from regime_jax.bitmask import Packed
-from regime_jax.capture import GatedFn, gate_relus
+from regime_jax import analyzer, bitmask
+from regime_jax.bitmask import Packed, Patterns
+from regime_jax.capture import GatedFn, MaskedFn, capture_relus, gate_relus, mask_relus
 from regime_jax.models import adapt
 
 PREFIX = "decouple/disagree"
@@ -82,6 +83,73 @@ def gated_net(model: Any) -> GatedNet:
         return preacts_fn(values, gates, x)[0]
 
     return GatedNet(apply, preacts_fn)
+
+
+class MaskedNet(NamedTuple):
+    """A model under stored gate masks (see :func:`masked_net`).
+
+    Attributes:
+      apply: ``apply(values, bits, x) -> out``: the value network with every ReLU unit
+        switched by ``bits`` (``{layer: Packed [B, positions..., ceil(units / 8)]}``, the
+        gates' packed patterns on the same ``B`` examples); no gate forward runs.
+      preacts_fn: ``preacts_fn(values, bits, x) -> (out, {layer: z_values})``.
+      gate_bits: ``gate_bits(gates, x) -> {layer: Packed}``: the gate network's packed
+        ``z > 0`` on ``x`` (every layer, unsampled), what ``bits`` holds.
+    """
+
+    apply: Callable[[Any, Patterns, Any], Any]
+    preacts_fn: MaskedFn
+    gate_bits: Callable[[Any, Any], dict[str, Packed]]
+
+
+def masked_net(model: Any) -> MaskedNet:
+    """The gated transform with the gates' patterns given, as the functions a step needs.
+
+    Once the gates are frozen a training example's pattern is fixed: its packed bits can be
+    computed once (``gate_bits``) and the values trained through ``apply`` alone
+    (:func:`regime_jax.capture.mask_relus`), the same maths as :func:`gated_net` without the
+    gate forward: ``masked_net(m).apply(values, gate_bits(gates, x), x)`` equals
+    ``gated_net(m).apply(values, gates, x)``.
+
+    Args:
+      model: as for :func:`gated_net`.
+
+    Raises:
+      CaptureError: (at the first call) as :func:`regime_jax.capture.mask_relus` (a ReLU
+        inside a scan).
+
+    >>> import jax.numpy as jnp
+    >>> apply_fn = lambda p, x: jnp.maximum(x @ p, 0.0).sum(-1)
+    >>> values, gates, x = jnp.array([[1.0, -1.0]]), jnp.array([[1.0, 1.0]]), jnp.ones((3, 1))
+    >>> net = masked_net(apply_fn)
+    >>> net.apply(values, net.gate_bits(gates, x), x).tolist()
+    [0.0, 0.0, 0.0]
+    """
+    apply_fn = adapt.as_net(model).apply if adapt.is_model(model) else model
+    masked, captured = mask_relus(apply_fn), capture_relus(apply_fn)
+
+    def preacts_fn(values: Any, bits: Patterns, x: Any):
+        return masked(values, {k: p.unpack() for k, p in bits.items()}, x)
+
+    def apply(values: Any, bits: Patterns, x: Any) -> Any:
+        return preacts_fn(values, bits, x)[0]
+
+    def gate_bits(gates: Any, x: Any) -> dict[str, Packed]:
+        return analyzer.patterns_from_preacts(captured(gates, x)[1])
+
+    return MaskedNet(apply, preacts_fn, gate_bits)
+
+
+def gate_bits_per_example(model: Any, params: Any, x_example: Any) -> int:
+    """Bytes of the packed gate bits of one example (every layer), from shapes alone:
+    ``sum over layers of positions x ceil(units / 8)``; a cache of ``N`` examples takes ``N``
+    times this."""
+    apply_fn = adapt.as_net(model).apply if adapt.is_model(model) else model
+    z = jax.eval_shape(lambda p, e: capture_relus(apply_fn)(p, e)[1], params, x_example)
+    return sum(
+        int(np.prod(a.shape[1:-1], dtype=np.int64)) * bitmask.num_bytes(a.shape[-1])
+        for a in z.values()
+    )
 
 
 def disagreement(

@@ -85,7 +85,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from regime_jax.capture import _sites
+from regime_jax.capture import _jaxpr, _sites
 from regime_jax.capture._jaxpr import WHAT_IS_RECOGNISED, CaptureError, Recorder, evaluate, names
 from regime_jax.capture._sites import Site, format_sites, key_names
 
@@ -99,10 +99,12 @@ __all__ = [
     "format_sites",
     "gate_relus",
     "key_names",
+    "mask_relus",
 ]
 
 PreactsFn = Callable[..., tuple[Any, dict[str, jax.Array]]]
 GatedFn = Callable[..., tuple[Any, dict[str, jax.Array], dict[str, jax.Array]]]
+MaskedFn = Callable[..., tuple[Any, dict[str, jax.Array]]]
 _CACHE_SIZE = 64
 
 
@@ -167,9 +169,11 @@ class _Captured:
         infos = _sites.input_infos(params, args, dynamic)
         return _Prepared(closed, out_shape, jax.tree.leaves((args, dynamic)), infos, an)
 
-    def run(self, prep: _Prepared, inputs: list[tuple[Any, ...]], streams: int):
-        """``(out of stream 0, [(name, site, per-stream z, each probe-major)])``."""
+    def run(self, prep: _Prepared, inputs: list[tuple[Any, ...]], streams: int, masks: Any = None):
+        """``(out of stream 0, [(name, site, per-stream z, each probe-major)])``; ``masks``
+        (one stream): ``{site: bool mask as traced}``, each taken ReLU becomes ``z * mask``."""
         rec = Recorder(streams, take=prep.an.take)
+        rec.masks = masks
         _sites._infer.reset_value_numbers()
         closed, infos = prep.closed, prep.infos
         outs, _, _ = evaluate(
@@ -310,3 +314,92 @@ def gate_relus(apply_fn: Callable[..., Any]) -> GatedFn:
 
     gated_fn.__wrapped__ = apply_fn  # type: ignore[attr-defined]
     return gated_fn
+
+
+def _layer_sites(an: _sites.Analysis) -> list[tuple[str, Any]]:
+    """``[(name, candidate)]`` of the measured sites, named as a run names them; refused
+    (CaptureError) when a site is inside a scan (one site, several keys)."""
+    taken = [c for c in an.candidates if c.site in an.take]
+    scanned = [c for c in taken if c.scans]
+    if scanned:
+        raise CaptureError(
+            f"mask_relus: the ReLU at {scanned[0].source or 'site ' + str(scanned[0].site)} is "
+            f"inside a scan; masks are taken for ReLUs outside scans only"
+        )
+    entries = [_jaxpr.Entry(c.scope, c.site, "", None, c.module) for c in taken]
+    by_site = {c.site: c for c in taken}
+    return [(name, by_site[e.site]) for name, e in names(entries, an.root)]
+
+
+def _as_traced(mask: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
+    """A probe-major mask ``[P, positions..., units]`` in the layout its ReLU traced."""
+    if len(shape) == 1:
+        mask = mask[:, 0]
+    return jnp.moveaxis(mask, 0, axis) if axis else mask
+
+
+def mask_relus(apply_fn: Callable[..., Any]) -> MaskedFn:
+    """``apply_fn`` with every ReLU replaced by its input times a given mask.
+
+    The gated transform (:func:`gate_relus`) with the gate network's ``z_g > 0`` replaced by
+    stored masks, so no gate forward runs: once gates are frozen, a training example's masks
+    are fixed, and the value network of :func:`gate_relus` is ``masked_fn(values, [z_g > 0],
+    x)`` with the same output (``where(mask, z, 0)`` at every ReLU).
+
+    Args:
+      apply_fn: ``apply_fn(params, x, **kw) -> out``, as for :func:`capture_relus`.
+
+    Returns:
+      ``masked_fn(params, masks, x, **kw) -> (out, preacts)``: ``masks`` maps every layer's
+      name (the keys of :func:`capture_relus`'s ``preacts``) to a bool ``[P, positions...,
+      units]`` (probe-major, like ``preacts``); ``out`` is the output with each ReLU's
+      ``max(z, 0)`` replaced by ``where(mask, z, 0)``, ``preacts`` the masked network's own
+      pre-activations ``z``. With ``masks`` the function's own ``z > 0`` the output equals
+      ``apply_fn(params, x)`` (-0.0 aside). Pure and jit-able.
+
+    Raises:
+      CaptureError: as :func:`capture_relus`, and for a ReLU inside a ``scan`` (its masks
+        would be per iteration; not supported).
+      ValueError: ``masks`` without exactly the layers, or with another shape than their
+        pre-activations.
+
+    >>> import jax.numpy as jnp
+    >>> apply_fn = lambda p, x: jnp.maximum(x @ p["w"], 0.0).sum(-1)
+    >>> params, x = {"w": jnp.array([[1.0, -1.0]])}, jnp.array([[2.0]])
+    >>> out, z = mask_relus(apply_fn)(params, {"w": jnp.array([[False, True]])}, x)
+    >>> out.tolist(), z["w"].tolist()
+    ([-2.0], [[2.0, -2.0]])
+    """
+
+    _check_callable(apply_fn, "mask_relus")
+    captured = _Captured(apply_fn)
+
+    def masked_fn(
+        params: Any, masks: Any, x: Any, **kwargs: Any
+    ) -> tuple[Any, dict[str, jax.Array]]:
+        prep = captured.prepare(params, (x,), kwargs)
+        layers = _layer_sites(prep.an)
+        if set(masks) != {name for name, _ in layers}:
+            raise ValueError(
+                f"mask_relus: masks have layers {sorted(masks)} but the function has "
+                f"{[name for name, _ in layers]}"
+            )
+        traced = {}
+        for name, c in layers:
+            axis, mask = prep.an.axes[c.site], masks[name]
+            major = (c.shape[axis], *c.shape[:axis], *c.shape[axis + 1 :])
+            major = major if len(major) > 1 else (*major, 1)
+            if tuple(mask.shape) != major:
+                raise ValueError(
+                    f"mask_relus: masks[{name!r}] has shape {tuple(mask.shape)}, its "
+                    f"pre-activation {major}"
+                )
+            traced[c.site] = _as_traced(mask, c.shape, axis)
+        inputs = [(leaf,) for leaf in (*jax.tree.leaves(params), *prep.rest)]
+        out, recorded = captured.run(prep, inputs, streams=1, masks=traced)
+        if [n for n, _, _ in recorded] != [n for n, _ in layers]:  # static: a naming mismatch
+            raise CaptureError(f"mask_relus: sites {[n for n, _, _ in recorded]} named apart")
+        return out, {name: zs[0] for name, _, zs in recorded}
+
+    masked_fn.__wrapped__ = apply_fn  # type: ignore[attr-defined]
+    return masked_fn

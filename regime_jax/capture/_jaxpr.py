@@ -267,6 +267,7 @@ class Recorder:
         self.notes: dict[tuple[str, str], str] = {}
         self.routed: set[int] = set()
         self.clipped: set[int] = set()
+        self.masks: dict[int, Any] | None = None  # site -> bool mask (one stream: masked)
 
     def new_site(self) -> int:
         self.counter[0] += 1
@@ -390,7 +391,10 @@ def evaluate(
             if values:
                 if rec.taken(site):
                     rec.entries.append(Entry(scope_of(z), site, "", read(z), module))
-                    outs = _relu(eqn, invals, read(z), here, k)
+                    if rec.masks is not None:
+                        outs = [_masked(read(z)[0], rec.masks[site], here)]
+                    else:
+                        outs = _relu(eqn, invals, read(z), here, k)
                 else:
                     outs = _bind_streams(eqn, invals, here, k)
         elif subs:
@@ -455,6 +459,13 @@ def _relu(eqn, invals: Sequence[Streams], zs: Streams, scope: str, k: int) -> li
     return [(h_v, h_g)]
 
 
+def _masked(z: Any, mask: Any, scope: str) -> Streams:
+    """The masked ReLU: ``z`` where the given mask is on, else 0 (the gated unit of
+    :func:`_relu` with ``z_g > 0`` replaced by a stored mask)."""
+    with jax.named_scope(scope) if scope else contextlib.nullcontext():
+        return (jnp.where(mask, z, jnp.zeros((), z.dtype)),)
+
+
 def _sub_in_infos(jaxpr: jex.Jaxpr, in_infos: Sequence[Info]) -> list[Info]:
     if len(jaxpr.invars) == len(in_infos):
         return list(in_infos)
@@ -488,7 +499,7 @@ def _higher_order(eqn, invals, in_infos, in_scopes, scope, rec: Recorder, scans,
         outs, _, out_infos = evaluate(
             jaxpr, consts, invals, sub_in, in_scopes, scope, rec, scans, where
         )
-        if name in _CUSTOM and rec.streams == 1:
+        if name in _CUSTOM and rec.streams == 1 and rec.masks is None:
             # capture: the output (and derivative rule) of the original call
             outs = _bind_streams(eqn, invals, scope, rec.streams)
         return outs, out_infos

@@ -127,6 +127,12 @@ def base_config() -> ml_collections.ConfigDict:
         freeze_step=-1,  # F, the step after which gates freeze; -1 (or >= num_steps): never
         auto=False,  # freeze when the online settle detector triggers on flip/all (not with F)
         check_every_steps=50,  # auto: F is the first multiple of this at/after the trigger
+        # The frozen phase's path: "auto" caches every training example's gate bits at the
+        # freeze (1 bit per unit per example, on device) and trains the values alone under
+        # them, no gate forward (same maths); it falls back to running the gate network when
+        # the cache and the training split (on device with it) would exceed 512 MiB, or a ReLU
+        # sits inside a scan. "off": always the gates.
+        cache="auto",
         # auto: the detector (online.OnlineConfig): trailing mean over `window` recorded
         # points <= fraction x its running peak for `patience` consecutive points.
         online=dict(
@@ -379,6 +385,8 @@ def _decouple_fields(c: ml_collections.ConfigDict) -> None:
             f"(>= num_steps={c.num_steps} also never freezes)"
         )
     _bool("decouple.auto", d.auto)
+    if d.get("cache", "auto") not in ("auto", "off"):
+        raise ConfigError(f"decouple.cache={d.cache!r}; allowed values: 'auto', 'off'")
     if d.auto and f != -1:
         raise ConfigError(
             f"decouple.freeze_step={f} with decouple.auto=True; allowed: one of them "

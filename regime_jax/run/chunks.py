@@ -38,29 +38,44 @@ class Runner:
     every chunk length up front.
     """
 
-    def __init__(self, setup: Any, state: Any, probe: Any, chunk_lengths: set[int]):
-        c, self.place, self.probe = setup.config, setup.place, probe
+    def __init__(
+        self,
+        setup: Any,
+        state: Any,
+        probe: Any,
+        chunk_lengths: set[int],
+        cache: Any = None,
+    ):
+        c, self.place = setup.config, setup.place
         self.schedule = setup.schedule
         longest = max(chunk_lengths, default=1)
         every_record = self.schedule.record_every == 1
         self.slots = self.schedule.most_snapshots(longest)
-        sample = next(data.batches(setup.ds, c.batch_size, c.seed))
+        cached = setup.masked_net is not None
+        # the cached frozen phase reads the gate cache (probe["cache"]) at the batch's indices
+        self.probes = {False: probe, True: probe | {"cache": cache} if cached else probe}
+        self.indexed = {False: False, True: cached}
+        sample = next(data.batches(setup.ds, c.batch_size, c.seed, index=cached))
         net, tx, loss_fn, rep = setup.net, setup.tx, setup.loss_fn, setup.place.replicated
-        batch = self._abstract(sample, None)[0]
         self.step_fns, self.keep, self.compiled = {}, {}, {}
         for frozen in (False, True) if setup.gated_net is not None else (False,):
             gated_net = setup.gated_net if frozen else None
+            masked_net = setup.masked_net if frozen else None
+            probe_f, sample_f = self.probes[frozen], self._batch(sample, frozen)
+            batch = self._abstract(sample_f, None, probe_f)[0]
             options = step.monitor_options_of(c)
-            step_fns = step.make_step_fns(net, tx, loss_fn, rep, gated_net, monitor_options=options)
+            step_fns = step.make_step_fns(
+                net, tx, loss_fn, rep, gated_net, monitor_options=options, masked_net=masked_net
+            )
             self.step_fns[frozen] = {  # compiled now: no step of the run compiles
-                record: step_fns[record].lower(state, batch, probe).compile()
+                record: step_fns[record].lower(state, batch, probe_f).compile()
                 for record in (True, False)
                 if record or not every_record
             }
             self.keep[frozen] = None  # the keys of a non-record row, when a chunk mixes both
             if not every_record and longest > 1:
                 norec = step_fns[False]
-                self.keep[frozen] = frozenset(jax.eval_shape(norec, state, sample, probe)[1])
+                self.keep[frozen] = frozenset(jax.eval_shape(norec, state, sample_f, probe_f)[1])
             fn = step.make_chunk_fn(
                 net,
                 tx,
@@ -70,11 +85,26 @@ class Runner:
                 out_shardings=rep,
                 gated_net=gated_net,
                 monitor_options=options,
+                masked_net=masked_net,
             )
             for t in sorted(chunk_lengths - {1}):  # before the first step: no mid-run compile
-                self.compiled[frozen, t] = fn.lower(state, *self._abstract(sample, t)).compile()
+                self.compiled[frozen, t] = fn.lower(
+                    state, *self._abstract(sample_f, t, probe_f)
+                ).compile()
 
-    def _abstract(self, sample: dict, t: int | None) -> tuple:
+    def set_cache(self, cache: Any) -> None:
+        """The frozen gates' :class:`~regime_jax.run.step.GateCache`, built at the freeze."""
+        if self.indexed[True]:
+            self.probes[True] = self.probes[True] | {"cache": cache}
+
+    def _batch(self, batch: dict, frozen: bool) -> dict:
+        """The batch as the phase's step takes it: the cached path takes the indices alone (its
+        data is on device), the others the examples."""
+        if self.indexed[frozen]:
+            return {"idx": batch["idx"]}
+        return {k: v for k, v in batch.items() if k != "idx"}
+
+    def _abstract(self, sample: dict, t: int | None, probe: Any) -> tuple:
         """Shapes and shardings of a length-``t`` chunk's arguments after the state (None:
         one step's batch)."""
         lead, sharding = ((), self.place.data) if t is None else ((t,), self.place.chunk)
@@ -84,7 +114,7 @@ class Runner:
         }
         rep = self.place.replicated
         flags = [jax.ShapeDtypeStruct((t,), d, sharding=rep) for d in (np.bool_, np.int32)]
-        return (stacked, self.probe, *flags)
+        return (stacked, probe, *flags)
 
     def flags(self, chunk: Chunk) -> tuple[list[bool], list[int]]:
         """Per step: records or not; its snapshot slot (``slots``: no snapshot)."""
@@ -104,19 +134,20 @@ class Runner:
         step's eval / stability metrics (and its row). ``frozen``: the state's gates are frozen.
         """
         record, slot = self.flags(chunk)
+        probe = self.probes[frozen]
         if chunk.length == 1:
-            batch = hosts.put(next(batches), self.place.data)
-            state, metrics, masks = self.step_fns[frozen][record[0]](state, batch, self.probe)
+            batch = hosts.put(self._batch(next(batches), frozen), self.place.data)
+            state, metrics, masks = self.step_fns[frozen][record[0]](state, batch, probe)
             snapshot = slot[0] < self.slots
             entry = Entry.step(chunk.first, metrics, masks, record=record[0], snapshot=snapshot)
             return state, entry
-        host = [next(batches) for _ in chunk.steps]
+        host = [self._batch(next(batches), frozen) for _ in chunk.steps]
         batch_TxB = hosts.put(
             {k: np.stack([b[k] for b in host]) for k in host[0]}, self.place.chunk
         )
         flags = hosts.put((np.array(record), np.array(slot, np.int32)), self.place.replicated)
         state, metrics_T, snaps_S = self.compiled[frozen, chunk.length](
-            state, batch_TxB, self.probe, *flags
+            state, batch_TxB, probe, *flags
         )
         steps = list(chunk.steps)
         rows = tuple((s, i, True) for i, s in enumerate(steps) if record[i])

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from regime_jax import analyzer, capture, data, stability
+from regime_jax import analyzer, bitmask, capture, data, gating, stability
 from regime_jax.run import chunks, fetch, hosts, live, step
 from regime_jax.run.step import TrainState
 from regime_jax.schedule import Chunk
@@ -48,6 +51,14 @@ def _stability_of_modes(params, x, key, variables, *, net, config) -> dict:
     """The stability test of a model with a train mode: its params perturbed, in eval mode."""
     preacts_fn = lambda p, x: net.preacts_fn(net.modes.join(p, variables), x)
     return stability.perturbation_metrics(preacts_fn, params, x, key, config)
+
+
+def _fill_rows(buf: dict, gates: Any, x: jax.Array, start: jax.Array, *, net: Any) -> dict:
+    """``buf`` (``{layer: uint8 [N, ...]}``) with rows ``start ..`` set to the gates' packed
+    bits on ``x``."""
+    bits = net.gate_bits(gates, x)
+    put = jax.lax.dynamic_update_slice_in_dim
+    return {k: put(b, bits[k].bits, start, 0) for k, b in buf.items()}
 
 
 class Engine:
@@ -102,7 +113,7 @@ class Engine:
     ) -> None:
         """Opens the fetcher and the clock at ``start`` and compiles everything the steps
         after it run (``lengths``: the chunk lengths, default the schedule's)."""
-        s, c = self.setup, self.config
+        s = self.setup
         self.fetcher = fetch.Fetcher(workdir, start, self.schedule.num_steps, write=write)
         self.clock = live.PhaseClock(workdir, start, write=write)
         self._compile_eval()
@@ -116,8 +127,80 @@ class Engine:
         )
         if lengths is None:
             lengths = self.schedule.chunk_lengths(start)
-        self.runner = chunks.Runner(s, self.state, self.probe, lengths)
-        self.batches = data.batches(s.ds, c.batch_size, c.seed, start_step=start)
+        cache_shape = self._compile_cache()
+        self.runner = chunks.Runner(s, self.state, self.probe, lengths, cache_shape)
+        self.batches = self._batches(start)
+        if self.frozen:  # resumed after the freeze: the cache is rebuilt, never checkpointed
+            self._build_cache()
+
+    def _batches(self, start: int):
+        """The batches from ``start``: the cached frozen phase's are indices alone."""
+        s, c = self.setup, self.config
+        cached = s.masked_net is not None
+        examples = not (cached and self.frozen)
+        return data.batches(
+            s.ds, c.batch_size, c.seed, start_step=start, index=cached, examples=examples
+        )
+
+    def _compile_cache(self) -> step.GateCache | None:
+        """The gate cache's builders, compiled now; the cache's shapes (None: not cached)."""
+        s = self.setup
+        if s.masked_net is None:
+            return None
+        x, gates, rep = s.ds.x_train, self.state.frozen.gates, s.place.replicated
+        x1 = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+        # a chunk's float32 pre-activations (32 x their bits) within the probe chunk's budget
+        per_example = 32 * gating.gate_bits_per_example(s.net, gates, x1)
+        self.cache_chunk = analyzer.probe_chunk_size(per_example, len(x), "auto")
+        x_c = jax.ShapeDtypeStruct((self.cache_chunk, *x.shape[1:]), x.dtype)
+        like = jax.eval_shape(s.masked_net.gate_bits, gates, x_c)
+        shapes = {k: ((len(x), *p.bits.shape[1:]), p.bits.dtype) for k, p in like.items()}
+        train = {k: jax.ShapeDtypeStruct(*a, sharding=rep) for k, a in shapes.items()}
+        fill = functools.partial(_fill_rows, net=s.masked_net)
+        fill = jax.jit(fill, donate_argnames="buf", out_shardings=rep)
+        self.cache_fill = fill.lower(train, gates, x_c, np.int32(0)).compile()
+        zeros = lambda: {k: jnp.zeros(*a) for k, a in shapes.items()}
+        self.cache_zeros = jax.jit(zeros, out_shardings=rep).lower().compile()
+        probe_bits = jax.jit(s.masked_net.gate_bits, out_shardings=rep)
+        self.cache_probe = probe_bits.lower(gates, self.probe["x"]).compile()
+        self.cache_units = {k: p.units for k, p in like.items()}
+        probe_like = jax.eval_shape(s.masked_net.gate_bits, gates, self.probe["x"])
+        as_rep = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)
+        return step.GateCache(
+            {k: bitmask.Packed(a, self.cache_units[k]) for k, a in train.items()},
+            jax.tree.map(as_rep, probe_like),
+            as_rep(x),
+            as_rep(s.ds.y_train),
+        )
+
+    def _build_cache(self) -> None:
+        """The frozen gates' bits of every training example and of the probe set, on device,
+        a chunk at a time (memory: the cache and one chunk's forward), and the training split
+        on device (the cached steps gather their batches there)."""
+        if self.setup.masked_net is None:
+            return
+        start_s = time.perf_counter()
+        x, gates, c = self.setup.ds.x_train, self.state.frozen.gates, self.cache_chunk
+        buf = self.cache_zeros()
+        for start in range(0, len(x), c):
+            at = min(start, len(x) - c)  # the last chunk overlaps the one before: no padding
+            chunk = hosts.put(x[at : at + c], self.setup.place.replicated)
+            buf = self.cache_fill(buf, gates, chunk, np.int32(at))
+        units, ds, rep = self.cache_units, self.setup.ds, self.setup.place.replicated
+        cache = step.GateCache(
+            {k: bitmask.Packed(b, units[k]) for k, b in buf.items()},
+            self.cache_probe(gates, self.probe["x"]),
+            *hosts.put((ds.x_train, ds.y_train), rep),
+        )
+        jax.block_until_ready(cache)
+        self.runner.set_cache(cache)
+        self.clock.note(
+            frozen_path="cached",
+            cache_bytes=cache.num_bytes,
+            data_bytes=cache.x.nbytes + cache.y.nbytes,
+            cache_build_seconds=time.perf_counter() - start_s,
+            why=self.setup.frozen_path,
+        )
 
     def _compile_eval(self) -> None:
         """Evaluation, compiled before the first step like the steps (both variants of a run
@@ -204,10 +287,16 @@ class Engine:
         return []
 
     def freeze(self, step_: int) -> None:
-        """Freezes the gates after ``step_`` (the ordinary phase's clock stops there)."""
+        """Freezes the gates after ``step_`` (the ordinary phase's clock stops there) and
+        builds the gate cache of the cached frozen phase (outside both phases' clocks)."""
         self.clock.stop(self.state, step_)
         self.state = self.freeze_fn(self.state, self.probe["x"])
         self.frozen = True
+        self._build_cache()
+        if self.setup.masked_net is not None:
+            self.batches = self._batches(step_)  # step_'s batch is the next one
+        if self.setup.masked_net is None:
+            self.clock.note(frozen_path="gated", why=self.setup.frozen_path)
 
     def stop_clock(self, step_: int) -> None:
         """The running phase ends at ``step_`` (the last step, or an interruption)."""

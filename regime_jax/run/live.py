@@ -138,6 +138,7 @@ class PhaseClock:
             "ordinary": {"steps": 0, "seconds": 0.0},
             "gated": {"steps": 0, "seconds": 0.0},
         }
+        self.notes: dict[str, Any] = {}  # the frozen phase's path (Engine.freeze)
         if start and self.path.exists():
             try:
                 self.phases |= json.loads(self.path.read_text())["phases"]
@@ -169,10 +170,14 @@ class PhaseClock:
             spent["seconds"] += at - self._t0
             self._t0 = None
 
+    def note(self, **fields: Any) -> None:
+        """Adds ``fields`` to the file (``frozen_path``: "cached" or "gated", and why)."""
+        self.notes.update(fields)
+
     def write(self) -> None:
         if self.write_file:
             rate = {
                 k: v["seconds"] / v["steps"] if v["steps"] else None for k, v in self.phases.items()
             }
-            out = {"phases": self.phases, "seconds_per_step": rate}
+            out = {"phases": self.phases, "seconds_per_step": rate, **self.notes}
             records.write_atomic(self.path, records.to_json(out, indent=1) + "\n")

@@ -49,7 +49,14 @@ from regime_jax.schedule import Schedule
 
 # Fields that do not change a run's results: a resumed run may differ in these.
 # Fields that do not change a run's records: record.probe_chunk changes memory, not a bit.
-RESUME_IGNORES = ("overwrite", "log_every_steps", "checkpoint", "record.probe_chunk")
+# fields that say how, not what: a run resumed with another value computes the same records
+RESUME_IGNORES = (
+    "overwrite",
+    "log_every_steps",
+    "checkpoint",
+    "record.probe_chunk",
+    "decouple.cache",
+)
 SITES_TXT, SITES_JSON = "sites.txt", "sites.json"  # the site table of the run's model
 SAMPLE_JSON = "sample.json"  # the units and positions a sampled run records
 
@@ -157,6 +164,9 @@ class Setup:
     place: Placement
     loss_fn: LossFn
     gated_net: gating.GatedNet | None  # the model's gated transform, if the run may freeze
+    # the frozen phase's cached path (gate bits of every training example), if it applies
+    masked_net: gating.MaskedNet | None = None
+    frozen_path: str = ""  # why the frozen phase takes its path, one line ('' if no freeze)
 
 
 def _need(config: ml_collections.ConfigDict, field: str, given: Any, argument: str) -> None:
@@ -194,7 +204,42 @@ def build(config, *, model=None, dataset=None, loss_fn=None) -> Setup:
     loss_fn = loss_fn or step.cross_entropy
     setup = Setup(config, schedule, ds, probe_idx, net, tx, place, loss_fn, gated_net)
     _check_model(setup)
+    if gated_net is not None:
+        masked_net, why = _frozen_path(setup)
+        setup = dataclasses.replace(setup, masked_net=masked_net, frozen_path=why)
     return setup
+
+
+# The most device memory the frozen phase's gate cache may take (decouple.cache="auto").
+CACHE_MAX_BYTES = 512 * 2**20
+
+
+def _frozen_path(setup: Setup) -> tuple[gating.MaskedNet | None, str]:
+    """The cached frozen phase (gate bits of every training example, no gate forward) where it
+    applies, else None (the gate network runs at every step); with the reason, one line."""
+    if setup.config.decouple.get("cache", "auto") == "off":
+        return None, "gated: the gate network runs at every step (decouple.cache='off')"
+    ds, net = setup.ds, setup.net
+    x1 = jax.ShapeDtypeStruct((1, *ds.x_train.shape[1:]), ds.x_train.dtype)
+    params = jax.eval_shape(net.init, jax.random.key(0), x1)
+    masked = gating.masked_net(net)
+    try:
+        per_example = gating.gate_bits_per_example(net, params, x1)
+        bits = jax.eval_shape(masked.gate_bits, params, x1)
+        jax.eval_shape(masked.preacts_fn, params, bits, x1)  # refuses a ReLU in a scan
+    except ValueError as err:
+        return None, f"gated: the gate network runs at every step ({str(err).splitlines()[0]})"
+    size = per_example * (len(ds.y_train) + len(setup.probe_idx))
+    size += ds.x_train.nbytes + ds.y_train.nbytes  # the training split, on device with it
+    if size > CACHE_MAX_BYTES:
+        return None, (
+            f"gated: the gate network runs at every step (a gate cache of {size} bytes would "
+            f"exceed {CACHE_MAX_BYTES})"
+        )
+    return masked, (
+        f"cached: gate bits and data of {len(ds.y_train)} training examples on device, {size} "
+        f"bytes; no gate forward"
+    )
 
 
 def _check_model(setup: Setup) -> None:
@@ -475,6 +520,7 @@ class _Run:
             self.engine.freeze(step_)
             if self.primary:
                 print(f"decouple: gates frozen at step {step_}", flush=True)
+                print(f"decouple: frozen phase {self.setup.frozen_path}", flush=True)
 
     def _steps(self, stop: signals.StopFlag | hosts.SyncedStop) -> None:
         """Chunk by chunk (:meth:`~regime_jax.schedule.Schedule.chunks`); fetches one chunk

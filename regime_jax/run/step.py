@@ -64,6 +64,34 @@ class FrozenGates:
 
 
 @struct.dataclass
+class GateCache:
+    """What the cached frozen phase reads instead of running the gate network
+    (:func:`regime_jax.gating.masked_net`): the frozen gates' packed patterns of every training
+    example and of the probe set, and the training split itself, all on device, so a step
+    takes only its batch's indices. A pure function of the gates and the data, so never
+    checkpointed: built at the freeze and again on resume.
+
+    Attributes:
+      train: ``{layer: Packed [N_train, positions..., ceil(units / 8)]}``, row ``i`` the
+        training example ``i`` (gathered by the batch's ``idx``).
+      probe: ``{layer: Packed [P, ...]}``, the probe set in its order, every unit (the
+        monitor's probe forward; ``FrozenGates.masks`` may be sampled).
+      x, y: the training split's inputs ``[N_train, ...]`` and labels.
+    """
+
+    train: Patterns
+    probe: Patterns
+    x: jax.Array
+    y: jax.Array
+
+    @property
+    def num_bytes(self) -> int:
+        """Device bytes of the gate bits (training and probe examples)."""
+        parts = (*self.train.values(), *self.probe.values())
+        return sum(p.bits.size * p.bits.dtype.itemsize for p in parts)
+
+
+@struct.dataclass
 class ModelState:
     """A model with a train mode: its variables besides the trained params, and its RNG.
 
@@ -287,10 +315,22 @@ def _under_gates(gated_net: gating.GatedNet, gates: Any) -> Net:
     )
 
 
+def _under_masks(masked_net: gating.MaskedNet, cache: GateCache, idx_B: jax.Array) -> Net:
+    """The value network under cached gate bits: ``apply`` on the batch (its rows of
+    ``cache.train``), ``preacts_fn`` on ``{"x": probe_x, "bits": probe bits}`` (what the
+    monitor chunks, rows together)."""
+    bits_B = jax.tree.map(lambda b: b[idx_B], cache.train)
+    return Net(
+        None,
+        lambda values, x: masked_net.apply(values, bits_B, x),
+        lambda values, xb: masked_net.preacts_fn(values, xb["bits"], xb["x"]),
+    )
+
+
 def train_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
-    probe: Mapping[str, jax.Array],
+    probe: Mapping[str, Any],
     *,
     model: Any,
     tx: optax.GradientTransformation,
@@ -298,6 +338,7 @@ def train_step(
     loss_fn: LossFn = cross_entropy,
     gated_net: gating.GatedNet | None = None,
     monitor_options: MonitorOptions | None = None,
+    masked_net: gating.MaskedNet | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns | None]:
     """One update, then the monitor: step sizes, and with ``record`` the post-update patterns.
 
@@ -311,8 +352,22 @@ def train_step(
     mode with the key ``fold_in(rng, t)`` of step ``t`` and keeps the variables it updates
     (BatchNorm statistics); the monitor then reads the model in eval mode on the new params
     and statistics, and takes step sizes of the params alone.
+
+    With ``masked_net`` as well (the cached frozen phase), ``probe["cache"]`` is the
+    :class:`GateCache` and the batch is ``{"idx": [B]}``, its training-example indices: its
+    inputs, labels and gate bits are gathered on device, and the step is the gated step's
+    maths with no gate forward, on the batch and on the probe set.
     """
-    net = as_net(model) if gated_net is None else _under_gates(gated_net, state.frozen.gates)
+    probe_x = probe["x"]
+    if masked_net is not None:
+        cache, idx_B = probe["cache"], batch["idx"]
+        batch = {"x": cache.x[idx_B], "y": cache.y[idx_B]}
+        net = _under_masks(masked_net, cache, idx_B)
+        probe_x = {"x": probe_x, "bits": cache.probe}
+    elif gated_net is not None:
+        net = _under_gates(gated_net, state.frozen.gates)
+    else:
+        net = as_net(model)
     model_state = model_state_of(state)
     if model_state is None:
         (loss, logits), grads = jax.value_and_grad(_loss, has_aux=True)(
@@ -327,14 +382,14 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     now = params if model_state is None else net.modes.join(params, model_state.variables)
-    monitored, monitor = _monitor(net, probe["x"], monitor_options).update(
+    monitored, monitor = _monitor(net, probe_x, monitor_options).update(
         state.monitor, now, updates, patterns=record
     )
     metrics = {"train/loss": loss}
     if _is_classification(logits, batch["y"]):
         metrics["train/acc"] = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
     metrics |= monitored
-    if gated_net is not None:
+    if gated_net is not None or masked_net is not None:
         metrics["decouple/freeze_step"] = state.frozen.step
         if record:
             metrics |= gating.disagreement_of_patterns(monitor.masks, state.frozen.masks)
@@ -390,6 +445,7 @@ def make_step_fns(
     out_shardings: Any = None,
     gated_net: gating.GatedNet | None = None,
     monitor_options: MonitorOptions | None = None,
+    masked_net: gating.MaskedNet | None = None,
 ) -> dict[bool, Callable]:
     """The two jitted step variants, keyed by ``record``; each traces once.
 
@@ -409,6 +465,7 @@ def make_step_fns(
                 loss_fn=loss_fn,
                 gated_net=gated_net,
                 monitor_options=monitor_options,
+                masked_net=masked_net,
             ),
             donate_argnames="state",
             **kwargs,
@@ -446,6 +503,7 @@ def train_chunk(
     slots: int,
     gated_net: gating.GatedNet | None = None,
     monitor_options: MonitorOptions | None = None,
+    masked_net: gating.MaskedNet | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array], Patterns]:
     """``T`` consecutive :func:`train_step` calls in one ``lax.scan``.
 
@@ -470,6 +528,7 @@ def train_chunk(
         loss_fn=loss_fn,
         gated_net=gated_net,
         monitor_options=monitor_options,
+        masked_net=masked_net,
     )
     snaps_S = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), state.masks)
 
@@ -497,6 +556,7 @@ def make_chunk_fn(
     out_shardings: Any = None,
     gated_net: gating.GatedNet | None = None,
     monitor_options: MonitorOptions | None = None,
+    masked_net: gating.MaskedNet | None = None,
 ) -> Callable:
     """:func:`train_chunk` jitted, donating the state; one trace per chunk length ``T``."""
     kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
@@ -509,6 +569,7 @@ def make_chunk_fn(
         slots=slots,
         gated_net=gated_net,
         monitor_options=monitor_options,
+        masked_net=masked_net,
     )
     return jax.jit(fn, donate_argnames="state", **kwargs)
 

@@ -162,7 +162,8 @@ def test_both_variants_of_every_chunk_length_compile_before_the_first_step(tmp_p
     traced, real = collections.Counter(), step.train_chunk
 
     def counting(state, batch_TxB, *args, gated_net=None, **kwargs):
-        traced[gated_net is not None, batch_TxB["x"].shape[0]] += 1
+        # the cached frozen phase's batches are indices alone
+        traced[gated_net is not None, jax.tree.leaves(batch_TxB)[0].shape[0]] += 1
         return real(state, batch_TxB, *args, gated_net=gated_net, **kwargs)
 
     monkeypatch.setattr(step, "train_chunk", counting)
@@ -260,6 +261,7 @@ def test_a_captured_user_model_freezes_too(tmp_path):
         ({"decouple.check_every_steps": 0}, "decouple.check_every_steps"),
         ({"decouple.online": {"fraction": 1.5}}, "decouple.online"),
         ({"decouple.online": {"window": 0}}, "decouple.online"),
+        ({"decouple.cache": "on"}, "decouple.cache"),
     ],
 )
 def test_bad_decouple_fields_are_refused_before_any_write(overrides, field, tmp_path):
