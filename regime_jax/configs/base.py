@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = dict(
         name="mlp",  # mlp | cnn | transformer | resnet | gpt, or one added with register_model
         hidden=(256, 256),  # mlp: hidden layer widths, recorded as fc1 .. fcN
-        activation="relu",  # relu only: patterns are defined for ReLU, another is refused
+        activation="relu",  # relu; transformer also gelu | silu (with record.activations)
         compute_dtype="float32",  # float32 | bfloat16 (bf16 compute, f32 params; bits of bf16 z)
     )
     c.optimizer = dict(
