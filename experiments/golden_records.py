@@ -53,6 +53,10 @@ def write(out: pathlib.Path, only: list[str] | None) -> None:
     from regime_jax import configs, data, sweep
     from regime_jax.run import loop
 
+    only = [n.removesuffix(":quick") for n in only] if only else only  # each runs :quick
+    unknown = sorted(set(only or ()) - set(configs.names()) - {"main"})
+    if unknown:  # a name that matches nothing would measure nothing
+        raise SystemExit(f"--only: unknown {unknown}; allowed: {[*configs.names(), 'main']}")
     names = [n for n in configs.names() if not only or n in only]
     for name in names:
         if name in configs.SWEEPS:
@@ -129,6 +133,9 @@ def compare(a: pathlib.Path, b: pathlib.Path, ignore: tuple[str, ...]) -> int:
     for p in problems:
         print(p)
     print(f"compared {compared} files: {len(problems)} differences")
+    if not compared:
+        print("nothing was compared: a comparison of nothing is not a pass")
+        return 1
     return 1 if problems else 0
 
 

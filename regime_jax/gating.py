@@ -56,13 +56,15 @@ class GatedNet(NamedTuple):
     preacts_fn: GatedFn
 
 
-def gated_net(model: Any) -> GatedNet:
+def gated_net(model: Any, activations: tuple[str, ...] = ("relu",)) -> GatedNet:
     """The gated transform of a model, as the functions a training step needs.
 
     Args:
       model: a :class:`regime_jax.Net`, a linen module (params are its ``"params"``
         collection), an initialized NNX module (params are its ``nnx.Param`` state), or any
         ``apply_fn(params, x)``.
+      activations: the functions gated, as :func:`regime_jax.capture.gate_relus` takes them
+        (opted-in GELU / SiLU: ``z_values * g(z_gates)``).
 
     Returns:
       ``GatedNet(apply, preacts_fn)``: with ``gates`` the frozen parameters and ``values``
@@ -77,7 +79,7 @@ def gated_net(model: Any) -> GatedNet:
     True
     """
     apply_fn = adapt.as_net(model).apply if adapt.is_model(model) else model
-    preacts_fn = gate_relus(apply_fn)
+    preacts_fn = gate_relus(apply_fn, tuple(activations))
 
     def apply(values: Any, gates: Any, x: Any) -> Any:
         return preacts_fn(values, gates, x)[0]

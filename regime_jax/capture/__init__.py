@@ -54,6 +54,12 @@ in the root scope) the site is named after the module of the dot / conv kernel t
 appended (``fc1#1``). Names depend only on the function, never on the values: every trace
 gives the same names.
 
+Beyond ReLU (opt-in). ``capture_relus(apply_fn, activations=("gelu",))`` (any of
+:data:`ACTIVATIONS`) records the input ``z`` of each call of those ``jax.nn`` functions too,
+keyed ``<name>:<function>`` (``block0/ffn/fc1:gelu``), so that a GELU bit is never read as a
+ReLU bit; the bit is ``z > 0`` as for ReLU. Without the opt-in they are listed as not
+measured, and a function with no ReLU is refused as before (``_acts.py``).
+
 Gating (:func:`gate_relus`). ``gated_fn(values, gates, *args, **kw)`` evaluates the same
 jaxpr twice in lockstep, once with ``gates`` in place of the params (the *gate network*, an
 ordinary ReLU net) and once with ``values`` (the *value network*), the other arguments shared.
@@ -85,11 +91,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from regime_jax.capture import _jaxpr, _sites
+from regime_jax.capture import _acts, _jaxpr, _sites
 from regime_jax.capture._jaxpr import WHAT_IS_RECOGNISED, CaptureError, Recorder, evaluate, names
 from regime_jax.capture._sites import Site, format_sites, key_names
 
+ACTIVATIONS = _acts.ACTIVATIONS  # the names ``activations=`` takes
+DEFAULT_ACTIVATIONS = _acts.DEFAULT  # ReLU only
+
 __all__ = [
+    "ACTIVATIONS",
+    "DEFAULT_ACTIVATIONS",
     "WHAT_IS_RECOGNISED",
     "CaptureError",
     "GatedFn",
@@ -150,8 +161,9 @@ class _Prepared(NamedTuple):
 class _Captured:
     """The traced function, what its analysis decided, and the evaluation of it."""
 
-    def __init__(self, apply_fn: Callable[..., Any]):
+    def __init__(self, apply_fn: Callable[..., Any], acts: frozenset):
         self.apply_fn = apply_fn
+        self.acts = acts
         self.cache: dict[Any, _sites.Analysis] = {}
 
     def prepare(self, params: Any, args: tuple, kwargs: dict[str, Any]) -> _Prepared:
@@ -160,7 +172,7 @@ class _Captured:
         key = _signature(params, args, kwargs)
         an = self.cache.get(key) if key is not None else None
         if an is None:
-            an = _sites.analyse(self.apply_fn, params, args, kwargs, closed)
+            an = _sites.analyse(self.apply_fn, params, args, kwargs, closed, self.acts)
             if key is not None:
                 if len(self.cache) >= _CACHE_SIZE:
                     self.cache.pop(next(iter(self.cache)))
@@ -172,7 +184,7 @@ class _Captured:
     def run(self, prep: _Prepared, inputs: list[tuple[Any, ...]], streams: int, masks: Any = None):
         """``(out of stream 0, [(name, site, per-stream z, each probe-major)])``; ``masks``
         (one stream): ``{site: bool mask as traced}``, each taken ReLU becomes ``z * mask``."""
-        rec = Recorder(streams, take=prep.an.take)
+        rec = Recorder(streams, take=prep.an.take, acts=self.acts)
         rec.masks = masks
         _sites._infer.reset_value_numbers()
         closed, infos = prep.closed, prep.infos
@@ -202,13 +214,21 @@ class _Captured:
         return _sites.table(an, recorded)
 
 
-def capture_relus(apply_fn: Callable[..., Any]) -> PreactsFn:
+def capture_relus(
+    apply_fn: Callable[..., Any], activations: tuple[str, ...] = DEFAULT_ACTIVATIONS
+) -> PreactsFn:
     """Wraps ``apply_fn`` so that it also returns the pre-activation of every ReLU it applies.
 
     Args:
       apply_fn: ``apply_fn(params, x, **kw) -> out``, any JAX-traceable function, left as
         its author wrote it (a linen ``model.apply`` with variables, an NNX forward through
         ``nnx.merge``, plain JAX).
+      activations: the functions whose pre-activations are recorded (opt-in beyond ReLU),
+        names from :data:`ACTIVATIONS`: ``relu`` (the default, alone), ``leaky_relu``,
+        ``gelu`` (both forms of ``jax.nn.gelu``), ``silu`` / ``swish``, ``elu``; each calls of
+        ``jax.nn.<name>`` (= flax's). A site of a function other than ReLU is keyed
+        ``<name>:<function>`` (``block0/ffn/fc1:gelu``); its bit is ``z > 0`` too, and for
+        these functions ``f(z) > 0 <=> z > 0``. ``("gelu",)`` leaves ReLUs unrecorded.
 
     Returns:
       ``preacts_fn(params, x, **kw) -> (out, preacts)``: ``out`` is ``apply_fn(params, x,
@@ -219,8 +239,10 @@ def capture_relus(apply_fn: Callable[..., Any]) -> PreactsFn:
       keyword arguments pass through (array values are traced, others are static).
 
     Raises:
-      CaptureError: (a ValueError) when tracing finds no ReLU, or a ReLU inside a construct
-        that cannot be captured (``lax.cond``, ``lax.while_loop``, an unknown primitive).
+      CaptureError: (a ValueError) when tracing finds no ReLU (none of ``activations``), or a
+        ReLU inside a construct that cannot be captured (``lax.cond``, ``lax.while_loop``, an
+        unknown primitive).
+      ValueError: a name in ``activations`` outside :data:`ACTIVATIONS`.
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> class MLP(nn.Module):
@@ -235,7 +257,7 @@ def capture_relus(apply_fn: Callable[..., Any]) -> PreactsFn:
     """
 
     _check_callable(apply_fn, "capture_relus")
-    captured = _Captured(apply_fn)
+    captured = _Captured(apply_fn, _acts.normalise(activations))
 
     def preacts_fn(params: Any, x: Any, **kwargs: Any) -> tuple[Any, dict[str, jax.Array]]:
         prep = captured.prepare(params, (x,), kwargs)
@@ -266,11 +288,17 @@ def _check_gates(values: Any, gates: Any) -> None:
             )
 
 
-def gate_relus(apply_fn: Callable[..., Any]) -> GatedFn:
+def gate_relus(
+    apply_fn: Callable[..., Any], activations: tuple[str, ...] = DEFAULT_ACTIVATIONS
+) -> GatedFn:
     """The gated transform of ``apply_fn``: ReLUs switched by frozen gates, values trained.
 
     Args:
       apply_fn: ``apply_fn(params, *args, **kw) -> out``, as for :func:`capture_relus`.
+      activations: as for :func:`capture_relus`. An opted-in ``f(z) = z * g(z)`` becomes
+        ``z_v * g(z_g)`` (gelu: ``g`` = Phi or its tanh form, silu: the sigmoid);
+        ``leaky_relu`` becomes ``where(z_g >= 0, z_v, slope * z_v)``; ``elu`` is refused
+        (CaptureError: its negative branch is no product with ``z``).
 
     Returns:
       ``gated_fn(values, gates, *args, **kw) -> (out, z_values, z_gates)``. ``values`` and
@@ -299,7 +327,7 @@ def gate_relus(apply_fn: Callable[..., Any]) -> GatedFn:
     """
 
     _check_callable(apply_fn, "gate_relus")
-    captured = _Captured(apply_fn)
+    captured = _Captured(apply_fn, _acts.normalise(activations))
 
     def gated_fn(
         values: Any, gates: Any, *args: Any, **kwargs: Any
@@ -372,7 +400,7 @@ def mask_relus(apply_fn: Callable[..., Any]) -> MaskedFn:
     """
 
     _check_callable(apply_fn, "mask_relus")
-    captured = _Captured(apply_fn)
+    captured = _Captured(apply_fn, _acts.normalise(("relu",)))  # masks are ReLU bits
 
     def masked_fn(
         params: Any, masks: Any, x: Any, **kwargs: Any

@@ -37,7 +37,7 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 
 from regime_jax import bitmask
-from regime_jax.capture import _infer
+from regime_jax.capture import _acts, _infer
 from regime_jax.capture._infer import Info
 
 Streams = tuple[Any, ...]  # one value per stream
@@ -201,12 +201,18 @@ def module_of(kernels: frozenset) -> str:
     return "/".join(common)
 
 
-def name_of(scope: str, module: str, site: int, root: str) -> str:
-    """A site's name before de-duplication (the rule of the capture docstring)."""
+def name_of(scope: str, module: str, site: int, root: str, fn: str = _acts.RELU) -> str:
+    """A site's name before de-duplication (the rule of the capture docstring); a site of
+    another function than ReLU gets ``:<fn>`` appended (after any scan index)."""
     parts = scope.split("/") if scope else []
     if root and parts and parts[0] == root:
         parts = parts[1:]
-    return "/".join(parts) or module or f"relu_{site}"
+    return "/".join(parts) or module or (f"relu_{site}" if fn == _acts.RELU else f"site_{site}")
+
+
+def fn_suffix(fn: str) -> str:
+    """What a site's key ends with: '' for ReLU, ``:gelu`` for a GELU."""
+    return "" if fn == _acts.RELU else f":{fn}"
 
 
 class Entry(NamedTuple):
@@ -215,6 +221,7 @@ class Entry(NamedTuple):
     suffix: str
     value: Any
     module: str
+    fn: str = _acts.RELU
 
 
 def names(entries: Sequence[Entry], root: str) -> list[tuple[str, Entry]]:
@@ -222,7 +229,7 @@ def names(entries: Sequence[Entry], root: str) -> list[tuple[str, Entry]]:
     out: list[tuple[str, Entry]] = []
     taken: set[str] = set()
     for e in entries:
-        name = name_of(e.scope, e.module, e.site, root) + e.suffix
+        name = name_of(e.scope, e.module, e.site, root, e.fn) + e.suffix + fn_suffix(e.fn)
         if name in taken:
             n = 1
             while f"{name}#{n}" in taken:
@@ -258,7 +265,14 @@ class Recorder:
     activation it met, and the sites a vmapped cond routes per example.
     """
 
-    def __init__(self, streams: int, take: frozenset | None = None, analyse: bool = False):
+    def __init__(
+        self,
+        streams: int,
+        take: frozenset | None = None,
+        analyse: bool = False,
+        acts: frozenset = frozenset(_acts.DEFAULT),
+    ):
+        self.acts = acts  # the functions recorded (``relu`` and the opted-in others)
         self.counter = [0]  # shared with nested recorders: one index per candidate
         self.streams = streams  # 0: analysis only; 1: capture; 2: (values, gates)
         self.take = take
@@ -287,8 +301,8 @@ class Recorder:
 class _Probe(Recorder):
     """A recorder for questions only (infos of a sub-computation, is there a candidate?)."""
 
-    def __init__(self):
-        super().__init__(0)
+    def __init__(self, acts: frozenset):
+        super().__init__(0, acts=acts)
         self.found = False
 
     def new_site(self) -> int:
@@ -310,11 +324,15 @@ def _note_activation(eqn: jex.JaxprEqn, rec: Recorder) -> None:
 
 # ------------------------------------------------------------------ the interpreter
 def look(
-    jaxpr: jex.Jaxpr, consts: Sequence[Any], infos: Sequence[Info], scans: tuple[int, ...] = ()
+    jaxpr: jex.Jaxpr,
+    consts: Sequence[Any],
+    infos: Sequence[Info],
+    scans: tuple[int, ...] = (),
+    acts: frozenset = frozenset(_acts.DEFAULT),
 ) -> tuple[bool, list[Info]]:
     """One walk with no numbers: whether ``jaxpr`` (or a sub-computation of it) applies a
-    ReLU candidate, and the :class:`Info` of its outputs."""
-    probe = _Probe()
+    ReLU candidate (or an opted-in activation), and the :class:`Info` of its outputs."""
+    probe = _Probe(acts)
     out_infos = evaluate(jaxpr, consts, None, infos, [""] * len(infos), "", probe, scans)[2]
     return probe.found, out_infos
 
@@ -356,11 +374,48 @@ def evaluate(
     def info_of(atom) -> Info:
         return _infer.literal_info(atom) if isinstance(atom, jex.Literal) else info[atom]
 
-    for eqn in jaxpr.eqns:
+    eqns, pos = jaxpr.eqns, 0
+    while pos < len(eqns):
+        eqn, start, pos = eqns[pos], pos, pos + 1
+        here = _scope(outer, eqn)
+        call = _match_call(jaxpr, start, rec.acts)
+        if call is not None:  # an opted-in activation other than ReLU
+            pos = call.stop
+            z, z_info = call.z, info_of(call.z)
+            site, module = rec.new_site(), module_of(z_info.kernels)
+            if rec.candidates is not None:
+                rec.candidates.append(
+                    Candidate(
+                        site,
+                        scope_of(z),
+                        module,
+                        call.fn,
+                        call.spelling,
+                        source(eqn) or where,
+                        tuple(z.aval.shape),
+                        str(z.aval.dtype),
+                        z_info.tags,
+                        z_info.feeds | z_info.kernels,
+                        scans,
+                    )
+                )
+            if values:
+                zs = read(z)
+                if rec.taken(site):
+                    rec.entries.append(Entry(scope_of(z), site, "", zs, module, call.fn))
+                if rec.taken(site) and k == 2 and not _shared([zs]):
+                    env[call.out] = _gated_call(call, zs, here)
+                else:
+                    for e in eqns[start : call.stop]:
+                        outs = _bind_streams(e, [read(a) for a in e.invars], here, k)
+                        env.update(zip(e.outvars, outs, strict=True))
+            scopes[call.out], info[call.out] = here, _infer.site_info(z_info, site)
+            if not values:
+                env[call.out] = None
+            continue
         in_infos = [info_of(a) for a in eqn.invars]
         invals = [read(a) for a in eqn.invars] if values else None
-        here = _scope(outer, eqn)
-        match = _infer.relu_operand(eqn, in_infos)
+        match = _infer.relu_operand(eqn, in_infos) if _acts.RELU in rec.acts else None
         reason = library_reason(eqn) if match is not None else None
         subs = _subjaxprs(eqn.params)
         _note_activation(eqn, rec)
@@ -430,6 +485,33 @@ def evaluate(
     return outs, [scope_of(a) for a in jaxpr.outvars], [info_of(a) for a in jaxpr.outvars]
 
 
+def _match_call(jaxpr: jex.Jaxpr, i: int, acts: frozenset) -> _acts.Call | None:
+    """The opted-in non-ReLU activation call starting at equation ``i``, if any."""
+    if len(acts) == 1 and _acts.RELU in acts:
+        return None
+
+    def later_reads(stop: int) -> set:
+        reads = {a for e in jaxpr.eqns[stop:] for a in e.invars if isinstance(a, jex.Var)}
+        return reads | {a for a in jaxpr.outvars if isinstance(a, jex.Var)}
+
+    try:
+        return _acts.match(jaxpr.eqns, i, acts, later_reads)
+    except _acts.NotDecoupled as err:
+        raise CaptureError(f"{err} (at {source(jaxpr.eqns[i]) or '?'})") from None
+
+
+def _gated_call(call: _acts.Call, zs: Streams, scope: str) -> Streams:
+    """``(h_values, h_gates)`` at an opted-in activation: its decoupled form (_acts)."""
+    try:
+        h_v, h_g = _acts.run_gated(call, zs[0], zs[1], lambda e, vals: _bind(e, vals, scope))
+    except _acts.NotDecoupled as err:
+        raise CaptureError(
+            f"{call.spelling} cannot be gated: {err}. Decoupling is defined for ReLU and for "
+            f"activations z * g(z) (gelu, silu) or a select on the sign (leaky_relu)"
+        ) from None
+    return (h_v, h_g)
+
+
 def _bind(eqn: jex.JaxprEqn, invals: Sequence[Any], scope: str) -> list[Any]:
     params = eqn.primitive.get_bind_params(eqn.params)
     with jax.named_scope(scope) if scope else contextlib.nullcontext(), eqn.ctx.manager:
@@ -491,7 +573,7 @@ def _higher_order(eqn, invals, in_infos, in_scopes, scope, rec: Recorder, scans,
                 jaxpr, consts, None, sub_in, in_scopes, scope, rec, scans, where
             )
             return None, out_infos
-        found, out_infos = look(jaxpr, consts, sub_in)
+        found, out_infos = look(jaxpr, consts, sub_in, acts=rec.acts)
         if not found:
             return _bind_streams(eqn, invals, scope, rec.streams), out_infos
         if name in _REMAT:
@@ -505,7 +587,7 @@ def _higher_order(eqn, invals, in_infos, in_scopes, scope, rec: Recorder, scans,
         return outs, out_infos
     # cond, while, anything else: refused if a candidate is inside, else bound whole
     subs = _subjaxprs(eqn.params)
-    if any(look(j, c, _sub_in_infos(j, in_infos))[0] for j, c in subs):
+    if any(look(j, c, _sub_in_infos(j, in_infos), acts=rec.acts)[0] for j, c in subs):
         if name in _REFUSED:
             raise CaptureError(
                 f"a ReLU inside {_REFUSED[name]} (primitive {name!r}) cannot be captured: which "
@@ -574,7 +656,7 @@ def _eval_scan(eqn, invals, in_infos, in_scopes, scope, rec: Recorder, scans, wh
     if invals is None:  # the analysis walk: into the body
         _, _, body_infos = evaluate(jaxpr, consts, None, sub_in, in_scopes, scope, rec, here, where)
         return None, _scan_out_infos(body_infos, n_carry, carry_in)
-    found, body_infos = look(jaxpr, consts, sub_in, here)
+    found, body_infos = look(jaxpr, consts, sub_in, here, rec.acts)
     if not found:
         outs = _bind_streams(eqn, invals, scope, rec.streams)
         return outs, _scan_out_infos(body_infos, n_carry, carry_in)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from regime_jax.capture import _infer, _jaxpr
+from regime_jax.capture import _acts, _infer, _jaxpr
 from regime_jax.capture._infer import Info
 from regime_jax.capture._jaxpr import WHAT_IS_RECOGNISED, Candidate, CaptureError, Recorder
 
@@ -160,9 +160,9 @@ def trace(apply_fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict[s
     return jax.make_jaxpr(flat_fn, return_shape=True)(params, args, dynamic)
 
 
-def _walk(closed, infos: list[Info]) -> Recorder:
+def _walk(closed, infos: list[Info], acts: frozenset) -> Recorder:
     _infer.reset_value_numbers()
-    rec = Recorder(0, analyse=True)
+    rec = Recorder(0, analyse=True, acts=acts)
     _jaxpr.evaluate(closed.jaxpr, closed.consts, None, infos, [""] * len(infos), "", rec)
     return rec
 
@@ -189,15 +189,21 @@ def _shifted(tree: Any, n: int, p2: int) -> Any:
 
 
 def analyse(
-    apply_fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict[str, Any], closed
+    apply_fn: Callable[..., Any],
+    params: Any,
+    args: tuple,
+    kwargs: dict[str, Any],
+    closed,
+    acts: frozenset = frozenset(_acts.DEFAULT),
 ) -> Analysis:
-    """Decides, for every candidate of ``closed`` (traced at ``args``), taken or why not."""
+    """Decides, for every candidate of ``closed`` (traced at ``args``), taken or why not;
+    ``acts``: the functions recorded (``relu`` and the opted-in others)."""
     dynamic, _ = split_kwargs(kwargs)
     infos = input_infos(params, args, dynamic)
-    rec = _walk(closed, infos)
+    rec = _walk(closed, infos, acts)
     notes = tuple((sp, src, why) for (sp, src), why in rec.notes.items())
     if not rec.candidates:
-        raise _no_relu(apply_fn, notes, [])
+        raise _no_relu(apply_fn, notes, [], acts)
     p = num_examples(args[0])
     shifted = None
     errors = []
@@ -209,7 +215,7 @@ def analyse(
         except Exception as err:  # the model cannot take another number of examples
             errors.append(f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
             continue
-        shifted = (p2, _walk(closed2, input_infos(params, args2, split_kwargs(kw2)[0])))
+        shifted = (p2, _walk(closed2, input_infos(params, args2, split_kwargs(kw2)[0]), acts))
         break
     if shifted is None:
         raise CaptureError(
@@ -260,19 +266,26 @@ def analyse(
                 f"cannot be told apart; keep the examples on their own axis"
             )
     if not take:
-        raise _no_relu(apply_fn, notes, [(c, reasons[c.site]) for c in rec.candidates])
+        raise _no_relu(apply_fn, notes, [(c, reasons[c.site]) for c in rec.candidates], acts)
     return Analysis(
         frozenset(take), axes, tuple(rec.candidates), reasons, notes, _jaxpr.root(closed.jaxpr)
     )
 
 
-def _no_relu(apply_fn, notes, rejected) -> CaptureError:
+def _no_relu(apply_fn, notes, rejected, acts: frozenset) -> CaptureError:
     seen = [f"{sp} ({why})" for sp, _, why in notes]
     seen += [f"{c.spelling} at {c.source.rsplit('/', 1)[-1]} ({why})" for c, why in rejected]
     found = f"; found but not measured: {'; '.join(seen[:6])}" if seen else ""
+    if acts == frozenset(_acts.DEFAULT):
+        return CaptureError(
+            f"no ReLU found in {getattr(apply_fn, '__qualname__', apply_fn)!r}: activation "
+            f"patterns are defined for ReLU units only ({WHAT_IS_RECOGNISED}){found}; to "
+            f"record the sign of another activation's pre-activation, opt in with "
+            f"activations=(...) from {list(_acts.ACTIVATIONS)}"
+        )
     return CaptureError(
-        f"no ReLU found in {getattr(apply_fn, '__qualname__', apply_fn)!r}: activation "
-        f"patterns are defined for ReLU units only ({WHAT_IS_RECOGNISED}){found}"
+        f"none of the activations {sorted(acts)} found in "
+        f"{getattr(apply_fn, '__qualname__', apply_fn)!r} ({WHAT_IS_RECOGNISED}){found}"
     )
 
 
@@ -305,7 +318,8 @@ def table(an: Analysis, recorded: list[tuple[str, int, tuple]]) -> list[Site]:
     for c in an.candidates:
         if c.site in an.take:
             continue
-        name = _jaxpr.name_of(c.scope, c.module, c.site, an.root)
+        fn = c.form if c.form in _acts.ACTIVATIONS else _acts.RELU
+        name = _jaxpr.name_of(c.scope, c.module, c.site, an.root, fn) + _jaxpr.fn_suffix(fn)
         rows.append(
             Site(
                 name,

@@ -29,13 +29,39 @@ ADDED_FIELDS = {
     "record.sample_units": 0,
     "record.sample_positions": 0,
     "record.sample_seed": 0,
+    "record.activations": ("relu",),
 }
+# record.activations: the functions whose pre-activation signs are recorded (capture_relus's
+# activations=; equal to regime_jax.capture.ACTIVATIONS, tested).
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "swish", "elu")
 CUSTOM_MODEL = CUSTOM  # model.name of a run given a model object, not a registry name
 SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
     """A config field has a value regime_jax cannot run with."""
+
+
+def _activations(c: ml_collections.ConfigDict) -> None:
+    """record.activations: a non-empty tuple from ACTIVATIONS, holding model.activation."""
+    acts = c.record.get("activations", ADDED_FIELDS["record.activations"])
+    if (
+        isinstance(acts, str)
+        or not isinstance(acts, tuple | list)
+        or not acts
+        or any(a not in ACTIVATIONS for a in acts)
+    ):
+        raise ConfigError(
+            f"record.activations={acts!r}; allowed values: a non-empty tuple of {list(ACTIVATIONS)}"
+        )
+    activation = c.model.get("activation", "relu")
+    if isinstance(activation, str) and activation in ACTIVATIONS:
+        wanted = {"swish": "silu"}.get(activation, activation)
+        if wanted not in {{"swish": "silu"}.get(a, a) for a in acts}:
+            raise ConfigError(
+                f"record.activations={tuple(acts)!r} must include model.activation="
+                f"{activation!r}, else the model's units are not recorded"
+            )
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -67,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = dict(
         name="mlp",  # mlp | cnn | transformer | resnet | gpt, or one added with register_model
         hidden=(256, 256),  # mlp: hidden layer widths, recorded as fc1 .. fcN
-        activation="relu",  # relu only: patterns are defined for ReLU, another is refused
+        activation="relu",  # relu; transformer also gelu | silu (with record.activations)
         compute_dtype="float32",  # float32 | bfloat16 (bf16 compute, f32 params; bits of bf16 z)
     )
     c.optimizer = dict(
@@ -87,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
         sample_units=0,  # record only this many random units per layer (flip_se/*); 0: all
         sample_positions=0,  # ... and this many random positions (tokens, pixels); 0: all
         sample_seed=0,  # which units and positions are sampled (written to sample.json)
+        # Functions whose pre-activation sign z > 0 is recorded: relu (default) | leaky_relu |
+        # gelu | silu | swish | elu (opt-in; keys end in :gelu etc.), a tuple.
+        activations=("relu",),
     )
     c.log_every_steps = 100  # steps between host fetches of the metrics (and progress lines)
     c.eval_every_steps = 100  # steps between eval/loss, eval/acc on the whole validation split
@@ -348,6 +377,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     for field in ("record.sample_units", "record.sample_positions"):
         _int_in(field, c.record.get(field.split(".")[1], 0), 0, SIZE_MAX, " (0: all)")
     _seed("record.sample_seed", c.record.get("sample_seed", 0))
+    _activations(c)
     _implementation_bounds(c)
     _decouple_fields(c)
     if c.record.snapshot_every_steps % c.record.every_steps:

@@ -27,6 +27,7 @@ from regime_jax.models.gpt import GPT
 from regime_jax.models.mlp import MLP
 from regime_jax.models.record import (
     PREACTS,
+    SIGN_ACTIVATIONS,
     check_activation,
     flatten_layers,
     patterns_of,
@@ -114,7 +115,7 @@ def _heads(cfg: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def build_transformer(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
-    check_activation(cfg.get("activation", "relu"), "model.activation")
+    check_activation(cfg.get("activation", "relu"), "model.activation", SIGN_ACTIVATIONS)
     dim, num_heads = _heads(cfg)
     return Transformer(
         num_layers=_positive(cfg, "num_layers"),

@@ -308,6 +308,14 @@ def _linen_net(model: nn.Module) -> Net:
 # ----------------------------------------------------------------------------- any model
 
 
+def with_activations(net: Net, activations: tuple[str, ...]) -> Net:
+    """``net`` recording ``activations`` (:func:`regime_jax.capture_relus`'s opt-in): its
+    ``preacts_fn`` is capture's of ``net.apply``; ReLU alone returns ``net`` as is."""
+    if tuple(activations) == ("relu",):
+        return net
+    return dataclasses.replace(net, preacts_fn=capture_relus(net.apply, tuple(activations)))
+
+
 def is_model(obj: Any) -> bool:
     """Whether :func:`as_net` takes ``obj``: a Net, a linen module or an NNX module."""
     return isinstance(obj, Net | nn.Module | nnx.Module)

@@ -14,8 +14,10 @@ outputs are identical with and without recording; ``model.apply(params, x,
 mutable=[PREACTS])`` returns the pre-activations too. Layer keys are the module path joined
 with ``/`` (``fc1``, ``conv2``, ``block0/ffn/fc1``).
 
-The site is *only* for ReLU: patterns are not defined for other activations, and
-:func:`check_activation` refuses them with a clear error.
+The site is for ReLU: :func:`check_activation` refuses other activations with a clear
+error, except where a model opts in (the Transformer's ``activation="gelu"`` / ``"silu"``,
+through :func:`activate`, which records under ``<path>:<function>`` as
+``capture_relus(..., activations=(...))`` keys it).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from regime_jax import bitmask
 PREACTS = "preacts"
 _LEAF = "z"  # the sown variable's name; flatten_layers strips it so keys are module paths
 RECORDABLE_ACTIVATIONS = ("relu",)
+SIGN_ACTIVATIONS = ("relu", "gelu", "silu")  # a model that opts in (the Transformer's FFN)
 
 
 def relu(site: nn.Module, z: jax.Array) -> jax.Array:
@@ -50,13 +53,27 @@ def relu(site: nn.Module, z: jax.Array) -> jax.Array:
     return nn.relu(z)
 
 
-def check_activation(activation: str, field: str) -> None:
+def check_activation(
+    activation: str, field: str, allowed: tuple[str, ...] = RECORDABLE_ACTIVATIONS
+) -> None:
     """Raises ValueError unless ``activation`` is one the recording site defines patterns for."""
-    if activation not in RECORDABLE_ACTIVATIONS:
+    if activation not in allowed:
+        only = "ReLU only" if allowed == RECORDABLE_ACTIVATIONS else "these functions"
         raise ValueError(
             f"{field}={activation!r} cannot be recorded: activation patterns are defined for "
-            f"ReLU only; allowed values: {list(RECORDABLE_ACTIVATIONS)}"
+            f"{only}; allowed values: {list(allowed)}"
         )
+
+
+def activate(site: nn.Module, z: jax.Array, fn: str) -> jax.Array:
+    """:func:`relu` for ``fn`` in :data:`SIGN_ACTIVATIONS`: sows ``z`` at ``<path>:<fn>``
+    (plain ``<path>`` for relu) and returns ``jax.nn.<fn>(z)`` (flax's default GELU, the tanh
+    form), the bit being ``z > 0`` as for ReLU."""
+    if fn == "relu":
+        return relu(site, z)
+    check_activation(fn, "activation", SIGN_ACTIVATIONS)
+    site.sow(PREACTS, f"{_LEAF}:{fn}", z, reduce_fn=lambda _, new: new, init_fn=lambda: None)
+    return getattr(nn, fn)(z)
 
 
 def flatten_layers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, jax.Array]:
@@ -67,6 +84,8 @@ def flatten_layers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, jax.A
             out.update(flatten_layers(value, f"{prefix}/{key}" if prefix else key))
         elif key == _LEAF:
             out[prefix] = value
+        elif key.startswith(f"{_LEAF}:"):  # activate(): the function named after the path
+            out[prefix + key[len(_LEAF) :]] = value
         else:  # sown by something other than the site: keep its full path
             out[f"{prefix}/{key}" if prefix else key] = value
     return out

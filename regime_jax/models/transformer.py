@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from regime_jax.models.record import check_activation, relu
+from regime_jax.models.record import SIGN_ACTIVATIONS, activate, check_activation
 
 # A module's ``dtype``: None computes in the parameters' dtype (float32); ``jnp.bfloat16``
 # computes in bfloat16 with float32 parameters (mixed precision, ``model.compute_dtype``).
@@ -38,16 +38,18 @@ def sinusoidal_positions(num_tokens: int, dim: int) -> np.ndarray:
 
 
 class FFN(nn.Module):
-    """``fc1`` -> recorded ReLU (site: ``fc1``, e.g. ``block0/ffn/fc1``) -> ``fc2``."""
+    """``fc1`` -> recorded ReLU (site: ``fc1``, e.g. ``block0/ffn/fc1``; a GELU / SiLU:
+    ``block0/ffn/fc1:gelu``) -> ``fc2``."""
 
     mlp_dim: int
     dim: int
     dtype: Dtype = None
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         fc1 = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")
-        h_BxTxF = relu(fc1, fc1(x_BxTxD))
+        h_BxTxF = activate(fc1, fc1(x_BxTxD), self.activation)
         return nn.Dense(self.dim, dtype=self.dtype, name="fc2")(h_BxTxF)
 
 
@@ -59,6 +61,7 @@ class Block(nn.Module):
     dim: int
     mlp_dim: int
     dtype: Dtype = None
+    activation: str = "relu"  # the FFN's
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -72,7 +75,9 @@ class Block(nn.Module):
         )
         x_BxTxD = x_BxTxD + attn(y_BxTxD, y_BxTxD, mask=mask)
         y_BxTxD = nn.LayerNorm(dtype=self.dtype, name="ln2")(x_BxTxD)
-        return x_BxTxD + FFN(self.mlp_dim, self.dim, self.dtype, name="ffn")(y_BxTxD)
+        return x_BxTxD + FFN(self.mlp_dim, self.dim, self.dtype, self.activation, name="ffn")(
+            y_BxTxD
+        )
 
 
 class Transformer(nn.Module):
@@ -90,7 +95,9 @@ class Transformer(nn.Module):
       patch_size: patch side for ``embed="patch"``; H and W must be multiples of it.
       positions: "learned" (param ``pos_embedding``) or "sinusoidal" (fixed).
       pool: "mean" over tokens or "cls" (a learned ``cls`` token prepended, read out).
-      activation: must be "relu" (checked at construction: patterns are ReLU-only).
+      activation: the FFN's: "relu", or "gelu" (flax's default, the tanh form) / "silu",
+        recorded only where the run opts in (``record.activations``; capture's
+        ``activations=``), keyed ``block0/ffn/fc1:gelu``.
       dtype: None (float32) or ``jnp.bfloat16``: the computation's dtype (``model.compute_dtype``;
         parameters stay float32, logits are returned in float32, the recorded
         pre-activations are the bfloat16 ones the FFN computes).
@@ -109,7 +116,7 @@ class Transformer(nn.Module):
     dtype: Dtype = None
 
     def __post_init__(self):
-        check_activation(self.activation, "model.activation")
+        check_activation(self.activation, "model.activation", SIGN_ACTIVATIONS)
         super().__post_init__()
 
     def _tokens(self, x: jax.Array) -> jax.Array:
@@ -155,7 +162,14 @@ class Transformer(nn.Module):
                 f"model.positions={self.positions!r} is unknown; allowed values: {list(POSITIONS)}"
             )
         for i in range(self.num_layers):
-            block = Block(self.num_heads, self.dim, self.mlp_dim, self.dtype, name=f"block{i}")
+            block = Block(
+                self.num_heads,
+                self.dim,
+                self.mlp_dim,
+                self.dtype,
+                self.activation,
+                name=f"block{i}",
+            )
             x_BxTxD = block(x_BxTxD)
         x_BxTxD = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x_BxTxD)
         h_BxD = x_BxTxD[:, 0] if self.pool == "cls" else x_BxTxD.mean(axis=1)

@@ -30,8 +30,8 @@ import optax
 
 from regime_jax import data, gating, models, records
 from regime_jax.analysis import online, summary, timescales
-from regime_jax.configs.base import ConfigError, validate_config
-from regime_jax.models.adapt import Net, as_net
+from regime_jax.configs.base import ADDED_FIELDS, ConfigError, validate_config
+from regime_jax.models.adapt import Net, as_net, with_activations
 from regime_jax.registry import CUSTOM
 from regime_jax.run import (
     checkpoint,
@@ -192,7 +192,9 @@ def build(config, *, model=None, dataset=None, loss_fn=None) -> Setup:
         raise ConfigError(str(err)) from err
     if model is None:
         model = models.create_model(config.model, ds.num_classes)
-    net, tx = as_net(model), step.make_optimizer(config.optimizer, config.num_steps)
+    activations = tuple(config.record.get("activations", ADDED_FIELDS["record.activations"]))
+    net = with_activations(as_net(model), activations)
+    tx = step.make_optimizer(config.optimizer, config.num_steps)
     schedule = Schedule.from_config(config)
     if schedule.freezes and net.modes is not None:
         raise ConfigError(
@@ -200,7 +202,7 @@ def build(config, *, model=None, dataset=None, loss_fn=None) -> Setup:
             f"mode, and {_qualname(model)} sets one with {net.modes.flag!r}; leave "
             f"decouple.freeze_step=-1 and decouple.auto=False"
         )
-    gated_net = gating.gated_net(net) if schedule.freezes else None
+    gated_net = gating.gated_net(net, activations) if schedule.freezes else None
     loss_fn = loss_fn or step.cross_entropy
     setup = Setup(config, schedule, ds, probe_idx, net, tx, place, loss_fn, gated_net)
     _check_model(setup)
@@ -219,6 +221,12 @@ def _frozen_path(setup: Setup) -> tuple[gating.MaskedNet | None, str]:
     applies, else None (the gate network runs at every step); with the reason, one line."""
     if setup.config.decouple.get("cache", "auto") == "off":
         return None, "gated: the gate network runs at every step (decouple.cache='off')"
+    activations = tuple(setup.config.record.get("activations", ("relu",)))
+    if activations != ("relu",):  # a GELU's frozen form needs g(z_gates), not a bit
+        return None, (
+            f"gated: the gate network runs at every step (the cache holds ReLU bits only; "
+            f"record.activations={activations})"
+        )
     ds, net = setup.ds, setup.net
     x1 = jax.ShapeDtypeStruct((1, *ds.x_train.shape[1:]), ds.x_train.dtype)
     params = jax.eval_shape(net.init, jax.random.key(0), x1)

@@ -164,11 +164,14 @@ TF = dict(name="transformer", num_layers=1, num_heads=2, dim=8, mlp_dim=8, embed
 CN = dict(name="cnn", dims=2, channels=(4, 8))
 
 
-def test_gelu_is_refused_at_construction_and_registration():
-    with pytest.raises(ValueError, match=r"model\.activation='gelu'.*relu"):
-        _tf(activation="gelu")
-    with pytest.raises(ValueError, match=r"model\.activation='gelu'.*relu"):
-        create_model({**TF, "activation": "gelu"}, 10)
+def test_activation_outside_the_models_set_is_refused_at_construction_and_registration():
+    # The Transformer's FFN takes relu | gelu | silu (recorded where the run opts in: issue 24
+    # part 4, tests/library/test_capture_signs.py); the CNN stays ReLU-only.
+    with pytest.raises(ValueError, match=r"model\.activation='tanh'.*gelu"):
+        _tf(activation="tanh")
+    with pytest.raises(ValueError, match=r"model\.activation='tanh'.*gelu"):
+        create_model({**TF, "activation": "tanh"}, 10)
+    assert create_model({**TF, "activation": "gelu"}, 10).activation == "gelu"
     with pytest.raises(ValueError, match=r"model\.activation='gelu'.*relu"):
         create_model({"name": "cnn", "dims": 1, "channels": (4,), "activation": "gelu"}, 10)
 

@@ -141,7 +141,7 @@ def _other_value(name, value):
     if isinstance(value, float):
         return repr(value / 2), value / 2
     if isinstance(value, tuple):
-        new = tuple(v + 1 for v in value)
+        new = tuple(v + "_x" if isinstance(v, str) else v + 1 for v in value)
         return ",".join(map(str, new)), new
     if isinstance(value, str):
         return value + "_x", value + "_x"

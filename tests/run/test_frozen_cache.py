@@ -144,3 +144,14 @@ def test_k_cached_steps_equal_k_gated_steps_from_the_same_state():
     d = gated_fn(jax.tree.map(jnp.copy, state), {"x": batch["x"], "y": batch["y"]}, probe)[0]
     pairs = zip(jax.tree.leaves(c.params), jax.tree.leaves(d.params), strict=True)
     assert any(not np.allclose(x, y) for x, y in pairs)
+
+
+def test_sign_patterns_beyond_relu_keep_the_gated_path():
+    """A GELU site's frozen form is z_values * Phi(z_gates), not a bit: no cache, said why."""
+    from regime_jax import configs
+
+    config = configs.load("transformer_gelu_mnist1d:quick")
+    config.decouple.freeze_step = 5
+    setup = loop.build(config)
+    assert setup.masked_net is None
+    assert setup.frozen_path.startswith("gated") and "record.activations" in setup.frozen_path
