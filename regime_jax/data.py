@@ -392,14 +392,54 @@ register_dataset = DATASETS.register  # register_dataset(name, loader(cfg) -> Da
 
 
 def load_dataset(cfg: Mapping[str, Any]) -> Dataset:
-    """Loads ``cfg["name"]`` through the registry; unknown names raise naming the choices."""
+    """Loads ``cfg["name"]`` through the registry; unknown names raise naming the choices.
+
+    ``dataset.label_noise`` > 0 then changes that fraction of the training labels
+    (:func:`with_label_noise`, seeded by ``dataset.seed``); 0 returns the loader's arrays.
+    """
     ds = DATASETS.get(cfg.get("name"))(cfg)
     if not isinstance(ds, Dataset):
         raise TypeError(
             f"dataset.name={cfg.get('name')!r}: the loader returned "
             f"{type(ds).__name__}, not a regime_jax.data.Dataset"
         )
-    return ds
+    noise = float(cfg.get("label_noise", 0.0))
+    return with_label_noise(ds, noise, int(cfg.get("seed", 0))) if noise else ds
+
+
+LABEL_NOISE_STREAM = 1  # the label-noise generator's stream, beside dataset.seed
+
+
+def with_label_noise(ds: Dataset, fraction: float, seed: int) -> Dataset:
+    """``ds`` with ``round(fraction x N)`` of its N training labels, chosen by ``seed``, each
+    replaced by a class drawn uniformly from the other ``num_classes - 1`` (so exactly that
+    many change); the validation split and the input arrays are ``ds``'s own (not copied).
+
+    Labels a model cannot fit from the inputs: a run that does not interpolate its training
+    split. One label per example (classification) only.
+
+    >>> ds = Dataset("toy", np.zeros((10, 1)), np.arange(10) % 3, np.zeros((2, 1)),
+    ...              np.zeros(2, int), 3)
+    >>> int((with_label_noise(ds, 0.3, 0).y_train != ds.y_train).sum())
+    3
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"dataset.label_noise={fraction!r} must be a number in [0, 1)")
+    if fraction == 0:
+        return ds
+    y = np.asarray(ds.y_train)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or ds.num_classes < 2:
+        raise ValueError(
+            f"dataset.label_noise={fraction!r}: dataset {ds.name!r} has no class label per "
+            f"training example (labels of shape {y.shape}, {ds.num_classes} classes); allowed: "
+            f"0 for it"
+        )
+    rng = np.random.default_rng([seed, LABEL_NOISE_STREAM])
+    changed = rng.choice(len(y), round(fraction * len(y)), replace=False)
+    noisy = y.copy()
+    shift = rng.integers(1, ds.num_classes, size=len(changed))  # never 0: another class
+    noisy[changed] = (y[changed] + shift) % ds.num_classes
+    return dataclasses.replace(ds, y_train=noisy)
 
 
 def probe_indices(num_val: int, size: int, seed: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from ml_collections import config_dict
 from regime_jax import registry
 from regime_jax.registry import CUSTOM
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 # Fields added after runs were recorded, each with the value that does what a run without the
 # field did: resuming, extending or skipping a run recorded before the field existed compares
 # equal at that value (records.config_diff's `added`) and differs at any other.
@@ -30,12 +30,14 @@ ADDED_FIELDS = {
     "record.sample_positions": 0,
     "record.sample_seed": 0,
     "record.activations": ("relu",),
+    "optimizer.weight_decay": 1e-4,  # read by adamw alone, which came with it
+    "dataset.label_noise": 0.0,
 }
 # record.activations: the functions whose pre-activation signs are recorded (capture_relus's
 # activations=; equal to regime_jax.capture.ACTIVATIONS, tested).
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "swish", "elu")
 CUSTOM_MODEL = CUSTOM  # model.name of a run given a model object, not a registry name
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "step")
 
 
 class ConfigError(ValueError):
@@ -78,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
         # tiny_shakespeare (tfds)
         name="mnist1d",
         num_samples=5000,  # mnist1d only: examples generated (80% train, 20% validation)
+        label_noise=0.0,  # fraction of training labels set to another seeded random class; [0, 1)
         seed=42,  # mnist1d: the generator's seed; digits: the split's; unused by tfds
         # A typed placeholder, so that it can be set from the command line.
         data_dir=config_dict.placeholder(str),  # tfds only: prepared datasets; None: tfds's own
@@ -97,10 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
         compute_dtype="float32",  # float32 | bfloat16 (bf16 compute, f32 params; bits of bf16 z)
     )
     c.optimizer = dict(
-        name="sgd",  # sgd (with momentum) | adam
+        name="sgd",  # sgd (with momentum) | adam | adamw (adam with decoupled weight decay)
         learning_rate=0.05,  # peak learning rate
         momentum=0.9,  # sgd only; 0 = plain SGD
-        schedule="constant",  # constant | cosine (decays to 0 at num_steps)
+        schedule="constant",  # constant | cosine (to 0 at num_steps) | step (x0.1 at 50%, 75%)
+        weight_decay=1e-4,  # adamw only: optax.adamw's weight_decay (decoupled); >= 0
         warmup_steps=0,  # linear warmup from 0, below num_steps
     )
     c.batch_size = 128  # training examples per step
@@ -301,6 +305,12 @@ def _dataset_fields(d: ml_collections.ConfigDict) -> None:
     if d.data_dir is not None and not (isinstance(d.data_dir, str) and d.data_dir):
         raise ConfigError(f"dataset.data_dir={d.data_dir!r} must be a path or None")
     _bool("dataset.download", d.download)
+    noise = d.get("label_noise", ADDED_FIELDS["dataset.label_noise"])
+    if isinstance(noise, bool) or not isinstance(noise, float | int) or not 0 <= noise < 1:
+        raise ConfigError(
+            f"dataset.label_noise={noise!r} must be a number in [0, 1) (a fraction of the "
+            f"training labels; 0: none)"
+        )
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
@@ -328,6 +338,15 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     momentum = c.optimizer.get("momentum", 0.0)
     if isinstance(momentum, bool) or not isinstance(momentum, float | int) or not 0 <= momentum < 1:
         raise ConfigError(f"optimizer.momentum={momentum!r} must be a number in [0, 1)")
+    decay = c.optimizer.get("weight_decay", ADDED_FIELDS["optimizer.weight_decay"])
+    if (
+        isinstance(decay, bool)
+        or not isinstance(decay, float | int)
+        or not 0 <= decay <= FLOAT32_MAX
+    ):
+        raise ConfigError(
+            f"optimizer.weight_decay={decay!r} must be a finite number >= 0 (used by adamw only)"
+        )
     for field, high, note in (
         ("batch_size", SIZE_MAX, ""),
         ("num_steps", STEPS_MAX, " (the step counter is int32)"),

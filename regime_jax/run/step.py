@@ -143,11 +143,35 @@ def model_state_of(state: TrainState) -> ModelState | None:
     return getattr(state, "model_state", None)
 
 
+def step_decay_schedule(lr: float, warmup: int, num_steps: int) -> optax.Schedule:
+    """``lr`` x 0.1 from step ``num_steps // 2`` on and x 0.01 from ``3 * num_steps // 4`` on
+    (absolute steps, 0-based: the update at step t uses the rate at t), after a linear warmup
+    from 0 over ``warmup`` steps as the constant schedule's.
+
+    >>> s = step_decay_schedule(1.0, 0, 100)
+    >>> [round(float(s(t)), 4) for t in (0, 49, 50, 74, 75, 99)]
+    [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    """
+    scales: dict[int, float] = {}
+    for boundary in (num_steps // 2, 3 * num_steps // 4):  # equal for num_steps < 4: x0.01
+        scales[boundary] = scales.get(boundary, 1.0) * 0.1
+    decay = optax.piecewise_constant_schedule(lr, scales)
+    if not warmup:
+        return decay
+    # join_schedules hands the second schedule count - warmup: the boundaries stay absolute
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), lambda count: decay(count + warmup)], [warmup]
+    )
+
+
 def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
-    """SGD (momentum) or Adam with a constant or cosine learning rate (optional warmup)."""
+    """SGD (momentum), Adam or AdamW with a constant, cosine or step-decay learning rate
+    (optional warmup)."""
     lr, warmup = float(cfg["learning_rate"]), int(cfg.get("warmup_steps", 0))
     if cfg["schedule"] == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, num_steps)
+    elif cfg["schedule"] == "step":
+        schedule = step_decay_schedule(lr, warmup, num_steps)
     elif warmup:
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
@@ -156,6 +180,8 @@ def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTran
         schedule = optax.constant_schedule(lr)
     if cfg["name"] == "sgd":
         return optax.sgd(schedule, momentum=float(cfg.get("momentum", 0.0)) or None)
+    if cfg["name"] == "adamw":
+        return optax.adamw(schedule, weight_decay=float(cfg.get("weight_decay", 1e-4)))
     return optax.adam(schedule)
 
 

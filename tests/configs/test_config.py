@@ -29,7 +29,7 @@ def no_training(monkeypatch):
         ({"model.name": "vgg"}, ["model.name", "mlp", "resnet", "gpt"]),
         ({"model.activation": "gelu"}, ["model.activation", "relu"]),
         ({"optimizer.name": "rmsprop"}, ["optimizer.name", "adam", "sgd"]),
-        ({"optimizer.schedule": "step"}, ["optimizer.schedule", "constant", "cosine"]),
+        ({"optimizer.schedule": "linear"}, ["optimizer.schedule", "constant", "cosine", "step"]),
         ({"optimizer.learning_rate": 0.0}, ["optimizer.learning_rate", "positive"]),
         ({"optimizer.learning_rate": -1e-3}, ["optimizer.learning_rate", "positive"]),
         ({"batch_size": 0}, ["batch_size", "positive"]),
