@@ -10,7 +10,12 @@ The sweep config (a ConfigDict, see ``regime_jax/configs/reproduce.py``) has
   config (``mlp_mnist1d``) or a path to a ``.py`` file with ``get_config(arg)``, loaded like
   ``--config`` (``regime_jax.configs.load``); ``overrides`` maps config fields (dotted keys or
   nested dicts) to values. Optional ``optimizers``: ``{optimizer name: {field: value}}`` applied
-  after the sweep-wide optimizer fields (e.g. a per-setting learning rate).
+  after the sweep-wide optimizer fields (e.g. a per-setting learning rate). Optional
+  ``optimizers_only``: a list of optimizer names, the only columns this setting runs
+  (default: every one); optional ``seeds``: this setting's seeds instead of the sweep's.
+  Optional ``axis`` and ``value`` place the setting on a lag map (``regime_jax/configs/
+  lag_map.py``, the report's "Lag map"): an axis name and the setting's value on it, or
+  lists of both for a base setting that lies on several axes.
 * ``optimizers``: ``{name: {field: value}}`` of ``optimizer.*`` fields.
 * ``seeds``: list of ints; only ``config.seed`` changes (probe and dataset seeds stay fixed).
 * ``overrides``: fields applied to every run.
@@ -64,7 +69,7 @@ import ml_collections
 from absl import flags
 
 from regime_jax import configs, faults, records, report
-from regime_jax.analysis import fmt, layout
+from regime_jax.analysis import fmt, lagmap, layout
 from regime_jax.analysis.summary import SUMMARY, RunSummary
 from regime_jax.configs import base
 from regime_jax.configs.base import ConfigError
@@ -108,6 +113,44 @@ def load_experiment(experiment: str | Path, arg: str | None = None) -> ml_collec
     return configs.load(str(experiment) if arg is None else f"{experiment}:{arg}")
 
 
+def _bad_seeds(seeds: Any) -> bool:
+    if isinstance(seeds, str) or not isinstance(seeds, list | tuple) or not seeds:
+        return True
+    return any(isinstance(k, bool) or not isinstance(k, int) for k in seeds)
+
+
+def setting_optimizers(sweep: ml_collections.ConfigDict, setting: Mapping) -> list[str]:
+    """The optimizer columns ``setting`` runs: its ``optimizers_only`` (in the sweep's column
+    order), else every one; ConfigError in one line for a name that is not a column."""
+    only = setting.get("optimizers_only")
+    if only is None:
+        return list(sweep.optimizers)
+    if isinstance(only, str) or not isinstance(only, list | tuple) or not only:
+        raise ConfigError(
+            f"setting {setting['name']!r}: optimizers_only={only!r}; allowed: a non-empty list "
+            f"of the optimizer names {list(sweep.optimizers)}"
+        )
+    unknown = [o for o in only if o not in sweep.optimizers]
+    if unknown:
+        raise ConfigError(
+            f"setting {setting['name']!r}: optimizers_only names {unknown}, not optimizer "
+            f"columns; allowed: {list(sweep.optimizers)}"
+        )
+    return [o for o in sweep.optimizers if o in only]
+
+
+def setting_seeds(sweep: ml_collections.ConfigDict, setting: Mapping) -> list[int]:
+    """``setting``'s own ``seeds`` where it has them, else the sweep's."""
+    seeds = setting.get("seeds")
+    if seeds is None:
+        return list(sweep.seeds)
+    if _bad_seeds(seeds):
+        raise ConfigError(
+            f"setting {setting['name']!r}: seeds={seeds!r}; allowed: a non-empty list of ints"
+        )
+    return list(seeds)
+
+
 def _check_names(sweep: ml_collections.ConfigDict) -> None:
     names = [s["name"] for s in sweep.settings] + list(sweep.optimizers)
     bad = [n for n in names if not isinstance(n, str) or not _NAME.match(n)]
@@ -115,9 +158,16 @@ def _check_names(sweep: ml_collections.ConfigDict) -> None:
         raise ConfigError("sweep needs non-empty settings, optimizers and seeds")
     if bad or len({s["name"] for s in sweep.settings}) < len(sweep.settings):
         raise ConfigError(f"setting/optimizer names must be unique path-safe words, got {bad}")
-    if any(isinstance(k, bool) or not isinstance(k, int) for k in sweep.seeds):
+    if _bad_seeds(list(sweep.seeds)):
         raise ConfigError(f"seeds must be ints, got {list(sweep.seeds)}")
-    runs = len(sweep.settings) * len(sweep.optimizers) * len(sweep.seeds)
+    for setting in sweep.settings:  # a lag map's axis and value lists pair up
+        try:
+            lagmap.placements(setting)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    runs = sum(
+        len(setting_optimizers(sweep, s)) * len(setting_seeds(sweep, s)) for s in sweep.settings
+    )
     if runs > RUNS_MAX:  # before a config is composed for each
         raise ConfigError(
             f"the grid has {runs} runs (settings x optimizers x seeds); allowed: at most {RUNS_MAX}"
@@ -148,8 +198,8 @@ def expand_grid(sweep: ml_collections.ConfigDict) -> list[RunSpec]:
     _check_names(sweep)
     specs = []
     for setting in sweep.settings:
-        for opt in sweep.optimizers:
-            for seed in sweep.seeds:
+        for opt in setting_optimizers(sweep, setting):
+            for seed in setting_seeds(sweep, setting):
                 config = _compose(sweep, setting, opt, seed)
                 try:
                     loop.check_config(config)
@@ -581,6 +631,7 @@ REPRODUCE = "reproduce"  # the packaged sweep config --help describes by default
 # run (optimizers.<name>.*, overrides.*) take their meaning from base_config's comments.
 SWEEP_FIELDS = {
     "settings": "the grid's rows: {name, experiment, arg, overrides} each (module doc)",
+    "axes": "lag map: each axis's values in plot order (settings carry axis and value)",
     "seeds": "the seeds of every (setting, optimizer); only config.seed changes",
     "optimizers": "the grid's columns: {name: optimizer.* fields}",
     "overrides": "config fields set in every run (dotted or nested)",
@@ -604,6 +655,8 @@ def field_help(config: ml_collections.ConfigDict) -> dict[str, str]:
             _, opt, field = name.split(".", 2)
             out[f"optimizers.{opt}"] = f"the optimizer column {opt!r}"
             out.setdefault(name, f"{opt}: {runs.get('optimizer.' + field, '')}".rstrip(": "))
+        if name.startswith("axes."):
+            out[name] = f"lag map: the values of axis {name.split('.', 1)[1]!r} in plot order"
         for prefix, who in _SETS_RUN_FIELDS.items():
             if name.startswith(prefix + ".") and name not in out:
                 field = name.removeprefix(prefix + ".")
