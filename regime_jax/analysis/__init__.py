@@ -6,6 +6,7 @@
 :mod:`~regime_jax.analysis.curves` (the lag ratio over each rule's parameter),
 :mod:`~regime_jax.analysis.summary` (a run's and a sweep's summary),
 :mod:`~regime_jax.analysis.decoupling` (freeze variants against full training),
+:mod:`~regime_jax.analysis.lagmap` (the lag ratio one factor at a time),
 :mod:`~regime_jax.analysis.layout` (where a sweep's runs live),
 :mod:`~regime_jax.analysis.fmt` (numbers as the report writes them).
 Submodules load on first use.
@@ -16,7 +17,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["curves", "decoupling", "fmt", "layout", "online", "seeds", "summary", "timescales"]
+__all__ = [
+    "curves",
+    "decoupling",
+    "fmt",
+    "lagmap",
+    "layout",
+    "online",
+    "seeds",
+    "summary",
+    "timescales",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from regime_jax import faults, records
-from regime_jax.analysis import curves, decoupling, layout
+from regime_jax.analysis import curves, decoupling, lagmap, layout
 from regime_jax.analysis.fmt import ci, num
 from regime_jax.analysis.layout import find_runs
 from regime_jax.analysis.summary import (
@@ -199,7 +199,7 @@ def _markdown(
     lines += ["", *online] if online else []
     lines += _curves_section(aggs, figures)
     lines += ["", "## Notes", "", *(f"- {n}" for n in notes or ["none"]), "", "## Figures", ""]
-    shown = ("lag_curves", "decoupling")
+    shown = ("lag_curves", "decoupling", "lag_map")
     rest = [f"![{f.stem}](figures/{f.name})" for f in figures if f.stem not in shown]
     return "\n".join(lines + rest) + "\n"
 
@@ -280,6 +280,12 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
         fig.savefig(figures[-1], dpi=DPI)
     section = decoupling_markdown(decoupled)
     online = online_markdown(decoupled["online"])
+    mapped = lagmap.lag_map(sweep, _grid(root))
+    if mapped:
+        fig = plots.lag_map_figure(mapped)
+        figures.append(root / "figures" / "lag_map.png")
+        fig.savefig(figures[-1], dpi=DPI)
+        online = [*lag_map_markdown(mapped), *([""] if online else []), *online]
     text = _markdown(
         table,
         sweep.groups,
@@ -294,6 +300,7 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
     (root / "report.md").write_text(text)
     out = sweep.to_dict() | {"online": decoupled["online"], "partial": partial}
     out |= {"decoupling": decoupled} if decoupled["groups"] else {}
+    out |= {"lag_map": mapped} if mapped else {}
     records.write_atomic(root / records.SUMMARY, records.to_json(out, indent=1) + "\n")
     paths = {"report": str(root / "report.md"), "figures": [str(f) for f in figures]}
     return out | {"table": table} | paths
@@ -403,6 +410,57 @@ def _one_line(err: BaseException) -> str:
     text = (str(err).splitlines() or [""])[0]
     plain = isinstance(err, FileNotFoundError) or type(err) is ValueError
     return text if plain else f"{type(err).__name__}: {text}"
+
+
+# ------------------------------------------------------------ the lag map section
+
+
+def _grid(root: Path) -> dict[str, Any]:
+    """The sweep's ``sweep.json`` (``{}`` where it is missing or does not read)."""
+    try:
+        grid = records.read_json(root / layout.GRID)
+    except (OSError, ValueError):
+        return {}
+    return grid if isinstance(grid, dict) else {}
+
+
+def _why(point: Mapping[str, Any]) -> str:
+    """``reason x k`` per reason a seed has no ratio (a reason may hold ``;``), ``/`` between."""
+    return " / ".join(f"{reason} x{k}" for reason, k in point["why_none"].items())
+
+
+def lag_map_cell(point: Mapping[str, Any] | None) -> str:
+    """``geo mean [95% CI] (seeds with a ratio / runs; why the others have none)``, or
+    ``not run`` for a pair the grid leaves out."""
+    if point is None:
+        return "not run"
+    why = _why(point)
+    return f"{ci(point)} ({point['n']}/{point['runs']}" + (f"; {why})" if why else ")")
+
+
+def lag_map_markdown(mapped: Mapping[str, Any]) -> list[str]:
+    """report.md's "Lag map" section: per axis, values x lines (optimizers) of
+    :func:`regime_jax.analysis.lagmap.lag_map`, and the figure."""
+    lines = ["## Lag map", ""]
+    lines += [
+        f"One factor at a time around the base setting: per axis value and optimizer, the "
+        f"geometric mean of the per-seed lag ratios (`{HEADLINE_RULE}` rule, abs step) with its "
+        f"95% bootstrap CI, (seeds with a ratio / runs; why the others have none). Paper: "
+        f"{PAPER_RATIO}x. On the `{lagmap.OPTIMIZER_AXIS}` axis each optimizer column of the "
+        f"base setting is a value.",
+        "",
+        "![lag_map](figures/lag_map.png)",
+    ]
+    for axis, entry in mapped.items():
+        cells = {(p["x"], p["line"]): p for p in entry["points"]}
+        head = "value" if axis != lagmap.OPTIMIZER_AXIS else "optimizer"
+        lines += ["", f"### {axis}", ""]
+        lines += ["| " + " | ".join([head, *entry["lines"]]) + " |"]
+        lines += ["|---" * (1 + len(entry["lines"])) + "|"]
+        for x in entry["values"]:
+            row = [lag_map_cell(cells.get((x, line))) for line in entry["lines"]]
+            lines.append("| " + " | ".join([str(x), *row]) + " |")
+    return lines
 
 
 # ------------------------------------------------------------ the decoupling section

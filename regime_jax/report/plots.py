@@ -34,6 +34,7 @@ from regime_jax.analysis.summary import RunSummary, SummaryLike, table_frame, ta
 __all__ = [
     "kept_vs_eps_figure",
     "lag_curves_figure",
+    "lag_map_figure",
     "lag_summary_figure",
     "layer_flips_figure",
     "mask_raster_figure",
@@ -363,6 +364,68 @@ def lag_curves_figure(summary: SummaryLike):
         "lag ratio vs decay-rule parameter: geometric mean over seeds, band = 95% CI", fontsize=11
     )
     return fig
+
+
+def lag_map_figure(mapped: Mapping[str, Any]):
+    """The lag map (:func:`regime_jax.analysis.lagmap.lag_map`): one panel per axis, its values
+    categorical in plot order, the geometric-mean lag ratio (log scale) with its 95% CI bars,
+    one line per optimizer (one line on the optimizer axis), lines at the paper's 3.85x and 1x.
+    A point without a ratio is left out; a panel without any says so."""
+    from matplotlib.ticker import FuncFormatter
+
+    axes_names = list(mapped)
+    cols = min(3, max(1, len(axes_names)))
+    rows = -(-max(1, len(axes_names)) // cols)
+    fig = _figure_class()(figsize=(4.4 * cols, 3.5 * rows), layout="constrained")
+    panels = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    lines_all = list(dict.fromkeys(line for e in mapped.values() for line in e["lines"]))
+    color = {line: f"C{i % 10}" for i, line in enumerate(lines_all)}
+    for ax, axis in zip(panels, axes_names, strict=False):
+        entry, drawn = mapped[axis], False
+        at = {x: i for i, x in enumerate(entry["values"])}
+        width = len(entry["lines"])
+        for j, line in enumerate(entry["lines"]):
+            pts = [p for p in entry["points"] if p["line"] == line and p["mean"] is not None]
+            pts = [p for p in pts if np.isfinite(p["mean"])]
+            if not pts:
+                continue
+            xs = [at[p["x"]] + 0.08 * (j - (width - 1) / 2) for p in pts]
+            ys = [p["mean"] for p in pts]
+            lo = [p["mean"] - _finite_or(p["ci_low"], p["mean"]) for p in pts]
+            hi = [_finite_or(p["ci_high"], p["mean"]) - p["mean"] for p in pts]
+            ax.errorbar(xs, ys, [lo, hi], fmt="o-", ms=4, capsize=3, color=color[line], label=line)
+            drawn = True
+        ax.axhline(analysis.PAPER_RATIO, color="tab:red", ls="--", lw=1.2, label="paper 3.85x")
+        ax.axhline(1.0, color="k", ls=":", lw=1, label="no lag (1x)")
+        with_ratio = {p["x"] for p in entry["points"] if _finite_or(p["mean"], None) is not None}
+        for x in entry["values"]:  # a value where no seed of any optimizer gave a ratio
+            if x not in with_ratio:
+                where = ax.get_xaxis_transform()
+                ax.text(at[x], 0.04, "no ratio", ha="center", fontsize=7, transform=where)
+        ax.set_xticks(range(len(entry["values"])), [str(v) for v in entry["values"]], fontsize=8)
+        ax.set_xlim(-0.5, len(entry["values"]) - 0.5)
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        if not drawn:
+            ax.text(0.5, 0.5, "no lag ratio", ha="center", transform=ax.transAxes)
+        ax.set(ylabel="lag ratio T_step / T_flip")
+        ax.set_title(axis, fontsize=10)
+        ax.legend(fontsize=6)
+    for ax in panels[len(axes_names) :]:
+        ax.set_axis_off()
+    fig.suptitle(
+        f"lag map: geometric mean over seeds ({analysis.HEADLINE_RULE} rule, abs step), "
+        f"95% CI bars",
+        fontsize=11,
+    )
+    return fig
+
+
+def _finite_or(x: float | None, default: float | None) -> float | None:
+    return x if x is not None and np.isfinite(x) else default
 
 
 # ------------------------------------------------------------------------ the sweep report
