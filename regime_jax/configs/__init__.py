@@ -27,8 +27,8 @@ root is :func:`regime_jax.configs.base.base_config`, where every field is docume
               └─ cnn_cifar10
                  └─ resnet18_cifar10  BatchNorm, skip connections
 
-``reproduce`` and ``decoupled`` are sweep configs (``python -m regime_jax.sweep``, listed in
-:data:`SWEEPS`): their settings name configs.
+``reproduce``, ``decoupled`` and ``lag_map`` are sweep configs (``python -m regime_jax.sweep``,
+listed in :data:`SWEEPS`): their settings name configs.
 
 >>> "mlp_mnist1d" in names()
 True
@@ -52,7 +52,7 @@ from regime_jax.configs.base import ConfigError
 
 __all__ = ["NOT_CONFIGS", "SWEEPS", "is_path", "load", "names"]
 
-SWEEPS = ("decoupled", "reproduce")  # the packaged sweep configs
+SWEEPS = ("decoupled", "lag_map", "reproduce")  # the packaged sweep configs
 NOT_CONFIGS = ("base", "overrides")  # the schema and the override parser, beside the configs
 
 
