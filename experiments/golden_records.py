@@ -1,5 +1,6 @@
-"""Writes the records of every ``:quick`` config, the ``reproduce:quick`` and
-``decoupled:quick`` sweeps and the full main job under OUT, and compares two such trees.
+"""Writes the records of every ``:quick`` config, the ``:quick`` variants of the sweeps
+(``configs.SWEEPS``: ``reproduce``, ``decoupled``, ``lag_map``) and the full main job under
+OUT, and compares two such trees.
 
 Behaviour-preserving changes prove it with this script (README, "Development"):
 

@@ -27,14 +27,20 @@ COMMAND:
   (smoke test: --config lag_map:quick --workdir /tmp/lag_map_quick)
   Interrupted sweeps resume: finished runs (summary.json present) are skipped.
 
-EXPECTED (2 CPU cores shared with other jobs, 2026-12-08; one run alone on one core through
-  python -m regime_jax.main, start-up and compile included): base 2000 steps sgd 11 s, adam
-  12 s; 60k examples 26 s (MNIST-1D generation of 75000 samples: 11 s, once per worker:
-  data._mnist1d caches it in-process); width 2048: 118 s; depth 6: 18 s; 3x (6000 steps):
-  see _COST; Transformer 1500 steps: see _COST. Seeds: 5, 3 for width 2048 (_SEEDS_COSTLY).
-  Estimate for the default grid, --workers 2: see _BUDGET below (~40 min).
-  :quick  2 settings on 2 axes, 3 + 2 optimizer columns x 2 seeds, 10 runs of 200 steps.
-  Results: pending the full run (docs/results/lag_map.md).
+EXPECTED (2 CPU cores shared with other jobs, 2026-12-08): one run alone on one core through
+  python -m regime_jax.main with the sweep's overrides (process start-up and compilation
+  included, ~5 s of it): base 2000 steps sgd 11.5 s, adam 12.3 s, adamw 9.6 s; step schedule
+  9.5 s; label noise 9.7 s; 60k examples 26.5 s (of which MNIST-1D generation of 75000
+  samples: 10.8 s; 25000: 3.6 s; data._mnist1d caches it in-process, so each worker generates
+  each size once); width 1024: 36.9 s; width 2048: 118 s (hence 3 seeds, _SEEDS_COSTLY);
+  depth 6: 17.7 s; 3x (6000 steps): 16.8 s; Transformer 1500 steps: 28.1 s.
+  default 14 settings, 146 runs (the base x 4 optimizers, the others x sgd, adam; 5 seeds,
+          width 2048: 3): ~2900 core-seconds of runs, so ~24 min of wall-clock with --workers 2
+          plus the report (estimate from the runs above; not run here). Results: pending the
+          full run (docs/results/lag_map.md).
+  :quick  2 settings on 2 axes (width, optimizer), 10 runs of 200 steps (base: sgd, adam,
+          sgd_plain; width_64: sgd, adam; 2 seeds): 41 s end to end on one core; its runs
+          are too short for a lag ratio (every cell says why), it exercises the machinery.
 """
 
 import ml_collections
@@ -55,7 +61,7 @@ _OFFLINE = {
 _COLUMNS = ("sgd", "adam")  # every setting's optimizer columns
 _SMALL_TRANSFORMER = {"num_layers": 1, "dim": 32, "num_heads": 2, "mlp_dim": 64}
 _SEEDS = [0, 1, 2, 3, 4]
-_SEEDS_COSTLY = [0, 1, 2]  # width 2048: ~2 min a run on one core
+_SEEDS_COSTLY = [0, 1, 2]  # width 2048: ~2 min a run on one core (EXPECTED)
 
 # Each axis's values in plot order; the base's value on each is _BASE's.
 _AXES = {
