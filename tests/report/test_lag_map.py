@@ -16,7 +16,6 @@ from regime_jax.analysis import lagmap, layout
 from regime_jax.configs.base import ConfigError
 
 
-
 def _grid(settings, optimizers=("a", "b", "c"), seeds=(0, 1)) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     tiny = {"num_steps": 12, "probe.size": 24, "model.hidden": (16, 12), "batch_size": 32}
