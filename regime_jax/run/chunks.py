@@ -65,7 +65,14 @@ class Runner:
             batch = self._abstract(sample_f, None, probe_f)[0]
             options = step.monitor_options_of(c)
             step_fns = step.make_step_fns(
-                net, tx, loss_fn, rep, gated_net, monitor_options=options, masked_net=masked_net
+                net,
+                tx,
+                loss_fn,
+                rep,
+                gated_net,
+                monitor_options=options,
+                masked_net=masked_net,
+                stack_metrics=True,
             )
             self.step_fns[frozen] = {  # compiled now: no step of the run compiles
                 record: step_fns[record].lower(state, batch, probe_f).compile()
@@ -75,7 +82,7 @@ class Runner:
             self.keep[frozen] = None  # the keys of a non-record row, when a chunk mixes both
             if not every_record and longest > 1:
                 norec = step_fns[False]
-                self.keep[frozen] = frozenset(jax.eval_shape(norec, state, sample_f, probe_f)[1])
+                self.keep[frozen] = jax.eval_shape(norec, state, sample_f, probe_f)[1].keys()
             fn = step.make_chunk_fn(
                 net,
                 tx,
@@ -86,6 +93,7 @@ class Runner:
                 gated_net=gated_net,
                 monitor_options=options,
                 masked_net=masked_net,
+                stack_metrics=True,
             )
             for t in sorted(chunk_lengths - {1}):  # before the first step: no mid-run compile
                 self.compiled[frozen, t] = fn.lower(

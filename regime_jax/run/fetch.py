@@ -23,6 +23,7 @@ import numpy as np
 from regime_jax import analyzer, records
 from regime_jax.bitmask import Patterns
 from regime_jax.run import live
+from regime_jax.run.step import MetricStack
 
 # (step, index into the stacked metrics or None for unstacked ones, whether it recorded)
 Row = tuple[int, int | None, bool]
@@ -33,7 +34,8 @@ class Entry(NamedTuple):
 
     Attributes:
       rows: the steps that get a row (record steps, and an eval / stability step).
-      metrics: the call's metrics: scalars, or stacked ``[T]`` for a chunk.
+      metrics: the call's metrics: scalars, or stacked ``[T]`` for a chunk; as a
+        :class:`~regime_jax.run.step.MetricStack` from the loop's compiled steps.
       extra: eval / stability metrics of the call's last step (its row is the last row).
       snaps: ``(step, slot)`` of each mask snapshot; slot None: ``masks`` is unstacked.
       masks: the call's masks: a step's patterns, or a chunk's ``[S, ...]`` snapshot slots.
@@ -67,8 +69,11 @@ class Entry(NamedTuple):
     def expand(self) -> list[dict[str, Any]]:
         """The entry's rows (after ``device_get``), in step order."""
         out = []
+        metrics = self.metrics
+        if isinstance(metrics, MetricStack):  # the loop's steps: a few stacked buffers
+            metrics = metrics.unpack()
         for i, (step, index, recorded) in enumerate(self.rows):
-            m = self.metrics if index is None else {k: v[index] for k, v in self.metrics.items()}
+            m = metrics if index is None else {k: v[index] for k, v in metrics.items()}
             if not recorded and self.keep is not None:
                 m = {k: v for k, v in m.items() if k in self.keep}
             m = analyzer.counts_to_int(m)  # exact ints, whatever their device form

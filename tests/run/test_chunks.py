@@ -79,3 +79,56 @@ def test_chunks_give_the_bytes_of_single_steps_and_trace_each_length_once(tmp_pa
         a = records.read_masks(tmp_path / "k1" / records.MASKS_DIR / name)
         b = records.read_masks(tmp_path / "k4" / records.MASKS_DIR / name)
         assert all((a[k].bits == b[k].bits).all() for k in a)
+
+
+def test_a_metric_stack_gives_every_metric_back_bit_for_bit():
+    """Packed in jit (one array per dtype and shape), fetched, unpacked: each leaf's dtype,
+    shape and bits, NaN and limb pairs included; scalars stay 0-d, a chunk's ``[T]`` stays
+    ``[T]``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    metrics = {
+        "train/loss": jnp.float32(np.nan),
+        "flip/all": jnp.float32(1 / 3),
+        "flip_count/all": (jnp.uint32(2**32 - 1), jnp.uint32(7)),
+        "dead_count/all": jnp.int32(-5),
+        "decouple/freeze_step": jnp.int32(12),
+        "train/acc": jnp.float32(0.25),
+    }
+    for lead in ((), (3,)):
+        tree = jax.tree.map(lambda a, lead=lead: jnp.broadcast_to(a, lead + a.shape), metrics)
+        stack = jax.device_get(jax.jit(step.MetricStack.pack)(tree))
+        assert len(stack.arrays) == 3  # float32, uint32, int32
+        assert stack.keys() == set(metrics)
+        back, want = stack.unpack(), jax.device_get(tree)
+        assert jax.tree.structure(back) == jax.tree.structure(want)
+        for got, ref in zip(jax.tree.leaves(back), jax.tree.leaves(want), strict=True):
+            assert got.dtype == ref.dtype and got.shape == ref.shape == lead
+            assert got.tobytes() == np.asarray(ref).tobytes()
+
+
+def test_the_loops_steps_return_a_few_metric_buffers_and_the_same_records(tmp_path, monkeypatch):
+    """The loop's compiled steps (K=1 and a chunk) return their ~20 metrics as one buffer
+    per dtype; the records are those of one buffer per metric, byte for byte."""
+    import jax
+
+    seen = collections.defaultdict(list)
+    real_call = chunks.Runner.__call__
+
+    def call(self, state, chunk, batches, **kwargs):
+        state, entry = real_call(self, state, chunk, batches, **kwargs)
+        seen[form].append(len(jax.tree.leaves(entry.metrics)))
+        return state, entry
+
+    monkeypatch.setattr(chunks.Runner, "__call__", call)
+    for form in ("stacked", "plain"):
+        if form == "plain":  # one buffer per metric, as before the stack
+            monkeypatch.setattr(step, "_stacked", lambda fn: fn)
+        for k in (1, 4):
+            loop.train_and_evaluate(tiny_config(steps_per_call=k), tmp_path / f"{form}{k}")
+    text = lambda d: (tmp_path / d / records.METRICS).read_text()
+    for k in (1, 4):
+        assert text(f"stacked{k}") == text(f"plain{k}")
+    assert max(seen["stacked"]) <= 3 < 10 < min(seen["plain"])
