@@ -194,7 +194,6 @@ def test_a_sweep_without_axes_has_no_lag_map(tmp_path, monkeypatch):
     assert not (tmp_path / "figures" / "lag_map.png").exists()
 
 
-@pytest.mark.heavy
 def test_lag_map_quick_runs_end_to_end(tmp_path, monkeypatch):
     from regime_jax import configs
 
