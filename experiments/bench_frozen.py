@@ -20,10 +20,11 @@ hits each alike. Prints steps/s per engine (median, min-max over rounds), the me
 per-round ratios against full training, the cache's device bytes and its build time, and the
 load average before and after (the machine may be shared).
 
-EXPECTED (2 CPU cores, 2026-12-05, load 1.2, --rounds 20 --steps 96): full 648 steps/s,
-cached 626 (0.97x, per-round 0.62-1.10), gated 566 (0.86x); cache 288,768 bytes, built in
-12 ms. The target is >= 1.0x; what remains is the frozen rows' 4 extra metrics per recorded
-step (docs/results/decoupling.md, "What it says").
+EXPECTED (2 CPU cores, alone, 2026-12-08, load 0.5-1.0, --rounds 20 --steps 96, two runs):
+full 1254 / 1307 steps/s, cached 1209 / 1272 (0.95x / 0.98x, per-round 0.84-1.11), gated
+1041 / 1099 (0.83x / 0.84x); cache 288,768 bytes, built in 9-11 ms. The target is >= 1.0x;
+what remains is the frozen rows' disagreement metric, ~22 us of device work a recorded step
+(docs/results/decoupling.md, "What it says").
 """
 
 from __future__ import annotations
