@@ -347,6 +347,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"optimizer.weight_decay={decay!r} must be a finite number >= 0 (used by adamw only)"
         )
+    if decay != ADDED_FIELDS["optimizer.weight_decay"] and c.optimizer.name != "adamw":
+        raise ConfigError(  # another optimizer would ignore it: a setting that changes nothing
+            f"optimizer.weight_decay={decay!r} is read by optimizer.name='adamw' alone, not "
+            f"{c.optimizer.name!r}; allowed: optimizer.name=adamw, or weight_decay left at "
+            f"{ADDED_FIELDS['optimizer.weight_decay']}"
+        )
     for field, high, note in (
         ("batch_size", SIZE_MAX, ""),
         ("num_steps", STEPS_MAX, " (the step counter is int32)"),

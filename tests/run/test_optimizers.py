@@ -76,6 +76,11 @@ def test_adamw_is_adam_plus_decoupled_weight_decay():
         ({"optimizer.weight_decay": -1e-4}, "optimizer.weight_decay=-0.0001 must be a finite"),
         ({"optimizer.weight_decay": float("inf")}, "optimizer.weight_decay=inf must be a finite"),
         ({"optimizer.weight_decay": float("nan")}, "optimizer.weight_decay=nan must be a finite"),
+        ({"optimizer.weight_decay": 0.1}, "weight_decay=0.1 is read by optimizer.name='adamw'"),
+        (
+            {"optimizer.name": "adam", "optimizer.weight_decay": 0.0},
+            "allowed: optimizer.name=adamw, or weight_decay left at 0.0001",
+        ),
         ({"dataset.label_noise": 1.0}, "dataset.label_noise=1.0 must be a number in [0, 1)"),
         ({"dataset.label_noise": -0.1}, "dataset.label_noise=-0.1 must be a number in [0, 1)"),
         ({"optimizer.schedule": "linear"}, "allowed values: ['constant', 'cosine', 'step']"),
@@ -92,4 +97,5 @@ def test_new_fields_defaults_validate():
     config = tiny_config(**{"optimizer.name": "adamw", "optimizer.schedule": "step"})
     validate_config(config)
     assert config.optimizer.weight_decay == 1e-4 and config.dataset.label_noise == 0.0
+    validate_config(tiny_config(**{"optimizer.name": "adamw", "optimizer.weight_decay": 0.1}))
     assert isinstance(step.make_optimizer(config.optimizer, 10), optax.GradientTransformation)
