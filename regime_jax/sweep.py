@@ -12,7 +12,8 @@ The sweep config (a ConfigDict, see ``regime_jax/configs/reproduce.py``) has
   nested dicts) to values. Optional ``optimizers``: ``{optimizer name: {field: value}}`` applied
   after the sweep-wide optimizer fields (e.g. a per-setting learning rate). Optional
   ``optimizers_only``: a list of optimizer names, the only columns this setting runs
-  (default: every one); optional ``seeds``: this setting's seeds instead of the sweep's.
+  (default: every one); optional ``max_seeds``: this setting runs the first N of the sweep's
+  seeds only (a costly setting).
   Optional ``axis`` and ``value`` place the setting on a lag map (``regime_jax/configs/
   lag_map.py``, the report's "Lag map"): an axis name and the setting's value on it, or
   lists of both for a base setting that lies on several axes.
@@ -140,15 +141,22 @@ def setting_optimizers(sweep: ml_collections.ConfigDict, setting: Mapping) -> li
 
 
 def setting_seeds(sweep: ml_collections.ConfigDict, setting: Mapping) -> list[int]:
-    """``setting``'s own ``seeds`` where it has them, else the sweep's."""
-    seeds = setting.get("seeds")
-    if seeds is None:
-        return list(sweep.seeds)
-    if _bad_seeds(seeds):
+    """The seeds ``setting`` runs: the sweep's, or their first ``max_seeds`` where it says so
+    (a costly setting with fewer seeds, still following ``--config.seeds``)."""
+    if "seeds" in setting:
         raise ConfigError(
-            f"setting {setting['name']!r}: seeds={seeds!r}; allowed: a non-empty list of ints"
+            f"setting {setting['name']!r}: a setting has no seeds of its own (the sweep's "
+            f"seeds are every setting's); allowed: max_seeds=N, the first N of them"
         )
-    return list(seeds)
+    most = setting.get("max_seeds")
+    if most is None:
+        return list(sweep.seeds)
+    if isinstance(most, bool) or not isinstance(most, int) or most < 1:
+        raise ConfigError(
+            f"setting {setting['name']!r}: max_seeds={most!r}; allowed: an int >= 1 (the "
+            f"first max_seeds of the sweep's seeds)"
+        )
+    return list(sweep.seeds)[:most]
 
 
 def _check_names(sweep: ml_collections.ConfigDict) -> None:

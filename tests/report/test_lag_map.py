@@ -1,5 +1,5 @@
-"""The lag map: the ``lag_map`` sweep config, ``optimizers_only`` / per-setting ``seeds`` in the
-grid, and the report's "Lag map" section, table and figure (on a synthetic sweep)."""
+"""The lag map: the ``lag_map`` sweep config, ``optimizers_only`` / ``max_seeds`` in the grid,
+and the report's "Lag map" section, table and figure (on a synthetic sweep)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_optimizers_only_and_setting_seeds_shape_the_grid():
         [
             {"name": "base"},
             {"name": "one", "optimizers_only": ["c", "a"]},
-            {"name": "few", "optimizers_only": ["b"], "seeds": [7]},
+            {"name": "few", "optimizers_only": ["b"], "max_seeds": 1},
         ]
     )
     specs = sweep.expand_grid(grid)
@@ -43,11 +43,25 @@ def test_optimizers_only_and_setting_seeds_shape_the_grid():
         "one/a/seed_1",
         "one/c/seed_0",
         "one/c/seed_1",
-        "few/b/seed_7",
+        "few/b/seed_0",
     ]
     assert len(sweep.units(specs)) == 11
     written = json.loads(sweep._grid_text(grid, specs))
     assert len(written["runs"]) == 11 and "one/b/seed_0" not in {r["path"] for r in written["runs"]}
+
+
+def test_max_seeds_takes_the_first_of_the_sweeps_seeds_whatever_they_are():
+    """``--config.seeds`` still decides: a costly setting keeps the first N of them."""
+    specs = sweep.expand_grid(
+        _grid([{"name": "x", "max_seeds": 2}, {"name": "y", "max_seeds": 9}], ("a",), (5, 6, 7))
+    )
+    assert [s.path for s in specs] == [
+        "x/a/seed_5",
+        "x/a/seed_6",
+        "y/a/seed_5",
+        "y/a/seed_6",
+        "y/a/seed_7",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -60,7 +74,9 @@ def test_optimizers_only_and_setting_seeds_shape_the_grid():
         ),
         ({"optimizers_only": []}, "setting 'x': optimizers_only=[]; allowed: a non-empty list"),
         ({"optimizers_only": "a"}, "setting 'x': optimizers_only='a'; allowed: a non-empty list"),
-        ({"seeds": [0, "1"]}, "setting 'x': seeds=[0, '1']; allowed: a non-empty list of ints"),
+        ({"max_seeds": 0}, "setting 'x': max_seeds=0; allowed: an int >= 1"),
+        ({"max_seeds": True}, "setting 'x': max_seeds=True; allowed: an int >= 1"),
+        ({"seeds": [7]}, "setting 'x': a setting has no seeds of its own"),
         ({"axis": ["width", "depth"], "value": [1]}, "setting 'x': axis ['width', 'depth'] needs"),
     ],
 )
