@@ -77,7 +77,7 @@ def _point(sweep: Sweep, setting: str, opt: str, expected: int) -> dict[str, Any
         "n": int(stats.get("n", 0)),
         "runs": max(expected, len(members)),
         "why_none": dict(sorted(why.items())),
-        **{k: v for k, v in stat_view(stats, "geo_mean").items()},
+        **stat_view(stats, "geo_mean"),
     }
 
 

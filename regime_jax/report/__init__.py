@@ -175,6 +175,7 @@ def _markdown(
     partial: str | None = None,
     rules_table_text: str = "",
     runs_text: str = "",
+    lag_map: list[str] = (),
 ) -> str:
     lines = ["# Lag ratio T_step / T_flip (regime change hypothesis, arXiv 2602.08333)", ""]
     if decoupled:
@@ -196,6 +197,7 @@ def _markdown(
     for (s, o), agg in sorted(aggs.items()):
         cells = [f"{k} {ci(v)}" for k, v in agg["layers"].items()]
         lines.append(f"- {s} / {o}: " + ("; ".join(cells) or "none"))
+    lines += ["", *lag_map] if lag_map else []
     lines += ["", *online] if online else []
     lines += _curves_section(aggs, figures)
     lines += ["", "## Notes", "", *(f"- {n}" for n in notes or ["none"]), "", "## Figures", ""]
@@ -235,18 +237,19 @@ def write_figures(fig_dir: Path, sweep: Sweep) -> list[Path]:
     return paths
 
 
-def partial_sweep(root: Path, sweep: Sweep) -> str | None:
+def partial_sweep(root: Path, sweep: Sweep, grid: Mapping[str, Any] | None = None) -> str | None:
     """``"Partial: k of n runs are not in this report ..."``, or None when every run is in.
 
     ``n``: the grid of ``sweep.json`` where it can be read (runs not started count too), else
-    the run directories found; a run is in the report once it has a usable summary.
+    the run directories found; a run is in the report once it has a usable summary. ``grid``:
+    ``sweep.json``'s content, if the caller has read it (:func:`_grid`).
     """
     found = {layout.name(s, o, k) for s, o, k, _ in find_runs(root)}
     try:
-        grid = {r["path"] for r in records.read_json(root / layout.GRID)["runs"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        grid = set()
-    every = found | grid
+        planned = {r["path"] for r in (_grid(root) if grid is None else grid)["runs"]}
+    except (KeyError, TypeError):
+        planned = set()
+    every = found | planned
     missing = every - set(sweep.runs)
     if not missing:
         return None
@@ -269,8 +272,8 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
       ``summary.json`` holds it too).
     """
     root = Path(sweep_workdir)
-    sweep = summarize_sweep(root)
-    partial = partial_sweep(root, sweep)
+    sweep, grid = summarize_sweep(root), _grid(root)
+    partial = partial_sweep(root, sweep, grid)
     table = report_tables(sweep)
     figures = write_figures(root / "figures", sweep)
     decoupled = decoupling.decoupling(sweep)
@@ -280,12 +283,11 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
         fig.savefig(figures[-1], dpi=DPI)
     section = decoupling_markdown(decoupled)
     online = online_markdown(decoupled["online"])
-    mapped = lagmap.lag_map(sweep, _grid(root))
+    mapped = lagmap.lag_map(sweep, grid)
     if mapped:
         fig = plots.lag_map_figure(mapped)
         figures.append(root / "figures" / "lag_map.png")
         fig.savefig(figures[-1], dpi=DPI)
-        online = [*lag_map_markdown(mapped), *([""] if online else []), *online]
     text = _markdown(
         table,
         sweep.groups,
@@ -296,6 +298,7 @@ def build_report(sweep_workdir: str | Path) -> dict[str, Any]:
         partial,
         rules_table(sweep),
         runs_table(sweep),
+        lag_map_markdown(mapped) if mapped else [],
     )
     (root / "report.md").write_text(text)
     out = sweep.to_dict() | {"online": decoupled["online"], "partial": partial}
